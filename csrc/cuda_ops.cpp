@@ -1,0 +1,56 @@
+// Torch glue for the CUDA kernels: checks, the current stream, error reporting. The kernels
+// themselves live in the .cu files, which stay free of torch headers.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "op_args.h"
+
+namespace ddpm_fast {
+
+cudaError_t launch_q_sample_cuda(const QSampleArgs& a, DType x_dtype, cudaStream_t stream);
+cudaError_t launch_posterior_cuda(const PosteriorArgs& a, DType mo_dtype, DType x_dtype, cudaStream_t stream);
+
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "ddpm_fast: ", what, " kernel launch failed: ", cudaGetErrorString(err));
+}
+
+void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab,
+                   const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed, const at::Tensor& x_t,
+                   const std::optional<at::Tensor>& noise_out, const std::optional<at::Tensor>& target,
+                   int64_t target_kind) {
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const QSampleArgs a =
+      make_q_sample_args(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, noise_out, target, target_kind);
+  check_launch(launch_q_sample_cuda(a, dtype_code(x0.scalar_type()), at::cuda::getCurrentCUDAStream()), "q_sample");
+}
+
+void posterior_step_cuda(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& t,
+                         const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
+                         const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+                         const std::optional<at::Tensor>& thresh_scale, const at::Tensor& prev,
+                         const std::optional<at::Tensor>& pred_x0, const std::optional<at::Tensor>& abs_x0,
+                         double final_alpha_cumprod, double guidance_scale, double clip_range, double eta,
+                         int64_t kind, int64_t pred, int64_t var, int64_t clip, bool guidance,
+                         bool use_clipped_model_output) {
+  const c10::cuda::CUDAGuard guard(sample.device());
+  const PosteriorArgs a = make_posterior_args(model_output, sample, t, prev_t, alphas_cumprod, noise, seed,
+                                              thresh_scale, prev, pred_x0, abs_x0, final_alpha_cumprod,
+                                              guidance_scale, clip_range, eta, kind, pred, var, clip, guidance,
+                                              use_clipped_model_output);
+  TORCH_CHECK(a.noise.ptr || a.seed || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
+              "ddpm_fast: this step adds noise: pass noise or a seed");
+  check_launch(launch_posterior_cuda(a, dtype_code(model_output.scalar_type()), dtype_code(sample.scalar_type()),
+                                     at::cuda::getCurrentCUDAStream()),
+               "posterior_step");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_fast_C, CUDA, m) {
+  m.impl("q_sample", &q_sample_cuda);
+  m.impl("posterior_step", &posterior_step_cuda);
+}
+
+}  // namespace ddpm_fast

@@ -1,0 +1,29 @@
+// The private op namespace ddpm_fast_C (kernels called by the public ddpm_fast:: custom ops)
+// and the Python module ddpm_fast._C, whose import loads the registrations.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#ifndef DDPM_FAST_TORCH_VERSION
+#define DDPM_FAST_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(ddpm_fast_C, m) {
+  m.def(
+      "q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor? noise, Tensor? seed, "
+      "Tensor(a!) x_t, Tensor(b!)? noise_out, Tensor(c!)? target, int target_kind) -> ()");
+  m.def(
+      "posterior_step(Tensor model_output, Tensor sample, Tensor t, Tensor prev_t, Tensor alphas_cumprod, "
+      "Tensor? noise, Tensor? seed, Tensor? thresh_scale, Tensor(a!) prev, Tensor(b!)? pred_x0, "
+      "Tensor(c!)? abs_x0, float final_alpha_cumprod, float guidance_scale, float clip_range, float eta, "
+      "int kind, int pred, int var, int clip, bool guidance, bool use_clipped_model_output) -> ()");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ddpm_fast compiled kernels (registered as torch.ops.ddpm_fast_C.*)";
+  m.attr("torch_version") = DDPM_FAST_TORCH_VERSION;
+#ifdef DDPM_FAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,62 @@
+// Forward noising q_sample on the CPU: one pass over x0 (and the given noise) writing x_t,
+// the drawn noise and the training target. Parallel over (n, c) rows with at::parallel_for.
+#include <ATen/Parallel.h>
+
+#include "noising_math.h"
+#include "op_args.h"
+#include "philox.h"
+
+namespace ddpm_fast {
+namespace {
+
+template <typename X, typename F>
+void q_sample_rows(const QSampleArgs& a) {
+  const X* x0 = static_cast<const X*>(a.x0.ptr);
+  const X* noise = static_cast<const X*>(a.noise.ptr);
+  X* x_t = static_cast<X*>(a.x_t.ptr);
+  X* noise_out = static_cast<X*>(a.noise_out.ptr);
+  X* target = static_cast<X*>(a.target.ptr);
+  const uint64_t seed = a.seed ? static_cast<uint64_t>(*a.seed) : 0;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.S, 1));
+  at::parallel_for(0, a.N * a.C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / a.C, c = row % a.C;
+      const int64_t t = a.t[n] < 0 ? 0 : (a.t[n] >= a.T ? a.T - 1 : a.t[n]);
+      const F sa = a.sqrt_ab.get<F>(t), s1a = a.sqrt_1mab.get<F>(t);
+      for (int64_t s = 0; s < a.S; ++s) {
+        F z;
+        if (noise) {
+          z = static_cast<F>(noise[a.noise.at(n, c, s)]);
+        } else {
+          // Round the draw to the output dtype first, so x_t and the returned noise agree.
+          const X drawn = static_cast<X>(philox_randn(seed, static_cast<uint64_t>(row * a.S + s)));
+          if (noise_out) noise_out[a.noise_out.at(n, c, s)] = drawn;
+          z = static_cast<F>(drawn);
+        }
+        F tgt;
+        const F xt = q_sample_element<F>(sa, s1a, static_cast<F>(x0[a.x0.at(n, c, s)]), z, a.target_kind, &tgt);
+        x_t[a.x_t.at(n, c, s)] = static_cast<X>(xt);
+        if (target) target[a.target.at(n, c, s)] = static_cast<X>(tgt);
+      }
+    }
+  });
+}
+
+void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab,
+                  const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed, const at::Tensor& x_t,
+                  const std::optional<at::Tensor>& noise_out, const std::optional<at::Tensor>& target,
+                  int64_t target_kind) {
+  const QSampleArgs a =
+      make_q_sample_args(x0, t, sqrt_ab, sqrt_1mab, noise, seed, x_t, noise_out, target, target_kind);
+  dispatch_float(x0.scalar_type(), [&](auto tag) {
+    using X = decltype(tag);
+    if constexpr (std::is_same_v<X, double>) q_sample_rows<X, double>(a);
+    else q_sample_rows<X, float>(a);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_fast_C, CPU, m) { m.impl("q_sample", &q_sample_cpu); }
+
+}  // namespace ddpm_fast

@@ -1,0 +1,83 @@
+// One reverse step (DDPM ancestral or DDIM) on the CPU, fused: guidance combine, x0
+// prediction, clip/threshold, posterior mean and noise in one pass over the tensors.
+// With abs_x0 given it runs phase 1 of dynamic thresholding instead (writes |x0| only).
+#include <ATen/Parallel.h>
+
+#include "op_args.h"
+#include "philox.h"
+#include "step_math.h"
+
+namespace ddpm_fast {
+namespace {
+
+template <typename M, typename X, typename F>
+void posterior_rows(const PosteriorArgs& a) {
+  const M* mo = static_cast<const M*>(a.model_output.ptr);
+  const X* sample = static_cast<const X*>(a.sample.ptr);
+  const X* noise = static_cast<const X*>(a.noise.ptr);
+  X* prev = static_cast<X*>(a.prev.ptr);
+  X* pred_x0 = static_cast<X*>(a.pred_x0.ptr);
+  F* abs_x0 = static_cast<F*>(a.abs_x0.ptr);
+  const F* thresh = static_cast<const F*>(a.thresh_scale);
+  const uint64_t seed = a.seed ? static_cast<uint64_t>(*a.seed) : 0;
+  const int64_t var_offset = a.mo_var + (a.guidance ? a.mo_half : 0);  // variance from the cond half
+  const F g = static_cast<F>(a.guidance_scale);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.S, 1));
+  at::parallel_for(0, a.N * a.C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / a.C, c = row % a.C;
+      const StepCoefs<F> k = step_coefs<F>(a, n);
+      const F ts = thresh ? thresh[n] : F(1);
+      for (int64_t s = 0; s < a.S; ++s) {
+        const int64_t m = a.model_output.at(n, c, s);
+        F out = static_cast<F>(mo[m]);
+        if (a.guidance) out = out + g * (static_cast<F>(mo[m + a.mo_half]) - out);
+        const F x = static_cast<F>(sample[a.sample.at(n, c, s)]);
+        if (abs_x0) {
+          const F x0 = predict_x0<F>(out, x, k, a.pred);
+          abs_x0[a.abs_x0.at(n, c, s)] = x0 < 0 ? -x0 : x0;
+          continue;
+        }
+        const F variance = a.has_variance ? static_cast<F>(mo[m + var_offset]) : F(0);
+        F z = F(0);
+        if (k.noisy) {
+          z = noise ? static_cast<F>(noise[a.noise.at(n, c, s)])
+                    : static_cast<F>(static_cast<X>(philox_randn(seed, static_cast<uint64_t>(row * a.S + s))));
+        }
+        F x0;
+        const F p = step_element<F>(a, k, out, variance, x, z, ts, &x0);
+        prev[a.prev.at(n, c, s)] = static_cast<X>(p);
+        if (pred_x0) pred_x0[a.pred_x0.at(n, c, s)] = static_cast<X>(x0);
+      }
+    }
+  });
+}
+
+void posterior_step_cpu(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& t,
+                        const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
+                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+                        const std::optional<at::Tensor>& thresh_scale, const at::Tensor& prev,
+                        const std::optional<at::Tensor>& pred_x0, const std::optional<at::Tensor>& abs_x0,
+                        double final_alpha_cumprod, double guidance_scale, double clip_range, double eta, int64_t kind,
+                        int64_t pred, int64_t var, int64_t clip, bool guidance, bool use_clipped_model_output) {
+  const PosteriorArgs a = make_posterior_args(model_output, sample, t, prev_t, alphas_cumprod, noise, seed,
+                                              thresh_scale, prev, pred_x0, abs_x0, final_alpha_cumprod,
+                                              guidance_scale, clip_range, eta, kind, pred, var, clip, guidance,
+                                              use_clipped_model_output);
+  TORCH_CHECK(a.noise.ptr || a.seed || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
+              "ddpm_fast: this step adds noise: pass noise or a seed");
+  dispatch_float(sample.scalar_type(), [&](auto xtag) {
+    using X = decltype(xtag);
+    dispatch_float(model_output.scalar_type(), [&](auto mtag) {
+      using M = decltype(mtag);
+      if constexpr (std::is_same_v<X, double>) posterior_rows<M, X, double>(a);
+      else posterior_rows<M, X, float>(a);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_fast_C, CPU, m) { m.impl("posterior_step", &posterior_step_cpu); }
+
+}  // namespace ddpm_fast

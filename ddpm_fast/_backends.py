@@ -1,0 +1,123 @@
+"""What can run here, and the one place that chooses a backend for an op.
+
+Backends: ``reference`` (plain PyTorch, always), ``cpp`` (the C++ CPU kernels of _C),
+``cuda`` (the CUDA kernels of _C), ``triton`` (Triton kernels: on CUDA tensors, or on CPU
+tensors under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _built_torch_version() -> str | None:
+    info = _PACKAGE_DIR / "_C_build_info.json"
+    if not info.exists():
+        return None
+    return json.loads(info.read_text()).get("torch_version")
+
+
+@lru_cache(maxsize=None)
+def load_extension():
+    """Import ddpm_fast._C once: the module, or None (with one warning) when it is missing.
+
+    An extension built against another torch raises ImportError naming both versions.
+    """
+    built = _built_torch_version()
+    if built is not None and built != torch.__version__:
+        raise ImportError(
+            f"ddpm_fast._C was built against torch {built} but torch {torch.__version__} is installed: "
+            'rebuild it with `pip install --no-build-isolation -e .` (or DDPM_FAST_BUILD_EXT=0 for no kernels)'
+        )
+    try:
+        from . import _C
+    except ImportError as err:
+        warnings.warn(
+            f"ddpm_fast._C is not available ({err}); falling back to the PyTorch reference. "
+            "Build it with `pip install --no-build-isolation -e .`",
+            stacklevel=3,
+        )
+        return None
+    if _C.torch_version != torch.__version__:
+        raise ImportError(
+            f"ddpm_fast._C was built against torch {_C.torch_version} but torch {torch.__version__} is installed: "
+            "rebuild it with `pip install --no-build-isolation -e .`"
+        )
+    return _C
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backends() -> dict[str, tuple[bool, str]]:
+    """{name: (available, reason)} for every backend on this machine."""
+    return dict(_backends(triton_interpreting()))
+
+
+@lru_cache(maxsize=None)
+def _backends(interpreting: bool) -> dict[str, tuple[bool, str]]:
+    ext = load_extension()
+    cuda_ok = torch.cuda.is_available()
+    result = {"reference": (True, "plain PyTorch, always available")}
+    result["cpp"] = (ext is not None, "ddpm_fast._C is loaded" if ext is not None else "ddpm_fast._C is not built")
+    if ext is None:
+        result["cuda"] = (False, "ddpm_fast._C is not built")
+    elif not ext.with_cuda:
+        result["cuda"] = (False, "ddpm_fast._C was built without CUDA kernels")
+    elif not cuda_ok:
+        result["cuda"] = (False, "no CUDA device is available")
+    else:
+        result["cuda"] = (True, f"CUDA kernels on {torch.cuda.get_device_name()}")
+    if not _triton_importable():
+        result["triton"] = (False, "triton is not installed")
+    elif cuda_ok:
+        result["triton"] = (True, "Triton kernels on CUDA tensors")
+    elif interpreting:
+        result["triton"] = (True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)")
+    else:
+        result["triton"] = (False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)")
+    return result
+
+
+# Default order per device type, fastest first (from benchmarks/results on each device).
+_DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+
+
+def select_backend(requested: str | None, device: torch.device) -> str:
+    """The backend that runs an op on ``device``: ``requested`` if it can, else an error."""
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; valid: {', '.join(BACKENDS)}")
+    available = _backends(triton_interpreting())
+    if requested is None:
+        for name in _DEFAULT_ORDER.get(device.type, ("reference",)):
+            if available[name][0]:
+                return name
+        return "reference"
+    ok, reason = available[requested]
+    if not ok:
+        raise RuntimeError(f"backend {requested!r} is not available here: {reason}")
+    if requested == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend 'cpp' runs on CPU tensors, got a {device.type} tensor")
+    if requested == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors, got a {device.type} tensor")
+    if requested == "triton" and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"backend 'triton' runs on CUDA tensors, got a {device.type} tensor")
+    if requested == "triton" and device.type == "cpu" and not triton_interpreting():
+        raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return requested

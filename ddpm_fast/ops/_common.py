@@ -1,0 +1,103 @@
+"""Input checks and tensor plumbing shared by the op wrappers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_value_checks = True
+
+
+@contextlib.contextmanager
+def no_value_checks() -> Iterator[None]:
+    """Skip the checks that read tensor data (they sync the host with the device), e.g. in a
+    sampling loop whose timesteps are known to be valid. Kernels clamp indices regardless."""
+    global _value_checks
+    old, _value_checks = _value_checks, False
+    try:
+        yield
+    finally:
+        _value_checks = old
+
+
+def value_checks_enabled() -> bool:
+    """Data-reading checks run in eager mode only: never while compiling or capturing a graph."""
+    if not _value_checks or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_float(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype} (convert images to float first)")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have a batch and at least one more dimension, got shape {tuple(x.shape)}")
+
+
+def timesteps_arg(t: torch.Tensor | int, n: int, device: torch.device, name: str, num_train_timesteps: int, allow_minus_one: bool = False) -> torch.Tensor:
+    """Per-sample int64 timesteps of shape (N,) on ``device``; an int is broadcast."""
+    if isinstance(t, int):
+        return torch.full((n,), t, dtype=torch.int64, device=device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the sample is on {device}: keep timesteps on the sample's device")
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one timestep per sample), got {tuple(t.shape)}")
+    t = t.to(torch.int64).contiguous()
+    if value_checks_enabled():
+        low = -1 if allow_minus_one else 0
+        if bool(((t < low) | (t >= num_train_timesteps)).any()):
+            raise ValueError(f"{name} must lie in [{low}, {num_train_timesteps - 1}], got {t.min().item()}..{t.max().item()}")
+    return t
+
+
+def as_3d(x: torch.Tensor) -> torch.Tensor:
+    """An (N, C, S) view of x without copying when the trailing dims merge (NCHW and
+    channels_last both do); otherwise a contiguous copy."""
+    n, c = x.shape[:2]
+    try:
+        return x.view(n, c, -1)
+    except RuntimeError:
+        return x.contiguous().view(n, c, -1)
+
+
+def new_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor with x's shape and memory format (channels_last stays so)."""
+    out = torch.empty_like(x, dtype=dtype)
+    return out if _views_3d(out) else torch.empty(x.shape, dtype=out.dtype, device=x.device)
+
+
+def _views_3d(x: torch.Tensor) -> bool:
+    try:
+        x.view(*x.shape[:2], -1)
+        return True
+    except RuntimeError:
+        return False
+
+
+def seed_from(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One int64 Philox key drawn from ``generator`` (it advances as torch's own draws do),
+    as a device tensor, so that a replayed CUDA graph reads a fresh key."""
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device, dtype=torch.int64)
+    return seed.to(device, non_blocking=True)
+
+
+def noise_arg(noise: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(noise, torch.Tensor) or not noise.dtype.is_floating_point:
+        raise TypeError("noise must be a floating-point tensor")
+    if noise.shape != like.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(like.shape)}")
+    if noise.device != like.device:
+        raise ValueError(f"noise is on {noise.device}, expected {like.device}")
+    return noise.to(like.dtype)
