@@ -51,7 +51,11 @@ def _want_cuda(torch) -> tuple[bool, str]:
         if torch.version.cuda is None or not have_nvcc:
             sys.exit(
                 "error: DDPM_FAST_BUILD_CUDA=1 but "
-                + ("this torch has no CUDA (torch.version.cuda is None)" if torch.version.cuda is None else "nvcc was not found")
+                + (
+                    "this torch has no CUDA (torch.version.cuda is None)"
+                    if torch.version.cuda is None
+                    else "nvcc was not found"
+                )
             )
         return True, "forced by DDPM_FAST_BUILD_CUDA=1"
     if torch.version.cuda is None:
@@ -99,7 +103,11 @@ class CMakeBuild(build_ext):
             subprocess.run(args, cwd=build_temp, check=True)
             subprocess.run([cmake, "--build", ".", "-j", jobs], cwd=build_temp, check=True)
         except subprocess.CalledProcessError as err:
-            hint = " The CUDA kernels failed to build: retry with DDPM_FAST_BUILD_CUDA=0 for CPU kernels only." if with_cuda else ""
+            hint = (
+                " The CUDA kernels failed to build: retry with DDPM_FAST_BUILD_CUDA=0 for CPU kernels only."
+                if with_cuda
+                else ""
+            )
             raise RuntimeError(f"ddpm_fast: building the extension failed ({err}).{hint}") from err
         info = {"torch_version": torch.__version__, "with_cuda": with_cuda, "cuda_reason": why}
         # Beside the .so (and in the source tree too, where an editable install imports from).

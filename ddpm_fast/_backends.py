@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ def _built_torch_version() -> str | None:
     return json.loads(info.read_text()).get("torch_version")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_extension():
     """Import ddpm_fast._C once: the module, or None (with one warning) when it is missing.
 
@@ -37,7 +37,7 @@ def load_extension():
     if built is not None and built != torch.__version__:
         raise ImportError(
             f"ddpm_fast._C was built against torch {built} but torch {torch.__version__} is installed: "
-            'rebuild it with `pip install --no-build-isolation -e .` (or DDPM_FAST_BUILD_EXT=0 for no kernels)'
+            "rebuild it with `pip install --no-build-isolation -e .` (or DDPM_FAST_BUILD_EXT=0 for no kernels)"
         )
     try:
         from . import _C
@@ -60,7 +60,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -70,7 +70,7 @@ def backends() -> dict[str, tuple[bool, str]]:
     return dict(_backends(triton_interpreting()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _backends(interpreting: bool) -> dict[str, tuple[bool, str]]:
     ext = load_extension()
     cuda_ok = torch.cuda.is_available()

@@ -85,7 +85,9 @@ def training_target(
 
 
 # ---------------------------------------------------------------- parametrizations
-def predict_x0(model_output: torch.Tensor, x_t: torch.Tensor, a_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def predict_x0(
+    model_output: torch.Tensor, x_t: torch.Tensor, a_bar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """x_0 from an eps (eq. 15), x_0 or v prediction; all in the compute dtype."""
     if prediction_type == "epsilon":
         return (x_t - (1 - a_bar) ** 0.5 * model_output) / a_bar**0.5
@@ -94,7 +96,9 @@ def predict_x0(model_output: torch.Tensor, x_t: torch.Tensor, a_bar: torch.Tenso
     return a_bar**0.5 * x_t - (1 - a_bar) ** 0.5 * model_output
 
 
-def predict_eps(model_output: torch.Tensor, x_t: torch.Tensor, a_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def predict_eps(
+    model_output: torch.Tensor, x_t: torch.Tensor, a_bar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """eps from an eps, x_0 or v prediction."""
     if prediction_type == "epsilon":
         return model_output
@@ -187,14 +191,18 @@ def posterior_step(
     a_t = gather(schedule.alphas_cumprod, t, x_t)
     final = 1.0 if config.kind == "ddpm" else schedule.final_alpha_cumprod
     prev_valid = (prev_t >= 0).reshape(a_t.shape)
-    a_prev = torch.where(prev_valid, gather(schedule.alphas_cumprod, prev_t.clamp(min=0), x_t), torch.full_like(a_t, final))
+    a_prev = torch.where(
+        prev_valid, gather(schedule.alphas_cumprod, prev_t.clamp(min=0), x_t), torch.full_like(a_t, final)
+    )
 
     x0 = clip_or_threshold(predict_x0(out, x_t, a_t, config.prediction_type), config)
 
     if config.kind == "ddpm":
         # posterior mean mu~_t(x_t, x_0) (eq. 7), with beta_t = 1 - a_bar_t / a_bar_prev for respaced steps
         current_alpha = a_t / a_prev
-        mean = (a_prev**0.5 * (1 - current_alpha) / (1 - a_t)) * x0 + (current_alpha**0.5 * (1 - a_prev) / (1 - a_t)) * x_t
+        mean = (a_prev**0.5 * (1 - current_alpha) / (1 - a_t)) * x0 + (
+            current_alpha**0.5 * (1 - a_prev) / (1 - a_t)
+        ) * x_t
         std = ddpm_posterior_std(a_t, a_prev, config.variance_type, predicted_variance)
         std = torch.where((t > 0).reshape(a_t.shape), std, torch.zeros_like(std))
         needs_noise = lambda: bool((t > 0).any())  # noqa: E731 (only read when no noise is given)
@@ -261,7 +269,9 @@ def group_norm_silu(
     h = x.to(cd)
     if bias_nc is not None:
         h = h + expand(bias_nc)
-    n = F.group_norm(h, num_groups, None if weight is None else weight.to(cd), None if bias is None else bias.to(cd), eps)
+    n = F.group_norm(
+        h, num_groups, None if weight is None else weight.to(cd), None if bias is None else bias.to(cd), eps
+    )
     if scale_nc is not None:
         n = n * (1 + expand(scale_nc))
     if shift_nc is not None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class SchedulerConfig:
             )
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "SchedulerConfig":
+    def from_dict(cls, config: Mapping[str, Any]) -> SchedulerConfig:
         """Build from a diffusers scheduler config dict (keys starting with '_' are ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in known}
@@ -157,8 +158,11 @@ class Schedule:
 
     @classmethod
     def from_config(
-        cls, config: SchedulerConfig | Mapping[str, Any] | None = None, device: torch.device | str = "cpu", **overrides: Any
-    ) -> "Schedule":
+        cls,
+        config: SchedulerConfig | Mapping[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+        **overrides: Any,
+    ) -> Schedule:
         if config is None:
             config = SchedulerConfig(**overrides)
         elif isinstance(config, Mapping):
@@ -183,7 +187,7 @@ class Schedule:
     def zero_terminal_snr(self) -> bool:
         return bool(self.alphas_cumprod[-1] == 0)
 
-    def to(self, device: torch.device | str) -> "Schedule":
+    def to(self, device: torch.device | str) -> Schedule:
         if torch.device(device) == self.device:
             return self
         return Schedule(self.config, self.betas.to(device), self.alphas_cumprod.to(device), self.final_alpha_cumprod)
@@ -267,7 +271,9 @@ class Schedule:
         raise ValueError(f"unknown sampler kind {kind!r}; valid: ddpm, ddim")
 
 
-def select_timesteps(config: SchedulerConfig, num_inference_steps: int | None, custom: Sequence[int] | None = None) -> np.ndarray:
+def select_timesteps(
+    config: SchedulerConfig, num_inference_steps: int | None, custom: Sequence[int] | None = None
+) -> np.ndarray:
     T = config.num_train_timesteps
     if custom is not None:
         if num_inference_steps is not None:
@@ -330,7 +336,7 @@ class StepConfig:
             raise ValueError("dynamic_thresholding_ratio must be in (0, 1]")
 
     @classmethod
-    def from_scheduler(cls, config: SchedulerConfig, kind: str = "ddpm", **overrides: Any) -> "StepConfig":
+    def from_scheduler(cls, config: SchedulerConfig, kind: str = "ddpm", **overrides: Any) -> StepConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"kind", "eta", "use_clipped_model_output"}
         return cls(kind=kind, **{**{n: getattr(config, n) for n in names}, **overrides})
 

@@ -34,12 +34,21 @@ def check_float(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype} (convert images to float first)")
+        raise TypeError(
+            f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype} (convert images to float first)"
+        )
     if x.dim() < 2:
         raise ValueError(f"{name} must have a batch and at least one more dimension, got shape {tuple(x.shape)}")
 
 
-def timesteps_arg(t: torch.Tensor | int, n: int, device: torch.device, name: str, num_train_timesteps: int, allow_minus_one: bool = False) -> torch.Tensor:
+def timesteps_arg(
+    t: torch.Tensor | int,
+    n: int,
+    device: torch.device,
+    name: str,
+    num_train_timesteps: int,
+    allow_minus_one: bool = False,
+) -> torch.Tensor:
     """Per-sample int64 timesteps of shape (N,) on ``device``; an int is broadcast."""
     if isinstance(t, int):
         return torch.full((n,), t, dtype=torch.int64, device=device)
@@ -48,7 +57,9 @@ def timesteps_arg(t: torch.Tensor | int, n: int, device: torch.device, name: str
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the sample is on {device}: keep timesteps on the sample's device")
+        raise ValueError(
+            f"{name} is on {t.device} but the sample is on {device}: keep timesteps on the sample's device"
+        )
     if t.dim() == 0:
         t = t.expand(n)
     if t.shape != (n,):
@@ -57,7 +68,9 @@ def timesteps_arg(t: torch.Tensor | int, n: int, device: torch.device, name: str
     if value_checks_enabled():
         low = -1 if allow_minus_one else 0
         if bool(((t < low) | (t >= num_train_timesteps)).any()):
-            raise ValueError(f"{name} must lie in [{low}, {num_train_timesteps - 1}], got {t.min().item()}..{t.max().item()}")
+            raise ValueError(
+                f"{name} must lie in [{low}, {num_train_timesteps - 1}], got {t.min().item()}..{t.max().item()}"
+            )
     return t
 
 

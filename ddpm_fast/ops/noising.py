@@ -111,7 +111,9 @@ def q_sample(
         noise = noise_arg(noise, x0)
     if name == "reference":
         if noise is None:
-            noise = reference.philox_randn(seed_from(generator, x0.device).item(), tuple(x0.shape), x0.device).to(x0.dtype)
+            noise = reference.philox_randn(seed_from(generator, x0.device).item(), tuple(x0.shape), x0.device).to(
+                x0.dtype
+            )
         x_t = reference.q_sample(x0, t, schedule, noise)
         tgt = None if target_name is None else reference.training_target(x0, noise, t, schedule, target_name)
         return x_t, noise, tgt

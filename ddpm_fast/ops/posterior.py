@@ -79,19 +79,71 @@ def _posterior_op(
     if clip == THRESHOLD:  # phase 1: |x0| per element, then the per-sample quantile
         abs_x0 = torch.empty(x3.shape, dtype=stat_dtype, device=sample.device)
         scratch = torch.empty_like(x3)
-        launch(mo3, x3, t, prev_t, alphas_cumprod, z3, seed, None, scratch, None, abs_x0,
-               final_alpha_cumprod, g, clip_range, eta, *flags)
+        launch(
+            mo3,
+            x3,
+            t,
+            prev_t,
+            alphas_cumprod,
+            z3,
+            seed,
+            None,
+            scratch,
+            None,
+            abs_x0,
+            final_alpha_cumprod,
+            g,
+            clip_range,
+            eta,
+            *flags,
+        )
         scale = quantile_scale(abs_x0, thresh_ratio, sample_max).to(stat_dtype)
     prev = new_like(sample)
     x0 = new_like(sample) if return_x0 else sample.new_empty(0)
-    launch(mo3, x3, t, prev_t, alphas_cumprod, z3, seed, scale, as_3d(prev), as_3d(x0) if return_x0 else None, None,
-           final_alpha_cumprod, g, clip_range, eta, *flags)
+    launch(
+        mo3,
+        x3,
+        t,
+        prev_t,
+        alphas_cumprod,
+        z3,
+        seed,
+        scale,
+        as_3d(prev),
+        as_3d(x0) if return_x0 else None,
+        None,
+        final_alpha_cumprod,
+        g,
+        clip_range,
+        eta,
+        *flags,
+    )
     return prev, x0
 
 
 @_posterior_op.register_fake
-def _(model_output, sample, t, prev_t, alphas_cumprod, noise, seed, final_alpha_cumprod, kind, pred, var, clip,
-      clip_range, thresh_ratio, sample_max, eta, use_clipped_model_output, guidance_scale, return_x0, backend):
+def _(
+    model_output,
+    sample,
+    t,
+    prev_t,
+    alphas_cumprod,
+    noise,
+    seed,
+    final_alpha_cumprod,
+    kind,
+    pred,
+    var,
+    clip,
+    clip_range,
+    thresh_ratio,
+    sample_max,
+    eta,
+    use_clipped_model_output,
+    guidance_scale,
+    return_x0,
+    backend,
+):
     return torch.empty_like(sample), torch.empty_like(sample) if return_x0 else sample.new_empty(0)
 
 
@@ -107,7 +159,9 @@ def _check_model_output(model_output: torch.Tensor, sample: torch.Tensor, config
     if not guided and model_output.shape[0] != n:
         raise ValueError(f"model_output batch {model_output.shape[0]} differs from sample batch {n}")
     if model_output.shape[2:] != sample.shape[2:]:
-        raise ValueError(f"model_output spatial shape {tuple(model_output.shape[2:])} differs from {tuple(sample.shape[2:])}")
+        raise ValueError(
+            f"model_output spatial shape {tuple(model_output.shape[2:])} differs from {tuple(sample.shape[2:])}"
+        )
     channels = model_output.shape[1]
     if config.learned_variance and config.kind == "ddpm" and channels != 2 * c:
         raise ValueError(f"variance_type={config.variance_type!r} needs 2 x {c} model output channels, got {channels}")
@@ -154,7 +208,9 @@ def posterior_step(
     guided = guidance_scale is not None
     _check_model_output(model_output, sample, config, guided)
     if config.prediction_type == "epsilon" and schedule.zero_terminal_snr:
-        raise ValueError("epsilon prediction divides by zero on a zero-terminal-SNR schedule: use v_prediction or sample")
+        raise ValueError(
+            "epsilon prediction divides by zero on a zero-terminal-SNR schedule: use v_prediction or sample"
+        )
     n, T = sample.shape[0], schedule.num_train_timesteps
     t = timesteps_arg(t, n, sample.device, "t", T)
     prev_t = timesteps_arg(prev_t, n, sample.device, "prev_t", T, allow_minus_one=True)
@@ -173,14 +229,32 @@ def posterior_step(
 
     if name == "triton" and torch.float64 in (sample.dtype, model_output.dtype):
         raise TypeError("the triton backend does not take float64: use backend='cpp' or 'reference'")
-    table = schedule.kernel_table("alphas_cumprod", torch.float64 if sample.dtype == torch.float64 else torch.float32, sample.device)
+    table = schedule.kernel_table(
+        "alphas_cumprod", torch.float64 if sample.dtype == torch.float64 else torch.float32, sample.device
+    )
     seed = seed_from(generator, sample.device) if noise is None and adds_noise else None
     clip = THRESHOLD if config.thresholding else (CLIP if config.clip_sample else CLIP_NONE)
     final = 1.0 if config.kind == "ddpm" else schedule.final_alpha_cumprod
     prev, x0 = _posterior_op(
-        model_output, sample, t, prev_t, table, noise, seed, final, KINDS[config.kind],
-        PREDICTIONS[config.prediction_type], VARIANCES[config.variance_type], clip, config.clip_sample_range,
-        config.dynamic_thresholding_ratio, config.sample_max_value, config.eta, config.use_clipped_model_output,
-        None if guidance_scale is None else float(guidance_scale), return_pred_x0, name,
+        model_output,
+        sample,
+        t,
+        prev_t,
+        table,
+        noise,
+        seed,
+        final,
+        KINDS[config.kind],
+        PREDICTIONS[config.prediction_type],
+        VARIANCES[config.variance_type],
+        clip,
+        config.clip_sample_range,
+        config.dynamic_thresholding_ratio,
+        config.sample_max_value,
+        config.eta,
+        config.use_clipped_model_output,
+        None if guidance_scale is None else float(guidance_scale),
+        return_pred_x0,
+        name,
     )
     return prev, (x0 if return_pred_x0 else None)

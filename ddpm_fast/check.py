@@ -1,0 +1,63 @@
+"""Self-check: every available backend against the reference on small random inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._backends import backends
+from .ops import posterior_step, q_sample
+from .schedule import Schedule, StepConfig
+
+_CONFIGS = [
+    StepConfig(kind="ddpm"),
+    StepConfig(kind="ddpm", prediction_type="v_prediction", variance_type="fixed_large", clip_sample=False),
+    StepConfig(kind="ddpm", variance_type="learned_range", thresholding=True, sample_max_value=2.0),
+    StepConfig(kind="ddim", eta=0.0),
+    StepConfig(kind="ddim", prediction_type="sample", eta=1.0, use_clipped_model_output=True),
+]
+
+
+def _error(fast: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((fast.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1.0)).item()
+
+
+def _device_for(name: str) -> torch.device:
+    return torch.device("cuda") if name in ("cuda", "triton") and torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_checks(tolerance: float = 1e-4, verbose: bool = True) -> bool:
+    """Compare q_sample and posterior_step of each available backend with the reference."""
+    available = backends()
+    ok = True
+    for name, (usable, reason) in available.items():
+        if verbose:
+            print(f"  {name:10s} {'yes' if usable else 'no '}  {reason}")
+    for name, (usable, _) in available.items():
+        if not usable or name == "reference":
+            continue
+        device = _device_for(name)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        schedule = Schedule.from_config(device=device)
+        x0 = torch.randn(2, 3, 9, 11, generator=gen).to(device)
+        noise = torch.randn(2, 3, 9, 11, generator=gen).to(device)
+        t = torch.tensor([0, 731], device=device)
+        worst = 0.0
+        fast = q_sample(x0, t, schedule, noise=noise, target="v_prediction", backend=name)
+        ref = q_sample(x0, t, schedule, noise=noise, target="v_prediction", backend="reference")
+        worst = max(worst, _error(fast[0], ref[0]), _error(fast[2], ref[2]))
+        for config in _CONFIGS:
+            channels = 6 if config.learned_variance else 3
+            model_output = torch.randn(2, channels, 9, 11, generator=gen).to(device).clamp(-1, 1)
+            step_t = torch.tensor([20, 751], device=device)
+            prev_t = torch.tensor([-1, 731], device=device)  # the last step and a respaced one
+            fast = posterior_step(model_output, x0, step_t, prev_t, schedule, config, noise=noise, backend=name)[0]
+            ref = reference.posterior_step(model_output, x0, step_t, prev_t, schedule, config, noise)[0]
+            worst = max(worst, _error(fast, ref))
+        passed = worst <= tolerance
+        ok &= passed
+        if verbose:
+            print(
+                f"  check {name:8s} on {device.type}: max relative error {worst:.2e} {'ok' if passed else 'MISMATCH'}"
+            )
+    return ok

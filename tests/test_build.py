@@ -1,0 +1,107 @@
+"""The build itself: the extension loads against this torch, backends() reports, the CUDA
+sources compile (nvcc -c, no GPU needed) without register spills, mismatches are refused."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast import _backends
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_SOURCES = sorted((ROOT / "csrc").glob("*.cu"))
+
+
+def test_backends_reports_every_backend_with_a_reason():
+    result = ddpm_fast.backends()
+    assert set(result) == {"reference", "cpp", "cuda", "triton"}
+    for available, reason in result.values():
+        assert isinstance(available, bool) and reason
+    assert result["reference"][0]
+
+
+def test_extension_is_built_against_this_torch():
+    ext = _backends.load_extension()
+    if ext is None:
+        pytest.skip("built with DDPM_FAST_BUILD_EXT=0")
+    assert ext.torch_version == torch.__version__
+    assert ext.with_cuda == (torch.version.cuda is not None and ext.with_cuda)
+    assert hasattr(torch.ops.ddpm_fast_C, "q_sample") and hasattr(torch.ops.ddpm_fast_C, "posterior_step")
+
+
+def test_extension_from_another_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(_backends, "_built_torch_version", lambda: "1.0.0+other")
+    _backends.load_extension.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"1\.0\.0\+other.*" + re.escape(torch.__version__)):
+            _backends.load_extension()
+    finally:
+        monkeypatch.undo()
+        _backends.load_extension.cache_clear()
+        _backends.load_extension()
+
+
+def test_unknown_and_unavailable_backends_are_clear_errors():
+    with pytest.raises(ValueError, match="valid: reference, cpp, cuda, triton"):
+        _backends.select_backend("fast", torch.device("cpu"))
+    if not ddpm_fast.backends()["cuda"][0]:
+        with pytest.raises(RuntimeError, match="not available"):
+            _backends.select_backend("cuda", torch.device("cpu"))
+
+
+def test_isolated_build_stops_with_a_message(tmp_path):
+    """setup.py run by an interpreter that cannot import torch (as in pip's isolated build)."""
+    script = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        f"sys.argv = ['setup.py', 'build_ext', '--build-temp', {str(tmp_path)!r}]; "
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "DDPM_FAST_BUILD_EXT": "1"},
+    )
+    assert proc.returncode != 0
+    assert "--no-build-isolation" in proc.stderr + proc.stdout
+
+
+def test_build_info_matches_the_loaded_extension():
+    info = ROOT / "ddpm_fast" / "_C_build_info.json"
+    if not info.exists():
+        pytest.skip("no extension built")
+    assert json.loads(info.read_text())["torch_version"] == torch.__version__
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
+def test_cuda_sources_compile_without_spills(source, arch, tmp_path):
+    proc = subprocess.run(
+        [
+            "nvcc",
+            "-std=c++17",
+            f"-arch={arch}",
+            "-O3",
+            "-Xptxas",
+            "-v",
+            "-I",
+            str(ROOT / "csrc"),
+            "-c",
+            str(source),
+            "-o",
+            str(tmp_path / "k.o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    spills = [int(b) for b in re.findall(r"(\d+) bytes spill stores", proc.stderr)]
+    assert spills and max(spills) == 0, proc.stderr
