@@ -4,7 +4,7 @@
 
 #include "noising_math.h"
 #include "op_args.h"
-#include "philox.h"
+#include "philox_cpu.h"
 
 namespace ddpm_fast {
 namespace {
@@ -23,13 +23,17 @@ void q_sample_rows(const QSampleArgs& a) {
       const int64_t n = row / a.C, c = row % a.C;
       const int64_t t = a.t[n] < 0 ? 0 : (a.t[n] >= a.T ? a.T - 1 : a.t[n]);
       const F sa = a.sqrt_ab.get<F>(t), s1a = a.sqrt_1mab.get<F>(t);
+      float drawn_chunk[kNoiseChunk];
       for (int64_t s = 0; s < a.S; ++s) {
         F z;
         if (noise) {
           z = static_cast<F>(noise[a.noise.at(n, c, s)]);
         } else {
+          if (s % kNoiseChunk == 0) {
+            philox_randn_fill(seed, static_cast<uint64_t>(row * a.S + s), std::min(kNoiseChunk, a.S - s), drawn_chunk);
+          }
           // Round the draw to the output dtype first, so x_t and the returned noise agree.
-          const X drawn = static_cast<X>(philox_randn(seed, static_cast<uint64_t>(row * a.S + s)));
+          const X drawn = static_cast<X>(drawn_chunk[s % kNoiseChunk]);
           if (noise_out) noise_out[a.noise_out.at(n, c, s)] = drawn;
           z = static_cast<F>(drawn);
         }

@@ -4,7 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include "op_args.h"
-#include "philox.h"
+#include "philox_cpu.h"
 #include "step_math.h"
 
 namespace ddpm_fast {
@@ -28,7 +28,12 @@ void posterior_rows(const PosteriorArgs& a) {
       const int64_t n = row / a.C, c = row % a.C;
       const StepCoefs<F> k = step_coefs<F>(a, n);
       const F ts = thresh ? thresh[n] : F(1);
+      const bool draw = k.noisy && !noise && !abs_x0;
+      float drawn_chunk[kNoiseChunk];
       for (int64_t s = 0; s < a.S; ++s) {
+        if (draw && s % kNoiseChunk == 0) {
+          philox_randn_fill(seed, static_cast<uint64_t>(row * a.S + s), std::min(kNoiseChunk, a.S - s), drawn_chunk);
+        }
         const int64_t m = a.model_output.at(n, c, s);
         F out = static_cast<F>(mo[m]);
         if (a.guidance) out = out + g * (static_cast<F>(mo[m + a.mo_half]) - out);
@@ -42,7 +47,7 @@ void posterior_rows(const PosteriorArgs& a) {
         F z = F(0);
         if (k.noisy) {
           z = noise ? static_cast<F>(noise[a.noise.at(n, c, s)])
-                    : static_cast<F>(static_cast<X>(philox_randn(seed, static_cast<uint64_t>(row * a.S + s))));
+                    : static_cast<F>(static_cast<X>(drawn_chunk[s % kNoiseChunk]));
         }
         F x0;
         const F p = step_element<F>(a, k, out, variance, x, z, ts, &x0);

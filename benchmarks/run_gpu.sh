@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One device-machine session: build the CUDA kernels, run the tests and the benchmarks, and
+# leave logs and the results JSON under $OUT (default ./gpu_out). Prepared ahead so that a
+# short GPU lease is spent measuring, not typing. Usage: DDPM_FAST_COMMIT=<sha> bash benchmarks/run_gpu.sh
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PATH=$PATH:/usr/local/cuda/bin PYTHONUNBUFFERED=1
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+log() { echo "=== $* ($(date +%T))"; }
+
+log "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/machine.txt"
+
+log "build with CUDA kernels (sm_90)"
+if ! DDPM_FAST_BUILD_CUDA=1 DDPM_FAST_CUDA_ARCH=90 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  log "CUDA build failed: falling back to CPU kernels + Triton"
+  DDPM_FAST_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >>"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
+fi
+grep -h "ddpm_fast: CUDA" "$OUT/build.log"
+
+log "self-check"
+python3 -m ddpm_fast check 2>&1 | tee "$OUT/check.txt"
+
+log "tests"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/ -q -x -p no:cacheprovider --durations=10 >"$OUT/tests.log" 2>&1
+echo "tests exit code $?"; tail -25 "$OUT/tests.log"
+
+log "benchmarks"
+timeout "${BENCH_TIMEOUT:-240}" python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json="$OUT/gpu-benchmarks.json" >"$OUT/bench.log" 2>&1
+echo "bench exit code $?"; tail -60 "$OUT/bench.log"
+log "done"
