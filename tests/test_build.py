@@ -105,3 +105,25 @@ def test_cuda_sources_compile_without_spills(source, arch, tmp_path):
     assert proc.returncode == 0, proc.stderr
     spills = [int(b) for b in re.findall(r"(\d+) bytes spill stores", proc.stderr)]
     assert spills and max(spills) == 0, proc.stderr
+
+
+def test_missing_extension_warns_once_and_falls_back_to_the_reference(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ddpm_fast._C", None)  # makes `from . import _C` fail
+    monkeypatch.delattr(ddpm_fast, "_C", raising=False)
+    monkeypatch.setattr(_backends, "_built_torch_version", lambda: None)
+    _backends.load_extension.cache_clear()
+    _backends._backends.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="falling back to the PyTorch reference"):
+            assert _backends.load_extension() is None
+        assert ddpm_fast.backends()["cpp"] == (False, "ddpm_fast._C is not built")
+        assert _backends.select_backend(None, torch.device("cpu")) == "reference"
+        schedule = ddpm_fast.Schedule.from_config()
+        x0 = torch.randn(2, 3, 4, 4)
+        x_t, noise, _ = ddpm_fast.q_sample(x0, torch.tensor([1, 2]), schedule, noise=torch.ones_like(x0))
+        assert torch.equal(noise, torch.ones_like(x0)) and x_t.shape == x0.shape
+    finally:
+        monkeypatch.undo()
+        _backends.load_extension.cache_clear()
+        _backends._backends.cache_clear()
+        _backends.load_extension()
