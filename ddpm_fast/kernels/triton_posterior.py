@@ -10,11 +10,12 @@ import triton.language as tl
 
 from .launch import elementwise_config, row_index
 
-# Codes shared with csrc/kernel_args.h.
-DDPM, DDIM = 0, 1
-EPS, SAMPLE, V = 0, 1, 2
-FIXED_SMALL, FIXED_SMALL_LOG, FIXED_LARGE, LEARNED, LEARNED_RANGE = 0, 1, 2, 3, 4
-CLIP_NONE, CLIP, THRESHOLD = 0, 1, 2
+# Codes shared with csrc/kernel_args.h (constexpr globals: the compiler reads them in kernels).
+DDPM, DDIM = tl.constexpr(0), tl.constexpr(1)
+EPS, SAMPLE, V = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+FIXED_SMALL, FIXED_SMALL_LOG, FIXED_LARGE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+LEARNED, LEARNED_RANGE = tl.constexpr(3), tl.constexpr(4)
+CLIP_NONE, CLIP, THRESHOLD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -179,7 +180,7 @@ def posterior_step_triton(
 ) -> None:
     """Same arguments as torch.ops.ddpm_fast_C.posterior_step, on (N, C, S) views."""
     n, c, s = sample.shape
-    if clip == THRESHOLD and thresh_scale is None and abs_x0 is None:
+    if clip == THRESHOLD.value and thresh_scale is None and abs_x0 is None:
         raise ValueError("thresholding needs the per-sample scale (phase 2) or the abs_x0 buffer (phase 1)")
     block, num_warps = elementwise_config(s, sample.device)
     dummy = prev
