@@ -154,7 +154,7 @@ class Schedule:
     betas: torch.Tensor
     alphas_cumprod: torch.Tensor
     final_alpha_cumprod: float
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # fresh on replace()
 
     @classmethod
     def from_config(
@@ -293,9 +293,9 @@ def select_timesteps(
         ts = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
     elif config.timestep_spacing == "leading":
         ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + config.steps_offset
-    else:  # trailing
-        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-    if ts.max() >= T:
+    else:  # trailing: diffusers' np.arange(T, 0, -T/n) can round to n+1 values (the last -1); keep n
+        ts = np.round(np.arange(T, 0, -T / n)[:n]).astype(np.int64) - 1
+    if ts.max() >= T or ts.min() < 0:
         raise ValueError(f"steps_offset={config.steps_offset} pushes timesteps past {T - 1}")
     return ts
 

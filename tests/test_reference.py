@@ -77,8 +77,22 @@ def diffusers_step(sched, kind, out, t, sample, seed, eta=0.0, use_clipped_model
     return res.prev_sample, res.pred_original_sample
 
 
-def compare_step(sched, cfg, schedule, timesteps, prev, i, *, kind="ddpm", seed=0, variance_type=None,
-                 eta=0.0, use_clipped_model_output=False, scale=1.0, **tol):
+def compare_step(
+    sched,
+    cfg,
+    schedule,
+    timesteps,
+    prev,
+    i,
+    *,
+    kind="ddpm",
+    seed=0,
+    variance_type=None,
+    eta=0.0,
+    use_clipped_model_output=False,
+    scale=1.0,
+    **tol,
+):
     out, sample = step_inputs(seed + 100 * i, variance_type, scale=scale)
     t = timesteps[i]
     theirs = diffusers_step(sched, kind, out, t, sample, seed, eta, use_clipped_model_output)
@@ -98,8 +112,9 @@ def compare_step(sched, cfg, schedule, timesteps, prev, i, *, kind="ddpm", seed=
 @pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_ddpm_step_matches_diffusers(diffusers, prediction_type, variance_type, clip):
-    args = setup(diffusers, "ddpm", n=50, prediction_type=prediction_type, variance_type=variance_type,
-                 clip_sample=clip)
+    args = setup(
+        diffusers, "ddpm", n=50, prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip
+    )
     for i in (0, 1, 25, 48, 49):  # first, middle, the last step with t > 0, the last step (t = 0)
         compare_step(*args, i, seed=i, variance_type=variance_type)
 
@@ -107,12 +122,13 @@ def test_ddpm_step_matches_diffusers(diffusers, prediction_type, variance_type, 
 @pytest.mark.parametrize("sample_max_value", [1.5, 3.0])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_ddpm_step_thresholding_matches_diffusers(diffusers, prediction_type, sample_max_value):
-    sched, cfg, schedule, ts, prev = setup(diffusers, "ddpm", n=20, prediction_type=prediction_type,
-                                           thresholding=True, sample_max_value=sample_max_value)
+    sched, cfg, schedule, ts, prev = setup(
+        diffusers, "ddpm", n=20, prediction_type=prediction_type, thresholding=True, sample_max_value=sample_max_value
+    )
     for i in (0, 10, 19):
-        (_, x0), _ = compare_step(sched, cfg, schedule, ts, prev, i, seed=i, scale=1.5)
+        (_, x0), _ = compare_step(sched, cfg, schedule, ts, prev, i, seed=0, scale=1.5)
         # the thresholds were active: the quantile exceeded 1, so x_0 was rescaled, not only clipped
-        out, sample = step_inputs(100 * i, scale=1.5)
+        out, sample = step_inputs(100 * i, scale=1.5)  # compare_step's inputs
         a = schedule.alphas_cumprod[ts[i]].float()
         raw = reference.predict_x0(out, sample, a, prediction_type)
         assert (torch.quantile(raw.flatten(1).abs(), 0.995, dim=1) > 1).all()
@@ -120,13 +136,41 @@ def test_ddpm_step_thresholding_matches_diffusers(diffusers, prediction_type, sa
         assert not torch.allclose(x0, raw.clamp(-1, 1))
 
 
-@pytest.mark.parametrize("n", [50, 1000])
-@pytest.mark.parametrize("offset", [0, 1])
-@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("clip_sample_range", [0.5, 2.0])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_clip_sample_range_matches_diffusers(diffusers, kind, clip_sample_range):
+    args = setup(diffusers, kind, n=10, prediction_type="sample", clip_sample_range=clip_sample_range)
+    for i in (0, 5, 9):
+        (_, x0), _ = compare_step(*args, i, kind=kind, seed=i, eta=0.5 if kind == "ddim" else 0.0)
+        assert x0.abs().max().item() == pytest.approx(clip_sample_range)
+
+
+@pytest.mark.parametrize("scale", [0.2, 0.6, 1.5, 5.0])
+@pytest.mark.parametrize("sample_max_value", [1.5, 3.0])
+def test_dynamic_threshold_matches_diffusers(diffusers, sample_max_value, scale):
+    sched = diffusers.DDPMScheduler(thresholding=True, sample_max_value=sample_max_value)
+    x0 = scale * torch.randn(SHAPE, generator=gen(2))
+    ours = reference.dynamic_threshold(x0, 0.995, sample_max_value)
+    torch.testing.assert_close(ours, sched._threshold_sample(x0), rtol=1e-6, atol=1e-7)
+    s = torch.quantile(x0.flatten(1).abs(), 0.995, dim=1)
+    if (s <= 1).all():  # s is clamped to at least 1: plain clipping to [-1, 1]
+        torch.testing.assert_close(ours, x0.clamp(-1, 1), rtol=0, atol=0)
+    else:
+        assert ours.abs().max() <= 1 and not torch.allclose(ours, x0.clamp(-1, 1))
+
+
+SPACING_CASES = [
+    (spacing, offset, n)
+    for spacing in ("leading", "linspace", "trailing")
+    for offset in (0, 1)
+    for n in (50, T)
+    if not (spacing == "leading" and offset == 1 and n == T)  # would give timestep T (refused, see test_schedule)
+]
+
+
+@pytest.mark.parametrize("spacing, offset, n", SPACING_CASES)
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_step_spacings_match_diffusers(diffusers, kind, spacing, offset, n):
-    if spacing == "leading" and offset == 1 and n == T:
-        pytest.skip("timestep T: invalid (diffusers indexes past its table; we refuse, see test_schedule)")
     kw = {"timestep_spacing": spacing, "steps_offset": offset, "prediction_type": "epsilon"}
     if kind == "ddim":
         kw["set_alpha_to_one"] = False
@@ -150,8 +194,15 @@ def test_ddpm_custom_timesteps_match_diffusers(diffusers, custom, variance_type)
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_ddpm_zero_terminal_snr_matches_diffusers(diffusers, prediction_type, variance_type):
-    args = setup(diffusers, "ddpm", n=10, timestep_spacing="trailing", rescale_betas_zero_snr=True,
-                 prediction_type=prediction_type, variance_type=variance_type)
+    args = setup(
+        diffusers,
+        "ddpm",
+        n=10,
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
+    )
     assert args[2].alphas_cumprod[args[3][0]].item() == 0.0  # the first step starts from pure noise
     for i in range(10):
         compare_step(*args, i, seed=i, variance_type=variance_type)
@@ -178,8 +229,9 @@ def test_ddpm_last_step_adds_no_noise(diffusers):
 @pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_ddim_step_matches_diffusers(diffusers, prediction_type, clip, eta, set_alpha_to_one, use_clipped):
-    args = setup(diffusers, "ddim", n=10, prediction_type=prediction_type, clip_sample=clip,
-                 set_alpha_to_one=set_alpha_to_one)
+    args = setup(
+        diffusers, "ddim", n=10, prediction_type=prediction_type, clip_sample=clip, set_alpha_to_one=set_alpha_to_one
+    )
     for i in (0, 4, 9):  # 9: the last step, with final_alpha_cumprod
         compare_step(*args, i, kind="ddim", seed=i, eta=eta, use_clipped_model_output=use_clipped, scale=1.5)
 
@@ -188,8 +240,15 @@ def test_ddim_step_matches_diffusers(diffusers, prediction_type, clip, eta, set_
 @pytest.mark.parametrize("sample_max_value", [1.5, 3.0])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_ddim_step_thresholding_matches_diffusers(diffusers, prediction_type, sample_max_value, eta):
-    args = setup(diffusers, "ddim", n=10, prediction_type=prediction_type, thresholding=True,
-                 sample_max_value=sample_max_value, set_alpha_to_one=False)
+    args = setup(
+        diffusers,
+        "ddim",
+        n=10,
+        prediction_type=prediction_type,
+        thresholding=True,
+        sample_max_value=sample_max_value,
+        set_alpha_to_one=False,
+    )
     for i in (0, 5, 9):
         compare_step(*args, i, kind="ddim", seed=i, eta=eta, use_clipped_model_output=True, scale=1.5)
 
@@ -197,8 +256,14 @@ def test_ddim_step_thresholding_matches_diffusers(diffusers, prediction_type, sa
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_ddim_zero_terminal_snr_matches_diffusers(diffusers, prediction_type, eta):
-    args = setup(diffusers, "ddim", n=10, timestep_spacing="trailing", rescale_betas_zero_snr=True,
-                 prediction_type=prediction_type)
+    args = setup(
+        diffusers,
+        "ddim",
+        n=10,
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+        prediction_type=prediction_type,
+    )
     for i in range(10):
         compare_step(*args, i, kind="ddim", seed=i, eta=eta)
 
@@ -224,8 +289,9 @@ def test_ddim_last_step_noise_follows_final_alpha_cumprod(diffusers):
     # set_alpha_to_one=False: sigma at the last step is > 0 and the noise is added (diffusers adds it
     # whenever eta > 0); with set_alpha_to_one=True sigma is 0 there.
     for set_alpha_to_one, noisy in ((False, True), (True, False)):
-        sched, cfg, schedule, ts, prev = setup(diffusers, "ddim", n=10, set_alpha_to_one=set_alpha_to_one,
-                                               steps_offset=1)
+        sched, cfg, schedule, ts, prev = setup(
+            diffusers, "ddim", n=10, set_alpha_to_one=set_alpha_to_one, steps_offset=1
+        )
         assert ts[-1].item() == 1 and prev[-1].item() == -1
         step = StepConfig.from_scheduler(cfg, "ddim", eta=1.0)
         out, sample = step_inputs(5)
@@ -240,8 +306,15 @@ def test_ddim_last_step_noise_follows_final_alpha_cumprod(diffusers):
     "kind, kw",
     [
         ("ddpm", {"variance_type": "fixed_small"}),
-        ("ddpm", {"variance_type": "learned_range", "prediction_type": "v_prediction", "thresholding": True,
-                  "sample_max_value": 2.0}),
+        (
+            "ddpm",
+            {
+                "variance_type": "learned_range",
+                "prediction_type": "v_prediction",
+                "thresholding": True,
+                "sample_max_value": 2.0,
+            },
+        ),
         ("ddim", {"set_alpha_to_one": False}),
         ("ddim", {"prediction_type": "sample", "clip_sample": False}),
     ],
@@ -268,25 +341,32 @@ def test_per_sample_timesteps(diffusers, kind, kw):
 
 
 # ---------------------------------------------------------------- our own float64 table
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_step_with_float64_table(diffusers, kind, beta_schedule):
-    kw = {"beta_schedule": beta_schedule, "prediction_type": "v_prediction", "clip_sample": False}
+def test_step_with_float64_table(diffusers, kind, beta_schedule, spacing):
+    kw = {
+        "beta_schedule": beta_schedule,
+        "prediction_type": "v_prediction",
+        "clip_sample": False,
+        "timestep_spacing": spacing,
+    }
     if beta_schedule == "scaled_linear":
         kw.update(beta_start=0.00085, beta_end=0.012)
     if kind == "ddim":
         kw["set_alpha_to_one"] = False
     sched, cfg, schedule, ts, prev = setup(diffusers, kind, n=10, diffusers_table=False, **kw)
-    ours_ab, theirs_ab = schedule.alphas_cumprod, sched.alphas_cumprod.double()
+    # the relative difference of a_bar between the two tables at the timesteps used (up to ~1.3e-5 for the
+    # cosine schedule near t = T); a step's coefficients are products of low powers of a_bar and 1 - a_bar.
+    used = torch.cat([ts, prev[prev >= 0]])
+    ours_ab, theirs_ab = schedule.alphas_cumprod[used], sched.alphas_cumprod.double()[used]
     table_rel = ((ours_ab - theirs_ab).abs() / theirs_ab).max().item()
-    assert table_rel < 5e-5
-    # every coefficient of a step is a power (at most 1.5 in total) of a_bar and 1 - a_bar, which amplify
-    # a relative table error by at most ~1 / (1 - a_bar) <= 1e4 near t = 0.
-    amplification = (1 / (1 - theirs_ab[ts])).max().item() if kind == "ddpm" else 10.0
-    rtol = max(1e-5, 4 * table_rel * min(amplification, 10.0))
+    assert 0 < table_rel < 1e-4
+    tol = max(1e-5, 4 * table_rel)
     for i in range(10):
-        compare_step(sched, cfg, schedule, ts, prev, i, kind=kind, seed=i, eta=1.0 if kind == "ddim" else 0.0,
-                     rtol=rtol, atol=rtol)
+        compare_step(
+            sched, cfg, schedule, ts, prev, i, kind=kind, seed=i, eta=1.0 if kind == "ddim" else 0.0, rtol=tol, atol=tol
+        )
 
 
 # ---------------------------------------------------------------- full sampling loops
@@ -331,8 +411,9 @@ def test_sampling_loop_matches_diffusers(diffusers, kind, n, kw, eta):
         x_theirs = sched.step(model(x_theirs, t), t, x_theirs, generator=g_theirs, **kwargs).prev_sample
         draws = t > 0 if kind == "ddpm" else eta > 0  # when diffusers draws noise
         noise = torch.randn(SHAPE, generator=g_ours) if draws else None
-        x_ours, _ = reference.posterior_step(model(x_ours, tvec(t)), x_ours, tvec(t), tvec(prev[i]), schedule, step,
-                                             noise=noise)
+        x_ours, _ = reference.posterior_step(
+            model(x_ours, tvec(t)), x_ours, tvec(t), tvec(prev[i]), schedule, step, noise=noise
+        )
     assert_step_close(x_ours, x_theirs)
     assert not torch.allclose(x_theirs, torch.randn(SHAPE, generator=gen(7)))
 
@@ -341,8 +422,14 @@ def test_sampling_loop_matches_diffusers(diffusers, kind, n, kw, eta):
 @pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
 @pytest.mark.parametrize("diffusers_table", [True, False], ids=["their_table", "our_table"])
 def test_q_sample_and_velocity_match_diffusers(diffusers, beta_schedule, diffusers_table):
-    sched, cfg, schedule, _, _ = setup(diffusers, "ddpm", n=10, beta_schedule=beta_schedule,
-                                       prediction_type="v_prediction", diffusers_table=diffusers_table)
+    sched, cfg, schedule, _, _ = setup(
+        diffusers,
+        "ddpm",
+        n=10,
+        beta_schedule=beta_schedule,
+        prediction_type="v_prediction",
+        diffusers_table=diffusers_table,
+    )
     g = gen(3)
     x0 = torch.randn((4, *SHAPE[1:]), generator=g)
     noise = torch.randn(x0.shape, generator=g)
@@ -413,8 +500,16 @@ def test_guided_posterior_step_matches_diffusers(diffusers, variance_type):
     step = StepConfig.from_scheduler(cfg, "ddpm")
     i = 3
     theirs = diffusers_step(sched, "ddpm", guided, ts[i], sample, seed=9)
-    ours = reference.posterior_step(model_output, sample, tvec(ts[i]), tvec(prev[i]), schedule, step,
-                                    noise=torch.randn(SHAPE, generator=gen(9)), guidance_scale=s)
+    ours = reference.posterior_step(
+        model_output,
+        sample,
+        tvec(ts[i]),
+        tvec(prev[i]),
+        schedule,
+        step,
+        noise=torch.randn(SHAPE, generator=gen(9)),
+        guidance_scale=s,
+    )
     assert_step_close(ours[0], theirs[0])
     assert_step_close(ours[1], theirs[1])
 
@@ -463,8 +558,9 @@ def test_group_norm_silu(dtype, silu):
 
     x, w, b = r(n, c, 5, 6) * 3 + 1, r(c), r(c)
     bias_nc, scale_nc, shift_nc, residual = r(n, c), r(n, c), r(n, c), r(n, c, 5, 6)
-    y = reference.group_norm_silu(x, groups, w, b, 1e-5, bias_nc=bias_nc, scale_nc=scale_nc, shift_nc=shift_nc,
-                                  silu=silu, residual=residual)
+    y = reference.group_norm_silu(
+        x, groups, w, b, 1e-5, bias_nc=bias_nc, scale_nc=scale_nc, shift_nc=shift_nc, silu=silu, residual=residual
+    )
     h = F.group_norm(x + bias_nc[..., None, None], groups, w, b, 1e-5)
     h = h * (1 + scale_nc[..., None, None]) + shift_nc[..., None, None]
     expected = (F.silu(h) if silu else h) + residual
@@ -520,8 +616,7 @@ def test_attention_block(heads, bias):
     qkv_w, proj_w = torch.randn((3 * c, c), generator=g) / c**0.5, torch.randn((c, c), generator=g) / c**0.5
     qkv_b = 0.1 * torch.randn(3 * c, generator=g) if bias else None
     proj_b = 0.1 * torch.randn(c, generator=g) if bias else None
-    out = reference.attention_block(x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b, num_groups=groups,
-                                    num_heads=heads)
+    out = reference.attention_block(x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b, num_groups=groups, num_heads=heads)
     expected = hand_written_attention_block(x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b, groups, 1e-6, heads)
     assert out.shape == x.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -226,11 +226,6 @@ def test_kernel_table_casts_and_caches():
     assert s.kernel_table("posterior_mean_coef1", torch.bfloat16).dtype == torch.bfloat16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: dataclasses.replace(schedule, alphas_cumprod=...) shares the old Schedule's _cache dict, "
-    "so kernel_table() returns the stale table of the original schedule",
-)
 def test_kernel_table_after_replace_reflects_new_table():
     s = Schedule.from_config(SchedulerConfig())
     s.kernel_table("alphas_cumprod")
@@ -309,12 +304,9 @@ def test_timesteps_known_values():
     assert s.timesteps(4).tolist() == [999, 666, 333, 0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (inherited from diffusers' float np.arange): trailing spacing with T=1000 and n=61 "
-    "(also 103, 121, 201, ..., 998) gives n+1 timesteps ending in -1, an invalid timestep",
-)
 def test_trailing_timesteps_are_n_valid_steps():
+    """diffusers' float np.arange gives n+1 trailing timesteps ending in -1 for T=1000 and
+    n = 61, 103, ..., 998; ours keeps the first n (identical to diffusers' first n)."""
     s = Schedule.from_config(SchedulerConfig(timestep_spacing="trailing"))
     for n in (61, 103, 998):
         ts = s.timesteps(n)
@@ -398,8 +390,16 @@ def test_previous_timesteps_unknown_kind():
     [
         {},
         {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
-        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
-         "clip_sample": False, "thresholding": True, "sample_max_value": 2.5, "dynamic_thresholding_ratio": 0.9},
+        {
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "steps_offset": 1,
+            "clip_sample": False,
+            "thresholding": True,
+            "sample_max_value": 2.5,
+            "dynamic_thresholding_ratio": 0.9,
+        },
         {"rescale_betas_zero_snr": True, "prediction_type": "sample", "clip_sample_range": 2.0},
     ],
     ids=["default", "cosine_v", "sd", "zero_snr"],
@@ -507,13 +507,24 @@ def test_step_config_checks():
 
 def test_step_config_from_scheduler():
     cfg = SchedulerConfig(
-        prediction_type="v", variance_type="learned_range", clip_sample=False, clip_sample_range=2.0,
-        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0,
+        prediction_type="v",
+        variance_type="learned_range",
+        clip_sample=False,
+        clip_sample_range=2.0,
+        thresholding=True,
+        dynamic_thresholding_ratio=0.9,
+        sample_max_value=3.0,
     )
     step = StepConfig.from_scheduler(cfg, "ddpm")
     assert step == StepConfig(
-        kind="ddpm", prediction_type="v_prediction", variance_type="learned_range", clip_sample=False,
-        clip_sample_range=2.0, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0,
+        kind="ddpm",
+        prediction_type="v_prediction",
+        variance_type="learned_range",
+        clip_sample=False,
+        clip_sample_range=2.0,
+        thresholding=True,
+        dynamic_thresholding_ratio=0.9,
+        sample_max_value=3.0,
     )
     assert step.learned_variance
     ddim = StepConfig.from_scheduler(cfg, "ddim", eta=0.5, use_clipped_model_output=True, clip_sample=True)
