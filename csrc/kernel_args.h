@@ -55,7 +55,7 @@ struct PosteriorArgs {
   const void* thresh_scale = nullptr;  // (N,) dynamic-threshold s (float, double for F = double)
   const int64_t* seed = nullptr;
   int64_t T = 0, N = 0, C = 0, S = 0;
-  float final_alpha_cumprod = 1.f, guidance_scale = 1.f, clip_range = 1.f, eta = 0.f;
+  double final_alpha_cumprod = 1.0, guidance_scale = 1.0, clip_range = 1.0, eta = 0.0;  // cast to F in kernels
   int kind = kDDPM, pred = kPredEps, var = kFixedSmall, clip = kClipNone;
   bool guidance = false, has_variance = false, use_clipped_model_output = false;
 };

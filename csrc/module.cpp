@@ -16,6 +16,14 @@ TORCH_LIBRARY(ddpm_fast_C, m) {
       "Tensor? noise, Tensor? seed, Tensor? thresh_scale, Tensor(a!) prev, Tensor(b!)? pred_x0, "
       "Tensor(c!)? abs_x0, float final_alpha_cumprod, float guidance_scale, float clip_range, float eta, "
       "int kind, int pred, int var, int clip, bool guidance, bool use_clipped_model_output) -> ()");
+  m.def(
+      "group_norm_silu_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? bias_nc, Tensor? scale_nc, "
+      "Tensor? shift_nc, Tensor? residual, int num_groups, float eps, bool silu, Tensor(a!) y, Tensor(b!) mean, "
+      "Tensor(c!) rstd) -> ()");
+  m.def(
+      "group_norm_silu_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? bias_nc, "
+      "Tensor? scale_nc, Tensor? shift_nc, Tensor mean, Tensor rstd, int num_groups, bool silu, "
+      "Tensor(a!) grad_x, Tensor(b!) sum_g, Tensor(c!) sum_g_xhat, Tensor(d!)? grad_bias_nc) -> ()");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -102,9 +102,8 @@ inline PosteriorArgs make_posterior_args(
   a.t = t.data_ptr<int64_t>(), a.prev_t = prev_t.data_ptr<int64_t>();
   a.thresh_scale = thresh_scale.has_value() ? thresh_scale->data_ptr() : nullptr;
   a.seed = seed_arg(sample, seed);
-  a.final_alpha_cumprod = static_cast<float>(final_alpha_cumprod);
-  a.guidance_scale = static_cast<float>(guidance_scale), a.clip_range = static_cast<float>(clip_range);
-  a.eta = static_cast<float>(eta);
+  a.final_alpha_cumprod = final_alpha_cumprod, a.guidance_scale = guidance_scale, a.clip_range = clip_range;
+  a.eta = eta;
   a.kind = static_cast<int>(kind), a.pred = static_cast<int>(pred), a.var = static_cast<int>(var);
   a.clip = static_cast<int>(clip), a.guidance = guidance, a.use_clipped_model_output = use_clipped_model_output;
   return a;

@@ -48,10 +48,12 @@ DDPM_HD StepCoefs<F> step_coefs(const PosteriorArgs& a, int64_t n) {
     k.noisy = t > 0;
     k.dir_coef = F(0);
   } else {
-    k.std = F(a.eta) * sqrt((one - a_prev) / (one - a_t) * (one - a_t / a_prev));
+    // Clamped at 0: a_t / a_prev can round above 1 when a_t ~ a_prev (diffusers gives NaN there).
+    const F variance = (one - a_prev) / (one - a_t) * (one - a_t / a_prev);
+    k.std = F(a.eta) * sqrt(variance > F(0) ? variance : F(0));
     const F d = one - a_prev - k.std * k.std;
     k.dir_coef = sqrt(d > F(0) ? d : F(0));
-    k.noisy = a.eta > 0.0f;
+    k.noisy = a.eta > 0.0;
     k.coef_x0 = k.coef_xt = k.log_beta_tilde = k.log_beta = F(0);
   }
   return k;

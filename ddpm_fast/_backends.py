@@ -99,6 +99,7 @@ def _backends(interpreting: bool) -> dict[str, tuple[bool, str]]:
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
 
 
+@torch.compiler.assume_constant_result  # a fact of this process: compiled graphs embed the choice
 def select_backend(requested: str | None, device: torch.device) -> str:
     """The backend that runs an op on ``device``: ``requested`` if it can, else an error."""
     if requested is not None and requested not in BACKENDS:

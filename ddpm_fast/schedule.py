@@ -185,7 +185,14 @@ class Schedule:
 
     @property
     def zero_terminal_snr(self) -> bool:
-        return bool(self.alphas_cumprod[-1] == 0)
+        """alpha_bar_T = 0, read from the config (no tensor read, so it compiles and captures)."""
+        betas = self.config.trained_betas
+        return self.config.rescale_betas_zero_snr or (betas is not None and betas[-1] >= 1.0)
+
+    def __post_init__(self) -> None:
+        # Fill every cached table now: torch.compile cannot trace cached_property's first call.
+        for name in _DERIVED:
+            getattr(self, name)
 
     def to(self, device: torch.device | str) -> Schedule:
         if torch.device(device) == self.device:
@@ -269,6 +276,9 @@ class Schedule:
         if kind == "ddim":
             return (timesteps - self.num_train_timesteps // timesteps.numel()).clamp(min=-1)
         raise ValueError(f"unknown sampler kind {kind!r}; valid: ddpm, ddim")
+
+
+_DERIVED = [name for name, value in vars(Schedule).items() if isinstance(value, cached_property)]
 
 
 def select_timesteps(

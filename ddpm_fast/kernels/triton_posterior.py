@@ -1,6 +1,7 @@
 """Triton posterior_step: one reverse step (DDPM ancestral or DDIM) in one pass, the same
 arithmetic as csrc/step_math.h and reference.posterior_step. With PHASE1 it writes |x0| only
-(the first pass of dynamic thresholding)."""
+(the first pass of dynamic thresholding). Divisions and square roots are IEEE-rounded
+(div_rn, sqrt_rn): the approximate ones lose 1 - a_t / a_prev when a_t ~ a_prev."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def posterior_kernel(
     x = tl.load(x_ptr + n * x_sn + c * x_sc + s * x_ss, mask=mask).to(tl.float32)
 
     if PRED == EPS:
-        x0 = (x - sqrt_1m_a_t * out) / sqrt_a_t
+        x0 = tl.div_rn(x - sqrt_1m_a_t * out, sqrt_a_t)
     elif PRED == SAMPLE:
         x0 = out
     else:
@@ -101,15 +102,15 @@ def posterior_kernel(
             x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
         elif CLIP_MODE == THRESHOLD:
             thresh = tl.load(scale_ptr + n)
-            x0 = tl.minimum(tl.maximum(x0, -thresh), thresh) / thresh
+            x0 = tl.div_rn(tl.minimum(tl.maximum(x0, -thresh), thresh), thresh)
 
         if KIND == DDPM:
-            current_alpha = a_t / a_prev
+            current_alpha = tl.div_rn(a_t, a_prev)
             current_beta = 1.0 - current_alpha
-            coef_x0 = tl.sqrt_rn(a_prev) * (1.0 - current_alpha) / (1.0 - a_t)
-            coef_xt = tl.sqrt_rn(current_alpha) * (1.0 - a_prev) / (1.0 - a_t)
+            coef_x0 = tl.div_rn(tl.sqrt_rn(a_prev) * (1.0 - current_alpha), 1.0 - a_t)
+            coef_xt = tl.div_rn(tl.sqrt_rn(current_alpha) * (1.0 - a_prev), 1.0 - a_t)
             mean = coef_x0 * x0 + coef_xt * x
-            beta_tilde = tl.maximum((1.0 - a_prev) / (1.0 - a_t) * current_beta, 1e-20)
+            beta_tilde = tl.maximum(tl.div_rn(1.0 - a_prev, 1.0 - a_t) * current_beta, 1e-20)
             if VAR == FIXED_SMALL:
                 std = tl.sqrt_rn(beta_tilde)
             elif VAR == FIXED_SMALL_LOG:
@@ -123,19 +124,21 @@ def posterior_kernel(
                 if VAR == LEARNED:
                     std = tl.sqrt_rn(variance)
                 else:
-                    frac = (variance + 1.0) / 2.0
+                    frac = (variance + 1.0) * 0.5
                     std = tl.exp(0.5 * (frac * tl.log(current_beta) + (1.0 - frac) * tl.log(beta_tilde)))
             noisy = t > 0
         else:
             if PRED == EPS:
                 eps = out
             elif PRED == SAMPLE:
-                eps = (x - sqrt_a_t * out) / sqrt_1m_a_t
+                eps = tl.div_rn(x - sqrt_a_t * out, sqrt_1m_a_t)
             else:
                 eps = sqrt_a_t * out + sqrt_1m_a_t * x
             if USE_CLIPPED:
-                eps = (x - sqrt_a_t * x0) / sqrt_1m_a_t
-            std = eta * tl.sqrt_rn((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+                eps = tl.div_rn(x - sqrt_a_t * x0, sqrt_1m_a_t)
+            # clamped at 0: a_t / a_prev can round above 1 when a_t ~ a_prev
+            variance = tl.div_rn(1.0 - a_prev, 1.0 - a_t) * (1.0 - tl.div_rn(a_t, a_prev))
+            std = eta * tl.sqrt_rn(tl.maximum(variance, 0.0))
             dir_coef = tl.sqrt_rn(tl.maximum(1.0 - a_prev - std * std, 0.0))
             mean = tl.sqrt_rn(a_prev) * x0 + dir_coef * eps
             noisy = True  # std is 0 when eta is 0
