@@ -56,6 +56,12 @@ def load_extension():
     return _C
 
 
+def reset_caches() -> None:
+    """Forget what was found (extension, availability, choices): for tests that fake a machine."""
+    for cached in (load_extension, _backends, _select_backend):
+        cached.cache_clear()
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -102,23 +108,28 @@ _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "refer
 @torch.compiler.assume_constant_result  # a fact of this process: compiled graphs embed the choice
 def select_backend(requested: str | None, device: torch.device) -> str:
     """The backend that runs an op on ``device``: ``requested`` if it can, else an error."""
+    return _select_backend(requested, device.type, triton_interpreting())
+
+
+@cache
+def _select_backend(requested: str | None, device_type: str, interpreting: bool) -> str:
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; valid: {', '.join(BACKENDS)}")
-    available = _backends(triton_interpreting())
+    available = _backends(interpreting)
     if requested is None:
-        for name in _DEFAULT_ORDER.get(device.type, ("reference",)):
+        for name in _DEFAULT_ORDER.get(device_type, ("reference",)):
             if available[name][0]:
                 return name
         return "reference"
     ok, reason = available[requested]
     if not ok:
         raise RuntimeError(f"backend {requested!r} is not available here: {reason}")
-    if requested == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend 'cpp' runs on CPU tensors, got a {device.type} tensor")
-    if requested == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend 'cuda' runs on CUDA tensors, got a {device.type} tensor")
-    if requested == "triton" and device.type not in ("cuda", "cpu"):
-        raise ValueError(f"backend 'triton' runs on CUDA tensors, got a {device.type} tensor")
-    if requested == "triton" and device.type == "cpu" and not triton_interpreting():
+    if requested == "cpp" and device_type != "cpu":
+        raise ValueError(f"backend 'cpp' runs on CPU tensors, got a {device_type} tensor")
+    if requested == "cuda" and device_type != "cuda":
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors, got a {device_type} tensor")
+    if requested == "triton" and device_type not in ("cuda", "cpu"):
+        raise ValueError(f"backend 'triton' runs on CUDA tensors, got a {device_type} tensor")
+    if requested == "triton" and device_type == "cpu" and not interpreting:
         raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
     return requested

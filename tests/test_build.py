@@ -37,13 +37,13 @@ def test_extension_is_built_against_this_torch():
 
 def test_extension_from_another_torch_is_refused(monkeypatch):
     monkeypatch.setattr(_backends, "_built_torch_version", lambda: "1.0.0+other")
-    _backends.load_extension.cache_clear()
+    _backends.reset_caches()
     try:
         with pytest.raises(ImportError, match=r"1\.0\.0\+other.*" + re.escape(torch.__version__)):
             _backends.load_extension()
     finally:
         monkeypatch.undo()
-        _backends.load_extension.cache_clear()
+        _backends.reset_caches()
         _backends.load_extension()
 
 
@@ -111,8 +111,7 @@ def test_missing_extension_warns_once_and_falls_back_to_the_reference(monkeypatc
     monkeypatch.setitem(sys.modules, "ddpm_fast._C", None)  # makes `from . import _C` fail
     monkeypatch.delattr(ddpm_fast, "_C", raising=False)
     monkeypatch.setattr(_backends, "_built_torch_version", lambda: None)
-    _backends.load_extension.cache_clear()
-    _backends._backends.cache_clear()
+    _backends.reset_caches()
     try:
         with pytest.warns(UserWarning, match="falling back to the PyTorch reference"):
             assert _backends.load_extension() is None
@@ -124,6 +123,5 @@ def test_missing_extension_warns_once_and_falls_back_to_the_reference(monkeypatc
         assert torch.equal(noise, torch.ones_like(x0)) and x_t.shape == x0.shape
     finally:
         monkeypatch.undo()
-        _backends.load_extension.cache_clear()
-        _backends._backends.cache_clear()
+        _backends.reset_caches()
         _backends.load_extension()

@@ -8,14 +8,13 @@ import torch
 from .. import reference
 from .._backends import load_extension, select_backend
 from ..schedule import PREDICTION_TYPES, Schedule, normalize_choice
-from ._common import as_3d, check_float, new_like, noise_arg, seed_from, timesteps_arg
+from ._common import as_3d, check_float, direct_call_ok, new_like, noise_arg, seed_from, timesteps_arg
 
 # Kernel codes of the training target (csrc/kernel_args.h TargetKind).
 TARGET_KINDS = {None: 0, "epsilon": 1, "sample": 2, "v_prediction": 3}
 
 
-@torch.library.custom_op("ddpm_fast::q_sample", mutates_args=())
-def _q_sample_op(
+def _q_sample_impl(
     x0: torch.Tensor,
     t: torch.Tensor,
     sqrt_ab: torch.Tensor,
@@ -41,6 +40,9 @@ def _q_sample_op(
             views[0], t, sqrt_ab, sqrt_1mab, views[1], seed, views[2], noise_view, target_view, target_kind
         )
     return x_t, noise_out, target
+
+
+_q_sample_op = torch.library.custom_op("ddpm_fast::q_sample", mutates_args=())(_q_sample_impl)
 
 
 @_q_sample_op.register_fake
@@ -122,5 +124,6 @@ def q_sample(
     sqrt_ab = schedule.kernel_table("sqrt_alphas_cumprod", table_dtype, x0.device)
     sqrt_1mab = schedule.kernel_table("sqrt_one_minus_alphas_cumprod", table_dtype, x0.device)
     seed = seed_from(generator, x0.device) if noise is None else None
-    x_t, noise_out, tgt = _q_sample_op(x0, t, sqrt_ab, sqrt_1mab, noise, seed, TARGET_KINDS[target_name], name)
+    op = _q_sample_impl if direct_call_ok(x0, noise) else _q_sample_op
+    x_t, noise_out, tgt = op(x0, t, sqrt_ab, sqrt_1mab, noise, seed, TARGET_KINDS[target_name], name)
     return x_t, (noise if noise is not None else noise_out), (tgt if target_name is not None else None)

@@ -10,7 +10,7 @@ import torch
 from .. import reference
 from .._backends import load_extension, select_backend
 from ..schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule, StepConfig
-from ._common import as_3d, check_float, new_like, noise_arg, seed_from, timesteps_arg
+from ._common import as_3d, check_float, direct_call_ok, new_like, noise_arg, seed_from, timesteps_arg
 
 # Kernel codes (csrc/kernel_args.h).
 KINDS = {"ddpm": 0, "ddim": 1}
@@ -21,28 +21,24 @@ CLIP_NONE, CLIP, THRESHOLD = 0, 1, 2
 
 def quantile_scale(abs_x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Per-sample clamp(quantile_ratio(|x0|), 1, max) as torch.quantile (linear) computes it,
-    from the two order statistics around the rank, found with top-k (k is small for ratio
-    near 1) or kthvalue."""
+    from the two order statistics around the rank. One top-k from whichever end is nearer
+    (k ~ 0.5% of the elements at diffusers' ratio 0.995): a radix select, far cheaper than
+    the full sort torch.quantile does, and kthvalue, which runs one block per sample on CUDA."""
     flat = abs_x0.reshape(abs_x0.shape[0], -1)
     m = flat.shape[1]
     pos = ratio * (m - 1)
-    lo = int(pos)
+    lo = int(pos)  # ascending ranks lo and hi = lo + 1 (or lo at the top)
     hi = min(lo + 1, m - 1)
-    frac = pos - lo
-    k = m - lo
-    if k <= 1024:
-        top = torch.topk(flat, k, dim=1, sorted=True).values
-        v_lo = top[:, k - 1]
-        v_hi = top[:, k - 2] if hi > lo else v_lo
+    if m - lo <= hi + 1:
+        top = torch.topk(flat, m - lo, dim=1, largest=True, sorted=True).values  # descending
+        v_lo, v_hi = top[:, -1], top[:, -2] if hi > lo else top[:, -1]
     else:
-        v_lo = torch.kthvalue(flat, lo + 1, dim=1).values
-        v_hi = torch.kthvalue(flat, hi + 1, dim=1).values
-    q = torch.lerp(v_lo, v_hi, frac)
-    return q.clamp(min=1.0, max=max_value).contiguous()
+        bottom = torch.topk(flat, hi + 1, dim=1, largest=False, sorted=True).values  # ascending
+        v_lo, v_hi = bottom[:, lo], bottom[:, hi]
+    return torch.lerp(v_lo, v_hi, pos - lo).clamp(min=1.0, max=max_value).contiguous()
 
 
-@torch.library.custom_op("ddpm_fast::posterior_step", mutates_args=())
-def _posterior_op(
+def _posterior_impl(
     model_output: torch.Tensor,
     sample: torch.Tensor,
     t: torch.Tensor,
@@ -119,6 +115,9 @@ def _posterior_op(
         *flags,
     )
     return prev, x0
+
+
+_posterior_op = torch.library.custom_op("ddpm_fast::posterior_step", mutates_args=())(_posterior_impl)
 
 
 @_posterior_op.register_fake
@@ -235,7 +234,8 @@ def posterior_step(
     seed = seed_from(generator, sample.device) if noise is None and adds_noise else None
     clip = THRESHOLD if config.thresholding else (CLIP if config.clip_sample else CLIP_NONE)
     final = 1.0 if config.kind == "ddpm" else schedule.final_alpha_cumprod
-    prev, x0 = _posterior_op(
+    op = _posterior_impl if direct_call_ok(model_output, sample, noise) else _posterior_op
+    prev, x0 = op(
         model_output,
         sample,
         t,
