@@ -1,4 +1,4 @@
-"""Command line: `ddpm-fast check | bench` (also `python -m ddpm_fast ...`)."""
+"""Command line: `ddpm-fast check | bench [--aot]` (also `python -m ddpm_fast ...`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.aot:
+        from . import _aot
+
+        _aot.main([])
+        return 0
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not root.is_dir():
         print(f"benchmarks/ not found next to the package ({root}): run from a source checkout", file=sys.stderr)
@@ -32,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default 1e-4)")
     check.set_defaults(func=_check)
     bench = sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/ --benchmark-only)")
+    bench.add_argument(
+        "--aot", action="store_true", help="instead, compile every Triton kernel for sm_90/sm_80 and report resources"
+    )
     bench.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
