@@ -2,6 +2,7 @@
 // the drawn noise and the training target. Parallel over (n, c) rows with at::parallel_for.
 #include <ATen/Parallel.h>
 
+#include "cpu_chunks.h"
 #include "noising_math.h"
 #include "op_args.h"
 #include "philox_cpu.h"
@@ -46,6 +47,51 @@ void q_sample_rows(const QSampleArgs& a) {
   });
 }
 
+// fp32 compute (every dtype but float64): chunks through cpu_chunks.h's vector loops.
+template <typename X>
+void q_sample_rows_f32(const QSampleArgs& a) {
+  const X* x0 = static_cast<const X*>(a.x0.ptr);
+  const X* noise = static_cast<const X*>(a.noise.ptr);
+  X* x_t = static_cast<X*>(a.x_t.ptr);
+  X* noise_out = static_cast<X*>(a.noise_out.ptr);
+  X* target = static_cast<X*>(a.target.ptr);
+  const uint64_t seed = a.seed ? static_cast<uint64_t>(*a.seed) : 0;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.S, 1));
+  at::parallel_for(0, a.N * a.C, grain, [&](int64_t begin, int64_t end) {
+    float xb[kChunk], zb[kChunk], xt[kChunk], tg[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / a.C, c = row % a.C;
+      const int64_t t = a.t[n] < 0 ? 0 : (a.t[n] >= a.T ? a.T - 1 : a.t[n]);
+      const float sa = a.sqrt_ab.get<float>(t), s1a = a.sqrt_1mab.get<float>(t);
+      for (int64_t s0 = 0; s0 < a.S; s0 += kChunk) {
+        const int64_t len = std::min(kChunk, a.S - s0);
+        const int64_t xo = a.x0.at(n, c, s0), xs = a.x0.ss;
+        for (int64_t i = 0; i < len; ++i) xb[i] = static_cast<float>(x0[xo + i * xs]);
+        if (noise) {
+          const int64_t zo = a.noise.at(n, c, s0), zs = a.noise.ss;
+          for (int64_t i = 0; i < len; ++i) zb[i] = static_cast<float>(noise[zo + i * zs]);
+        } else {
+          philox_randn_fill(seed, static_cast<uint64_t>(row * a.S + s0), len, zb);
+          // Round the draw to the output dtype first, so x_t and the returned noise agree.
+          const int64_t zo = a.noise_out.at(n, c, s0), zs = a.noise_out.ss;
+          for (int64_t i = 0; i < len; ++i) {
+            const X drawn = static_cast<X>(zb[i]);
+            if (noise_out) noise_out[zo + i * zs] = drawn;
+            zb[i] = static_cast<float>(drawn);
+          }
+        }
+        q_sample_chunk_f32(sa, s1a, target ? a.target_kind : kTargetNone, len, xb, zb, xt, tg);
+        const int64_t oo = a.x_t.at(n, c, s0), os = a.x_t.ss;
+        for (int64_t i = 0; i < len; ++i) x_t[oo + i * os] = static_cast<X>(xt[i]);
+        if (target) {
+          const int64_t go = a.target.at(n, c, s0), gs = a.target.ss;
+          for (int64_t i = 0; i < len; ++i) target[go + i * gs] = static_cast<X>(tg[i]);
+        }
+      }
+    }
+  });
+}
+
 void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab,
                   const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed, const at::Tensor& x_t,
                   const std::optional<at::Tensor>& noise_out, const std::optional<at::Tensor>& target,
@@ -55,7 +101,7 @@ void q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& s
   dispatch_float(x0.scalar_type(), [&](auto tag) {
     using X = decltype(tag);
     if constexpr (std::is_same_v<X, double>) q_sample_rows<X, double>(a);
-    else q_sample_rows<X, float>(a);
+    else q_sample_rows_f32<X>(a);
   });
 }
 

@@ -3,6 +3,7 @@
 // With abs_x0 given it runs phase 1 of dynamic thresholding instead (writes |x0| only).
 #include <ATen/Parallel.h>
 
+#include "cpu_chunks.h"
 #include "op_args.h"
 #include "philox_cpu.h"
 #include "step_math.h"
@@ -58,6 +59,60 @@ void posterior_rows(const PosteriorArgs& a) {
   });
 }
 
+// fp32 compute (every input dtype but float64): chunks through cpu_chunks.h's vector loops.
+template <typename M, typename X>
+void posterior_rows_f32(const PosteriorArgs& a) {
+  const M* mo = static_cast<const M*>(a.model_output.ptr);
+  const X* sample = static_cast<const X*>(a.sample.ptr);
+  const X* noise = static_cast<const X*>(a.noise.ptr);
+  X* prev = static_cast<X*>(a.prev.ptr);
+  X* pred_x0 = static_cast<X*>(a.pred_x0.ptr);
+  float* abs_x0 = static_cast<float*>(a.abs_x0.ptr);
+  const float* thresh = static_cast<const float*>(a.thresh_scale);
+  const uint64_t seed = a.seed ? static_cast<uint64_t>(*a.seed) : 0;
+  const int64_t var_offset = a.mo_var + (a.guidance ? a.mo_half : 0);  // variance from the cond half
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.S, 1));
+  at::parallel_for(0, a.N * a.C, grain, [&](int64_t begin, int64_t end) {
+    float out[kChunk], cond[kChunk], var[kChunk], x[kChunk], z[kChunk], p[kChunk], x0[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / a.C, c = row % a.C;
+      StepChunkParams params{step_coefs<float>(a, n), static_cast<float>(a.guidance_scale),
+                             static_cast<float>(a.clip_range), thresh ? thresh[n] : 1.0f,
+                             a.kind, a.pred, a.var, a.clip, a.guidance, a.use_clipped_model_output};
+      const bool need_noise = params.k.noisy && !abs_x0 && (noise || a.seed);
+      for (int64_t s0 = 0; s0 < a.S; s0 += kChunk) {
+        const int64_t len = std::min(kChunk, a.S - s0);
+        const int64_t m0 = a.model_output.at(n, c, s0), ms = a.model_output.ss;
+        for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(mo[m0 + i * ms]);
+        if (a.guidance) for (int64_t i = 0; i < len; ++i) cond[i] = static_cast<float>(mo[m0 + a.mo_half + i * ms]);
+        if (a.has_variance) for (int64_t i = 0; i < len; ++i) var[i] = static_cast<float>(mo[m0 + var_offset + i * ms]);
+        const int64_t x0_ = a.sample.at(n, c, s0), xs = a.sample.ss;
+        for (int64_t i = 0; i < len; ++i) x[i] = static_cast<float>(sample[x0_ + i * xs]);
+        if (abs_x0) {
+          abs_x0_chunk_f32(params, len, out, cond, x, p);
+          const int64_t o = a.abs_x0.at(n, c, s0), os = a.abs_x0.ss;
+          for (int64_t i = 0; i < len; ++i) abs_x0[o + i * os] = p[i];
+          continue;
+        }
+        if (need_noise && noise) {
+          const int64_t o = a.noise.at(n, c, s0), zs = a.noise.ss;
+          for (int64_t i = 0; i < len; ++i) z[i] = static_cast<float>(noise[o + i * zs]);
+        } else if (need_noise) {
+          philox_randn_fill(seed, static_cast<uint64_t>(row * a.S + s0), len, z);
+          for (int64_t i = 0; i < len; ++i) z[i] = static_cast<float>(static_cast<X>(z[i]));  // as if stored
+        }
+        step_chunk_f32(params, len, out, cond, var, x, need_noise ? z : nullptr, p, x0);
+        const int64_t o = a.prev.at(n, c, s0), ps = a.prev.ss;
+        for (int64_t i = 0; i < len; ++i) prev[o + i * ps] = static_cast<X>(p[i]);
+        if (pred_x0) {
+          const int64_t q = a.pred_x0.at(n, c, s0), qs = a.pred_x0.ss;
+          for (int64_t i = 0; i < len; ++i) pred_x0[q + i * qs] = static_cast<X>(x0[i]);
+        }
+      }
+    }
+  });
+}
+
 void posterior_step_cpu(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& t,
                         const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
                         const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
@@ -76,7 +131,8 @@ void posterior_step_cpu(const at::Tensor& model_output, const at::Tensor& sample
     dispatch_float(model_output.scalar_type(), [&](auto mtag) {
       using M = decltype(mtag);
       if constexpr (std::is_same_v<X, double>) posterior_rows<M, X, double>(a);
-      else posterior_rows<M, X, float>(a);
+      else if constexpr (std::is_same_v<M, double>) posterior_rows<M, X, float>(a);
+      else posterior_rows_f32<M, X>(a);
     });
   });
 }

@@ -1,0 +1,97 @@
+// The vectorised fp32 stages of cpu_chunks.h, cloned for AVX-512, AVX2 and baseline x86-64.
+#include "cpu_chunks.h"
+
+#include <cmath>
+
+#define DDPM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+namespace ddpm_fast {
+namespace {
+
+inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// out <- uncond + s (cond - uncond)
+inline void guide(int64_t len, float* out, const float* cond, float s) {
+  for (int64_t i = 0; i < len; ++i) out[i] = out[i] + s * (cond[i] - out[i]);
+}
+
+inline void predict_x0_loop(const StepChunkParams& p, int64_t len, const float* out, const float* x, float* x0) {
+  const float sa = p.k.sqrt_a_t, s1a = p.k.sqrt_1m_a_t;
+  if (p.pred == kPredEps) {
+    for (int64_t i = 0; i < len; ++i) x0[i] = (x[i] - s1a * out[i]) / sa;
+  } else if (p.pred == kPredSample) {
+    for (int64_t i = 0; i < len; ++i) x0[i] = out[i];
+  } else {
+    for (int64_t i = 0; i < len; ++i) x0[i] = sa * x[i] - s1a * out[i];
+  }
+}
+
+}  // namespace
+
+DDPM_CLONES
+void abs_x0_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const float* cond, const float* x,
+                      float* abs_x0) {
+  if (p.guided) guide(len, out, cond, p.guidance_scale);
+  predict_x0_loop(p, len, out, x, abs_x0);
+  for (int64_t i = 0; i < len; ++i) abs_x0[i] = std::fabs(abs_x0[i]);
+}
+
+DDPM_CLONES
+void step_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const float* cond, const float* var,
+                    const float* x, const float* z, float* prev, float* x0) {
+  if (p.guided) guide(len, out, cond, p.guidance_scale);
+  predict_x0_loop(p, len, out, x, x0);
+  if (p.clip == kClip) {
+    const float r = p.clip_range;
+    for (int64_t i = 0; i < len; ++i) x0[i] = clampf(x0[i], -r, r);
+  } else if (p.clip == kThreshold) {
+    const float s = p.thresh;
+    for (int64_t i = 0; i < len; ++i) x0[i] = clampf(x0[i], -s, s) / s;
+  }
+  const StepCoefs<float>& k = p.k;
+  if (p.kind == kDDPM) {
+    for (int64_t i = 0; i < len; ++i) prev[i] = k.coef_x0 * x0[i] + k.coef_xt * x[i];
+    if (!k.noisy || !z) return;
+    if (p.var == kLearned) {
+      for (int64_t i = 0; i < len; ++i) prev[i] = prev[i] + std::sqrt(var[i]) * z[i];
+    } else if (p.var == kLearnedRange) {
+      for (int64_t i = 0; i < len; ++i) {
+        const float frac = (var[i] + 1.0f) / 2.0f;
+        prev[i] = prev[i] + std::exp(0.5f * (frac * k.log_beta + (1.0f - frac) * k.log_beta_tilde)) * z[i];
+      }
+    } else {
+      for (int64_t i = 0; i < len; ++i) prev[i] = prev[i] + k.std * z[i];
+    }
+    return;
+  }
+  // DDIM: the eps estimate goes in prev, then the update overwrites it.
+  const float sa = k.sqrt_a_t, s1a = k.sqrt_1m_a_t;
+  if (p.use_clipped_model_output) {
+    for (int64_t i = 0; i < len; ++i) prev[i] = (x[i] - sa * x0[i]) / s1a;
+  } else if (p.pred == kPredEps) {
+    for (int64_t i = 0; i < len; ++i) prev[i] = out[i];
+  } else if (p.pred == kPredSample) {
+    for (int64_t i = 0; i < len; ++i) prev[i] = (x[i] - sa * out[i]) / s1a;
+  } else {
+    for (int64_t i = 0; i < len; ++i) prev[i] = sa * out[i] + s1a * x[i];
+  }
+  for (int64_t i = 0; i < len; ++i) prev[i] = k.sqrt_a_prev * x0[i] + k.dir_coef * prev[i];
+  if (k.noisy && z) {
+    for (int64_t i = 0; i < len; ++i) prev[i] = prev[i] + k.std * z[i];
+  }
+}
+
+DDPM_CLONES
+void q_sample_chunk_f32(float sa, float s1a, int target_kind, int64_t len, const float* x0, const float* z,
+                        float* x_t, float* target) {
+  for (int64_t i = 0; i < len; ++i) x_t[i] = sa * x0[i] + s1a * z[i];
+  if (target_kind == kTargetEps) {
+    for (int64_t i = 0; i < len; ++i) target[i] = z[i];
+  } else if (target_kind == kTargetX0) {
+    for (int64_t i = 0; i < len; ++i) target[i] = x0[i];
+  } else if (target_kind == kTargetV) {
+    for (int64_t i = 0; i < len; ++i) target[i] = sa * z[i] - s1a * x0[i];
+  }
+}
+
+}  // namespace ddpm_fast
