@@ -1,8 +1,16 @@
 """ddpm_fast: fused kernels, a U-Net, a trainer and a drop-in sampler for DDPM/DDIM."""
 
 from ._backends import backends
-from .ops import posterior_step, q_sample
+from .ops import group_norm_silu, posterior_step, q_sample
 from .schedule import Schedule, SchedulerConfig, StepConfig
 
 __version__ = "0.1.0"
-__all__ = ["Schedule", "SchedulerConfig", "StepConfig", "backends", "posterior_step", "q_sample"]
+__all__ = [
+    "Schedule",
+    "SchedulerConfig",
+    "StepConfig",
+    "backends",
+    "group_norm_silu",
+    "posterior_step",
+    "q_sample",
+]

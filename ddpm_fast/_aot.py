@@ -25,6 +25,7 @@ import torch
 
 TARGETS = {"sm_90": 90, "sm_80": 80}
 SHARED_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
+TARGETS_SMS = {"sm_90": 132, "sm_80": 108}  # H100 SXM, A100: what launch configurations that split work assume
 
 
 @dataclasses.dataclass
@@ -155,9 +156,57 @@ def _posterior_launches() -> list[Launch]:
     return launches
 
 
+def _groupnorm_launches() -> list[Launch]:
+    from .kernels import triton_groupnorm as mod
+
+    launches: list[Launch] = []
+    sms = TARGETS_SMS["sm_90"]
+    # (N, C, H, W, channels_last, what is folded in), U-Net shapes with 32 groups. At sm_90's SM count:
+    # one program per (n, g) and one tile at 16x16 and 4x4; the split path at batch 1, 32x32; one
+    # program looping over tiles at 64x64.
+    cases = [
+        (32, 256, 16, 16, False, "bias_nc-scale-shift-residual"),
+        (64, 512, 4, 4, False, "affine-nosilu"),
+        (1, 128, 32, 32, False, "bias_nc"),
+        (16, 128, 64, 64, True, "bias_nc"),
+    ]
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, c, h, w, channels_last, extras in cases:
+            x = torch.empty((n, c, h, w), dtype=dtype)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            x3 = x.view(n, c, h * w)
+            y3 = torch.empty_like(x).view(n, c, h * w)
+            nc = torch.empty((n, c))
+            bias_nc = nc if "bias_nc" in extras else None
+            scale = shift = nc if "scale" in extras else None
+            residual = torch.empty_like(x3) if "residual" in extras else None
+            silu = "nosilu" not in extras
+            cfg = mod.groupnorm_config(n, c, 32, h * w, sms)
+            path = "split" if cfg.splits > 1 else ("tile" if cfg.one_tile else "loop")
+            tag = f"{str(dtype)[6:]}-{n}x{c}x{h}x{w}{'-cl' if channels_last else ''}-{extras}-{path}"
+            stats = torch.empty((n, 32))
+            with (
+                _recording(mod, "gn_fwd_stats_kernel", f"group_norm_silu_fwd_stats[{tag}]", launches),
+                _recording(mod, "gn_fwd_kernel", f"group_norm_silu_fwd[{tag}]", launches),
+            ):
+                mod.group_norm_silu_fwd_triton(
+                    x3, nc[0], nc[0], bias_nc, scale, shift, residual, 32, 1e-5, silu, y3, stats, stats, sms=sms
+                )
+            with (
+                _recording(mod, "gn_bwd_partials_kernel", f"group_norm_silu_bwd_partials[{tag}]", launches),
+                _recording(mod, "gn_bwd_kernel", f"group_norm_silu_bwd[{tag}]", launches),
+            ):
+                mod.group_norm_silu_bwd_triton(
+                    y3, x3, nc[0], nc[0], bias_nc, scale, shift, stats, stats, 32, silu, y3, nc, nc,
+                    nc if bias_nc is not None else None, sms=sms,
+                )  # fmt: skip
+    return launches
+
+
 def recorded_launches() -> list[Launch]:
     """Every Triton launch the package makes at its representative shapes and dtypes."""
-    return _noising_launches() + _posterior_launches()
+    return _noising_launches() + _posterior_launches() + _groupnorm_launches()
 
 
 def _cuobjdump() -> str:

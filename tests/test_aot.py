@@ -27,9 +27,18 @@ def reports():
 
 def test_every_kernel_and_target_is_covered(reports):
     names = {r["name"].split("[")[0] for r in reports}
-    assert names == {"q_sample", "posterior"}
+    assert names == {
+        "q_sample",
+        "posterior",
+        "group_norm_silu_fwd",
+        "group_norm_silu_fwd_stats",
+        "group_norm_silu_bwd",
+        "group_norm_silu_bwd_partials",
+    }
     assert {r["arch"] for r in reports} == {"sm_90", "sm_80"}
     assert any("phase1" in r["name"] for r in reports) and any("drawn" in r["name"] for r in reports)
+    gn_paths = {r["name"].split("-")[-1].rstrip("]") for r in reports if r["name"].startswith("group_norm_silu_fwd[")}
+    assert gn_paths == {"tile", "loop", "split"}  # every GroupNorm launch path
 
 
 def test_no_spills_and_shared_memory_within_limits(reports):

@@ -1,0 +1,75 @@
+"""group_norm_silu: GroupNorm with the time embedding added before it, + SiLU (diffusers'
+ResnetBlock2D norm2: x + temb[:, :, None, None] -> GroupNorm(32) -> SiLU), against the reference.
+
+Modes (bytes = full-tensor reads + writes the op cannot avoid; weights and (N, C) inputs left out):
+  fwd       y = SiLU(GroupNorm(x + temb) * w + b)     read x; write y                 2 tensors
+  fwd+bwd   the forward, then dx, dw, db, d temb       + read x, dy; write dx          5 tensors
+Shapes: the U-Net's (32, 256, 16, 16) and (8, 128, 64, 64), 32 groups; fp32 (bf16 too on CUDA).
+Implementations: each fast backend on the device (cpp on CPU; triton on CUDA: this op has no CUDA
+C++ kernel), the reference in eager mode ("eager") and under torch.compile ("compile", which
+compiles the backward too).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, ON_CUDA, compile_fn, kernel_backends, shape_id, tensor_bytes
+
+from ddpm_fast import group_norm_silu, reference
+
+GROUPS = 32
+SHAPES = [(32, 256, 16, 16), (8, 128, 64, 64)]
+CASES = [(shape, dtype) for dtype in (("fp32", "bf16") if ON_CUDA else ("fp32",)) for shape in SHAPES]
+MODES = {"fwd": 2, "fwd+bwd": 5}  # tensors read + written
+IMPLS = [*(name for name in kernel_backends() if name != "cuda"), "eager", "compile"]
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    return reference.group_norm_silu(x, GROUPS, w, b, bias_nc=temb)
+
+
+@functools.cache
+def compiled():
+    """One compiled reference; dynamo specialises it per (shape, dtype, requires_grad)."""
+    return compile_fn(_reference)
+
+
+def _cases():
+    for shape, dtype in CASES:
+        for mode in MODES:
+            group = f"group_norm_silu-{shape_id(shape)}-{dtype}-{mode}"
+            for impl in IMPLS:
+                yield pytest.param(
+                    impl, shape, dtype, mode,
+                    id=f"{impl}-{dtype}-{shape_id(shape)}-{mode}",
+                    marks=pytest.mark.benchmark(group=group),
+                )  # fmt: skip
+
+
+@pytest.mark.parametrize(("impl", "shape", "dtype", "mode"), list(_cases()))
+def test_group_norm_silu(roofline, impl, shape, dtype, mode):
+    torch_dtype = DTYPES[dtype]
+    n, c = shape[:2]
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, generator=gen).to(torch_dtype)
+    w = 1 + 0.1 * torch.randn(c, device=DEVICE, generator=gen)
+    b = 0.1 * torch.randn(c, device=DEVICE, generator=gen)
+    temb = torch.randn(n, c, device=DEVICE, generator=gen)
+    if impl == "eager":
+        op = _reference
+    elif impl == "compile":
+        op = compiled()
+    else:
+        op = lambda x, w, b, temb: group_norm_silu(x, GROUPS, w, b, bias_nc=temb, backend=impl)  # noqa: E731
+
+    if mode == "fwd":
+        fn = lambda: op(x, w, b, temb)  # noqa: E731
+    else:
+        leaves = [t.requires_grad_() for t in (x, w, b, temb)]
+        grad_y = torch.randn(shape, device=DEVICE, generator=gen).to(torch_dtype)
+        fn = lambda: torch.autograd.grad(op(*leaves), leaves, grad_y)  # noqa: E731
+
+    roofline(fn, bytes_moved=tensor_bytes(shape, torch_dtype, MODES[mode]))
