@@ -180,6 +180,7 @@ class Roofline:
     ) -> object:
         """Time ``fn()`` (warmed up ``warmup`` times first, which also compiles) and record
         median time, GB/s = bytes_moved / median, TFLOP/s = flops / median and % of peaks."""
+
         def timed():
             out = fn()
             sync()
@@ -201,23 +202,27 @@ class Roofline:
         info["median_s"] = median
         if bytes_moved:
             gbps = bytes_moved / median / 1e9
-            info.update({
-                "bytes": bytes_moved,
-                "GB/s": gbps,
-                "copy_GB/s": copy_gbps(),
-                "% of copy": 100 * gbps / copy_gbps(),
-                "same_size_copy_GB/s": copy_gbps(bytes_moved),
-                "% of same-size copy": 100 * gbps / copy_gbps(bytes_moved),
-            })
+            info.update(
+                {
+                    "bytes": bytes_moved,
+                    "GB/s": gbps,
+                    "copy_GB/s": copy_gbps(),
+                    "% of copy": 100 * gbps / copy_gbps(),
+                    "same_size_copy_GB/s": copy_gbps(bytes_moved),
+                    "% of same-size copy": 100 * gbps / copy_gbps(bytes_moved),
+                }
+            )
         if flops:
             peak, source = peak_flops(flop_dtype)
-            info.update({
-                "flops": flops,
-                "TFLOP/s": flops / median / 1e12,
-                "peak_TFLOP/s": peak / 1e12,
-                "peak_source": f"{source} ({DTYPE_NAMES.get(flop_dtype, str(flop_dtype))})",
-                "% of peak FLOP/s": 100 * flops / median / peak,
-            })
+            info.update(
+                {
+                    "flops": flops,
+                    "TFLOP/s": flops / median / 1e12,
+                    "peak_TFLOP/s": peak / 1e12,
+                    "peak_source": f"{source} ({DTYPE_NAMES.get(flop_dtype, str(flop_dtype))})",
+                    "% of peak FLOP/s": 100 * flops / median / peak,
+                }
+            )
 
 
 @pytest.fixture

@@ -85,7 +85,10 @@ def _cases():
             group = f"posterior_step-{shape_id(shape)}-{dtype}-{variant}"
             for impl in IMPLS:
                 yield pytest.param(
-                    impl, shape, dtype, variant,
+                    impl,
+                    shape,
+                    dtype,
+                    variant,
                     id=f"{impl}-{dtype}-{shape_id(shape)}-{variant}",
                     marks=pytest.mark.benchmark(group=group),
                 )
