@@ -6,7 +6,7 @@ import torch
 
 from . import reference
 from ._backends import backends
-from .ops import posterior_step, q_sample
+from .ops import group_norm_silu, posterior_step, q_sample
 from .schedule import Schedule, StepConfig
 
 _CONFIGS = [
@@ -27,7 +27,7 @@ def _device_for(name: str) -> torch.device:
 
 
 def run_checks(tolerance: float = 1e-4, verbose: bool = True) -> bool:
-    """Compare q_sample and posterior_step of each available backend with the reference."""
+    """Compare q_sample, posterior_step and group_norm_silu of each available backend with the reference."""
     available = backends()
     ok = True
     for name, (usable, reason) in available.items():
@@ -53,6 +53,14 @@ def run_checks(tolerance: float = 1e-4, verbose: bool = True) -> bool:
             prev_t = torch.tensor([-1, 731], device=device)  # the last step and a respaced one
             fast = posterior_step(model_output, x0, step_t, prev_t, schedule, config, noise=noise, backend=name)[0]
             ref = reference.posterior_step(model_output, x0, step_t, prev_t, schedule, config, noise)[0]
+            worst = max(worst, _error(fast, ref))
+        if name != "cuda":  # group_norm_silu has C++ CPU and Triton kernels, no CUDA C++ one
+            x = torch.randn(2, 8, 5, 5, generator=gen).to(device)
+            weight, bias = torch.randn(8, generator=gen).to(device), torch.randn(8, generator=gen).to(device)
+            per_nc = [torch.randn(2, 8, generator=gen).to(device) for _ in range(3)]
+            kwargs = dict(bias_nc=per_nc[0], scale_nc=per_nc[1], shift_nc=per_nc[2], residual=x)
+            fast = group_norm_silu(x, 4, weight, bias, 1e-6, backend=name, **kwargs)
+            ref = reference.group_norm_silu(x, 4, weight, bias, 1e-6, **kwargs)
             worst = max(worst, _error(fast, ref))
         passed = worst <= tolerance
         ok &= passed
