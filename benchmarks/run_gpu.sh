@@ -26,8 +26,9 @@ python3 -m ddpm_fast check 2>&1 | tee "$OUT/check.txt"
 
 log "tests"
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/ -q $xdist -p no:cacheprovider >"$OUT/tests.log" 2>&1
-echo "tests exit code $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
+# -v: one line per test as it ends, so a timeout still leaves the names of the failures.
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/ -v -rfE $xdist -p no:cacheprovider >"$OUT/tests.log" 2>&1
+echo "tests exit code $?"; grep -E " (FAILED|ERROR) |^(FAILED|ERROR) " "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
 
 # One pytest per op family, each writing its own JSON, so a timeout keeps what finished.
 # BENCH_FILTER (a pytest -k expression) trims the suite to fit a short lease.
