@@ -1,7 +1,7 @@
 """ddpm_fast: fused kernels, a U-Net, a trainer and a drop-in sampler for DDPM/DDIM."""
 
 from ._backends import backends
-from .ops import group_norm_silu, posterior_step, q_sample
+from .ops import attention, attention_block, group_norm_silu, posterior_step, q_sample
 from .schedule import Schedule, SchedulerConfig, StepConfig
 
 __version__ = "0.1.0"
@@ -9,6 +9,8 @@ __all__ = [
     "Schedule",
     "SchedulerConfig",
     "StepConfig",
+    "attention",
+    "attention_block",
     "backends",
     "group_norm_silu",
     "posterior_step",

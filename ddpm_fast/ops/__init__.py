@@ -1,8 +1,9 @@
 """The fused ops, each a torch.library custom op with a fake implementation and a backend= override."""
 
 from ._common import no_value_checks
+from .attention import attention, attention_block
 from .groupnorm_silu import group_norm_silu
 from .noising import q_sample
 from .posterior import posterior_step
 
-__all__ = ["group_norm_silu", "no_value_checks", "posterior_step", "q_sample"]
+__all__ = ["attention", "attention_block", "group_norm_silu", "no_value_checks", "posterior_step", "q_sample"]
