@@ -4,7 +4,11 @@ The launchers are run on CPU tensors with the kernel swapped for a recorder, so 
 sees exactly the arguments, constexprs and launch options they pick at the U-Net, sampler
 and trainer shapes. Each recorded launch is then specialised as Triton's JIT would (same
 binder, same divisibility attributes) and compiled for sm_90 (H100/H200) and sm_80 (A100);
-cuobjdump reads registers, spills and shared memory from the cubin.
+cuobjdump reads registers, spills and shared memory from the cubin. From those and the launch's
+warps follows the theoretical occupancy; from the tensors it touches (each read or written
+once: the minimum any implementation moves) and the FLOPs its launcher declares follows the
+roofline time at the target's peaks. The CUDA C++ kernels of csrc/ get the same report from
+``nvcc -Xptxas -v``.
 
     python -m ddpm_fast._aot          # prints the resource report (--json for machines)
 """
@@ -17,6 +21,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,6 +31,14 @@ import torch
 TARGETS = {"sm_90": 90, "sm_80": 80}
 SHARED_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
 TARGETS_SMS = {"sm_90": 132, "sm_80": 108}  # H100 SXM, A100: what launch configurations that split work assume
+# Per-SM limits of the occupancy calculation (the same on sm_80 and sm_90 but shared memory).
+SM_SHARED = {"sm_90": 228 * 1024, "sm_80": 164 * 1024}
+SM_REGISTERS, SM_MAX_WARPS, SM_MAX_BLOCKS, BLOCK_RESERVED_SHARED = 65536, 64, 32, 1024
+# Roofline peaks: H100 copy bandwidth as measured on these machines (DESIGN.md), tensor-core and
+# CUDA-core FLOP/s nominal; A100 (80 GB SXM) all nominal.
+PEAK_BYTES_PER_S = {"sm_90": 3.0e12, "sm_80": 2.0e12}
+PEAK_FLOPS = {"sm_90": {"tensor": 800e12, "fp32": 60e12}, "sm_80": {"tensor": 312e12, "fp32": 19.5e12}}
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
 @dataclasses.dataclass
@@ -37,6 +50,8 @@ class Launch:
     grid: tuple
     args: tuple
     kwargs: dict
+    flops: int = 0  # what the launch computes, declared by the recording code (0: memory-bound)
+    tensor_flops: bool = False  # whether those FLOPs run on tensor cores (bf16/fp16 tl.dot)
 
 
 @dataclasses.dataclass
@@ -48,12 +63,44 @@ class Report:
     shared_bytes: int
     num_warps: int
     tensor_cores: bool
+    occupancy: float = 0.0  # resident warps / the SM's 64, from registers, shared memory and warps
+    bytes_moved: int = 0
+    flops: int = 0
+    roofline_us: float = 0.0  # max(bytes / peak bandwidth, flops / peak FLOP/s) at the target's peaks
+    source: str = "triton"
 
     def line(self) -> str:
+        work = f"{self.bytes_moved / 1e6:8.1f} MB" if self.bytes_moved else ""
+        work += f" {self.flops / 1e9:7.1f} GFLOP" if self.flops else ""
+        roof = f"  roof {self.roofline_us:8.1f} us" if self.bytes_moved or self.flops else ""
         return (
-            f"{self.name:55s} {self.arch}  regs {self.registers:3d}  spill {self.spill_bytes:4d} B  "
-            f"smem {self.shared_bytes:6d} B  warps {self.num_warps}  mma {'yes' if self.tensor_cores else 'no'}"
+            f"{self.name:62s} {self.arch}  regs {self.registers:3d}  spill {self.spill_bytes:4d} B  "
+            f"smem {self.shared_bytes:6d} B  warps {self.num_warps:2d}  occ {self.occupancy:4.0%}  "
+            f"mma {'yes' if self.tensor_cores else 'no '}  {work}{roof}".rstrip()
         )
+
+
+def occupancy(arch: str, registers: int, shared_bytes: int, num_warps: int) -> float:
+    """Theoretical occupancy (the CUDA occupancy calculator's): resident warps per SM / 64."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+    by_registers = (SM_REGISTERS // regs_per_warp) // num_warps
+    by_shared = SM_SHARED[arch] // (shared_bytes + BLOCK_RESERVED_SHARED) if shared_bytes else SM_MAX_BLOCKS
+    blocks = min(SM_MAX_BLOCKS, SM_MAX_WARPS // num_warps, by_registers, by_shared)
+    return blocks * num_warps / SM_MAX_WARPS
+
+
+def launch_bytes(launch: Launch) -> int:
+    """Bytes of the distinct tensors a launch touches, each read or written once."""
+    seen: dict[int, int] = {}
+    for arg in (*launch.args, *launch.kwargs.values()):
+        if isinstance(arg, torch.Tensor):
+            seen[arg.data_ptr() or id(arg)] = arg.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def roofline_us(arch: str, nbytes: int, flops: int, tensor: bool) -> float:
+    peak = PEAK_FLOPS[arch]["tensor" if tensor else "fp32"]
+    return max(nbytes / PEAK_BYTES_PER_S[arch], flops / peak) * 1e6
 
 
 class _Recorder:
@@ -241,29 +288,128 @@ def compile_launch(launch: Launch, arch: str) -> Report:
         return int(match.group(1)) if match else 0
 
     ptx = compiled.asm["ptx"]
+    registers, shared = field("REG"), max(field("SHARED"), compiled.metadata.shared)
+    nbytes = launch_bytes(launch)
     return Report(
         name=launch.name,
         arch=arch,
-        registers=field("REG"),
+        registers=registers,
         spill_bytes=field("STACK") + field("LOCAL"),
-        shared_bytes=max(field("SHARED"), compiled.metadata.shared),
+        shared_bytes=shared,
         num_warps=compiled.metadata.num_warps,
         tensor_cores=bool(re.search(r"\b(wgmma|mma)\.", ptx)),
+        occupancy=occupancy(arch, registers, shared, compiled.metadata.num_warps),
+        bytes_moved=nbytes,
+        flops=launch.flops,
+        roofline_us=roofline_us(arch, nbytes, launch.flops, launch.tensor_flops),
     )
+
+
+def package_kernels() -> set[str]:
+    """Every Triton kernel (a jit function no other jit function calls) in ddpm_fast.kernels."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    from . import kernels
+
+    functions: dict[str, object] = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        for attr, value in vars(module).items():
+            if isinstance(value, triton.runtime.JITFunction) and value.__module__ == module.__name__:
+                functions[f"{info.name}.{attr}"] = value
+    called = set()
+    for fn in functions.values():
+        body = fn.src.split(":", 1)[-1] if fn.src.lstrip().startswith("def ") else fn.src
+        called |= set(re.findall(r"\b(\w+)\s*\(", body.split("\n", 1)[-1]))
+    return {name for name in functions if name.rsplit(".", 1)[-1] not in called}
+
+
+def recorded_kernels(launches: list[Launch]) -> set[str]:
+    return {f"{launch.kernel.__module__.rsplit('.', 1)[-1]}.{launch.kernel.__name__}" for launch in launches}
+
+
+# ---------------------------------------------------------------- the CUDA C++ kernels (csrc/*.cu)
+CUDA_THREADS_PER_BLOCK = 256  # kThreads of csrc/cuda_types.cuh
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
+
+
+def _demangle(names: list[str]) -> list[str]:
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+        return out.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return names
+
+
+def nvcc_reports(arch: str, source: str) -> list[Report]:
+    """Compile one csrc/*.cu for ``arch`` with ``nvcc -Xptxas -v``; one report per kernel instance."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            ["nvcc", "-std=c++17", f"-arch={arch}", "-O3", "-Xptxas", "-v", "-I", CSRC, "-c", source, "-o",
+             os.path.join(tmp, "k.o")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {source} for {arch}:\n{proc.stderr[-3000:]}")
+    # ptxas prints, per entry: its name, then stack/spill bytes, then registers and shared memory.
+    chunks = _PTXAS_ENTRY.split(proc.stderr)[1:]
+    entries = [(chunks[i], chunks[i + 2]) for i in range(0, len(chunks), 3)]
+    names = _demangle([mangled for mangled, _ in entries])
+    reports = []
+    for name, (_, text) in zip(names, entries, strict=True):
+        spill = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+        registers = int(m.group(1)) if (m := re.search(r"Used (\d+) registers", text)) else 0
+        shared = int(m.group(1)) if (m := re.search(r"(\d+) bytes smem", text)) else 0
+        warps = CUDA_THREADS_PER_BLOCK // 32
+        short = re.sub(r"^void |ddpm_fast::|\(anonymous namespace\)::|\(.*\)$", "", name)
+        reports.append(
+            Report(
+                name=f"{os.path.basename(source)}:{short}",
+                arch=arch,
+                registers=registers,
+                spill_bytes=spill,
+                shared_bytes=shared,
+                num_warps=warps,
+                tensor_cores=False,
+                occupancy=occupancy(arch, registers, shared, warps),
+                source="cuda",
+            )
+        )
+    return reports
+
+
+def cuda_sources() -> list[str]:
+    if not os.path.isdir(CSRC):  # an installed wheel has no csrc/
+        return []
+    return sorted(os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith(".cu"))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Compile every Triton kernel for sm_90 and sm_80; report resources.")
-    parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--no-nvcc", action="store_true", help="skip the CUDA C++ kernels of csrc/")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    reports = [compile_launch(launch, arch) for launch in recorded_launches() for arch in TARGETS]
+    launches = recorded_launches()
+    reports = [compile_launch(launch, arch) for launch in launches for arch in TARGETS]
+    nvcc = None if args.no_nvcc else shutil.which("nvcc")
+    sources = cuda_sources() if nvcc else []
+    reports += [r for source in sources for arch in TARGETS for r in nvcc_reports(arch, source)]
+    unrecorded = sorted(package_kernels() - recorded_kernels(launches))
     if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in reports]))
-    else:
-        for report in reports:
-            print(report.line())
+        result = {"reports": [dataclasses.asdict(r) for r in reports], "unrecorded": unrecorded, "nvcc": bool(sources)}
+        print(json.dumps(result))
+        return
+    for report in reports:
+        print(report.line())
+    if not sources:
+        print("CUDA C++ kernels skipped: " + ("--no-nvcc" if args.no_nvcc else "nvcc or csrc/ not found"))
+    if unrecorded:
+        raise SystemExit(f"Triton kernels with no recorded launch (add them to _aot.py): {', '.join(unrecorded)}")
 
 
 if __name__ == "__main__":

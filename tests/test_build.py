@@ -1,9 +1,8 @@
-"""The build itself: the extension loads against this torch, backends() reports, the CUDA
-sources compile (nvcc -c, no GPU needed) without register spills, mismatches are refused."""
+"""The build itself: the extension loads against this torch, backends() reports, mismatches are
+refused. (The CUDA sources' nvcc compile check lives in test_aot.py with the Triton kernels'.)"""
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ import ddpm_fast
 from ddpm_fast import _backends
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_SOURCES = sorted((ROOT / "csrc").glob("*.cu"))
 
 
 def test_backends_reports_every_backend_with_a_reason():
@@ -78,33 +76,6 @@ def test_build_info_matches_the_loaded_extension():
     if not info.exists():
         pytest.skip("no extension built")
     assert json.loads(info.read_text())["torch_version"] == torch.__version__
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
-def test_cuda_sources_compile_without_spills(source, arch, tmp_path):
-    proc = subprocess.run(
-        [
-            "nvcc",
-            "-std=c++17",
-            f"-arch={arch}",
-            "-O3",
-            "-Xptxas",
-            "-v",
-            "-I",
-            str(ROOT / "csrc"),
-            "-c",
-            str(source),
-            "-o",
-            str(tmp_path / "k.o"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    spills = [int(b) for b in re.findall(r"(\d+) bytes spill stores", proc.stderr)]
-    assert spills and max(spills) == 0, proc.stderr
 
 
 def test_missing_extension_warns_once_and_falls_back_to_the_reference(monkeypatch):
