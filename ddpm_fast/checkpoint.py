@@ -1,0 +1,246 @@
+"""Training checkpoints: one directory per step, written atomically, the last K kept.
+
+Layout of ``<run>/checkpoints/step_XXXXXXXX/``:
+
+- ``model.safetensors``, ``ema.safetensors``: the weights and the EMA weights (fp32);
+- ``config.json``: the U-Net config; ``scheduler_config.json``: diffusers' scheduler config;
+  ``train_config.json``: the trainer's config;
+- ``training_state.pt``: step, optimizer, grad scaler, EMA counter, RNG states (torch CPU and
+  CUDA) and the data loader's position (``torch.load(weights_only=True)`` reads it).
+
+``<run>/checkpoints/latest`` names the newest complete checkpoint. A save writes a hidden
+temporary directory, fsyncs every file and the directory, renames it into place, then replaces
+``latest`` (write + fsync + ``os.replace``): a crash at any point leaves the previous checkpoint
+and pointer intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+FILES = (
+    "model.safetensors",
+    "ema.safetensors",
+    "config.json",
+    "scheduler_config.json",
+    "train_config.json",
+    "training_state.pt",
+)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or strided storage: give it its own contiguous CPU copy
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def write_files(
+    directory: Path,
+    *,
+    model_state: Mapping[str, torch.Tensor],
+    ema_state: Mapping[str, torch.Tensor],
+    model_config: dict,
+    scheduler_config: dict,
+    train_config: dict,
+    training_state: dict,
+) -> None:
+    """Write the checkpoint's files into ``directory`` (which exists), then fsync each."""
+    save_file(_contiguous(model_state), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(_contiguous(ema_state), str(directory / "ema.safetensors"), metadata={"format": "pt"})
+    _write_json(directory / "config.json", model_config)
+    _write_json(directory / "scheduler_config.json", {"_class_name": "DDPMScheduler", **scheduler_config})
+    _write_json(directory / "train_config.json", train_config)
+    torch.save(training_state, directory / "training_state.pt")
+    for name in FILES:
+        _fsync_path(directory / name)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    *,
+    keep_last: int | None = None,
+    **contents: Any,
+) -> Path:
+    """Atomically write checkpoint ``step`` under ``run_dir/checkpoints`` and point ``latest`` at it.
+
+    ``contents`` are ``write_files``' keyword arguments. ``keep_last`` (K >= 1) removes all but the
+    K newest step directories afterwards. Returns the step directory.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (or None to keep all), got {keep_last}")
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{final.name}_{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_files(tmp, **contents)
+        _fsync_path(tmp)
+        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+            old = root / f".old_{final.name}_{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer_tmp = root / f".{LATEST}.{uuid.uuid4().hex[:8]}"
+    with open(pointer_tmp, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, root / LATEST)
+    _fsync_path(root)
+    _clean(root, keep_last)
+    return final
+
+
+def _clean(root: Path, keep_last: int | None) -> None:
+    """Remove leftovers of interrupted saves and, with keep_last, the older step directories."""
+    for leftover in root.glob(".tmp_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(".old_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep_last is None:
+        return
+    latest = (root / LATEST).read_text().strip()
+    steps = sorted(list_checkpoints(root), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    for old in steps[:-keep_last]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The complete step directories under a checkpoints directory, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory (its ``latest``), a checkpoints directory, or a step directory -> the step directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+    for root in (path / CHECKPOINTS, path):
+        pointer = root / LATEST
+        if pointer.is_file():
+            step = root / pointer.read_text().strip()
+            if not (step / "ema.safetensors").is_file():
+                raise FileNotFoundError(f"{pointer} names {step.name}, which is missing or incomplete")
+            return step
+    if (path / "ema.safetensors").is_file():
+        return path
+    raise FileNotFoundError(
+        f"no checkpoint at {str(path)!r}: expected a run directory (with checkpoints/latest), a checkpoints "
+        "directory or a step_XXXXXXXX directory holding ema.safetensors"
+    )
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint (tensors on the CPU)."""
+
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor]
+    model_config: dict
+    scheduler_config: dict
+    train_config: dict
+    training_state: dict | None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def load_checkpoint(path: str | os.PathLike, *, training_state: bool = True, weights: bool = True) -> Checkpoint:
+    """Load a checkpoint (see ``resolve_checkpoint`` for the paths it takes).
+
+    ``training_state=False`` skips the optimizer/RNG file and ``weights=False`` the non-EMA
+    weights (sampling needs only the EMA weights and the configs).
+    """
+    step_dir = resolve_checkpoint(path)
+    missing = [n for n in FILES if not (step_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {step_dir} is incomplete: missing {', '.join(missing)}")
+    state = (
+        torch.load(step_dir / "training_state.pt", map_location="cpu", weights_only=True) if training_state else None
+    )
+    scheduler_config = {k: v for k, v in read_json(step_dir / "scheduler_config.json").items() if not k.startswith("_")}
+    match = _STEP_DIR.match(step_dir.name)
+    step = int(match.group(1)) if match else (state["step"] if state else -1)
+    return Checkpoint(
+        path=step_dir,
+        step=step,
+        model_state=load_file(str(step_dir / "model.safetensors")) if weights else {},
+        ema_state=load_file(str(step_dir / "ema.safetensors")),
+        model_config=read_json(step_dir / "config.json"),
+        scheduler_config=scheduler_config,
+        train_config=read_json(step_dir / "train_config.json"),
+        training_state=state,
+    )
+
+
+def load_for_sampling(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", ema: bool = True
+) -> tuple[torch.nn.Module, Any]:
+    """(U-Net with the EMA weights, SchedulerConfig) from a run directory (follows ``latest``),
+    a checkpoints directory or a step directory. ``ema=False`` loads the raw weights instead.
+
+    The U-Net is in eval mode on ``device``; the scheduler config carries T, the betas and the
+    prediction type the model was trained with.
+    """
+    from .schedule import SchedulerConfig
+    from .unet import UNet, UNetConfig
+
+    loaded = load_checkpoint(path, training_state=False, weights=not ema)
+    try:
+        model = UNet(UNetConfig.from_dict(loaded.model_config))
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{loaded.path / 'config.json'} is not a valid ddpm_fast U-Net config: {e}") from e
+    state = loaded.ema_state if ema else loaded.model_state
+    try:
+        model.load_weights(state)
+    except ValueError as e:
+        raise ValueError(f"{loaded.path}: {e}") from e
+    return model.to(device).eval(), SchedulerConfig.from_dict(loaded.scheduler_config)

@@ -1,0 +1,653 @@
+"""The trainer: DDPM training with the fused q_sample, EMA, mixed precision, checkpoints and DDP.
+
+One optimizer step (Ho et al. 2020, Algorithm 1): per-sample uniform timesteps t ~ U{0..T-1};
+``q_sample`` writes x_t and the training target (eps, x_0 or v) in one pass; the model predicts
+the target under autocast; the loss is the per-sample MSE, optionally min-SNR-gamma weighted
+(Hang et al. 2023); AdamW with a linear warm-up, grad-norm clipping, then an EMA update.
+
+Randomness is a pure function of (seed, step, rank, micro-batch): each micro-batch re-seeds the
+trainer's own generator, so a resumed run draws exactly what the uninterrupted run would have,
+whatever happened in between (sample grids, evaluation). The data order comes from the loader's
+(seed, epoch, index) state, saved in each checkpoint.
+
+Multi-process: under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in
+DistributedDataParallel (NCCL on CUDA, gloo on CPU), each rank reads its shard of every global
+batch, and rank 0 alone writes checkpoints, sample grids and metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import reference
+from .ema import EMA
+from .ops import q_sample
+from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, Schedule, SchedulerConfig, normalize_choice
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+NOISE_SOURCES = ("kernel", "torch")
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``ddpm-fast train`` (the flags are these names with dashes)."""
+
+    # data
+    dataset: str = _opt("digits", "built-in dataset: digits (8x8 digits upscaled), shapes (procedural), or folder")
+    data_dir: str | None = _opt(None, "image folder for --dataset folder (subfolders = class labels)")
+    image_size: int = _opt(16, "image side in pixels")
+    class_conditional: bool = _opt(False, "condition the U-Net on the dataset's class labels")
+    hflip: bool = _opt(False, "random horizontal flips (a pure function of seed, epoch and image)")
+    num_workers: int = _opt(0, "data loader worker processes")
+    # model
+    preset: str = _opt("tiny", "U-Net preset (ddpm_fast.unet presets, e.g. tiny, cifar10)")
+    # diffusion
+    num_train_timesteps: int = _opt(1000, "diffusion steps T")
+    beta_schedule: str = _opt("linear", f"beta schedule: {', '.join(BETA_SCHEDULES)} (cosine = squaredcos_cap_v2)")
+    beta_start: float = _opt(0.0001, "first beta (linear, scaled_linear, sigmoid)")
+    beta_end: float = _opt(0.02, "last beta (linear, scaled_linear, sigmoid)")
+    prediction_type: str = _opt("epsilon", "what the model predicts: epsilon, sample (x0) or v_prediction")
+    variance_type: str = _opt(
+        "fixed_small", "sampling variance: fixed_small or fixed_large (learned variances need the hybrid loss)"
+    )
+    min_snr_gamma: float | None = _opt(None, "min-SNR-gamma loss weighting (e.g. 5); off by default")
+    # optimisation
+    steps: int = _opt(10000, "total optimizer steps (a resumed run continues up to this)")
+    batch_size: int = _opt(64, "global batch size per optimizer step (split over ranks and accumulation)")
+    grad_accum: int = _opt(1, "gradient accumulation: micro-batches per optimizer step")
+    lr: float = _opt(2e-4, "AdamW learning rate")
+    warmup_steps: int = _opt(5000, "linear learning-rate warm-up steps (DDPM: 5000)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    ema_decay: float = _opt(0.9999, "EMA decay, warmed up as min(decay, (1 + n) / (10 + n))")
+    cfg_dropout: float = _opt(0.1, "probability of replacing a label by the null label (classifier-free guidance)")
+    mixed_precision: str = _opt(
+        "auto", "auto (bf16 on CUDA, fp16 + GradScaler without bf16, fp32 on CPU), no, bf16, fp16"
+    )
+    compile: bool = _opt(False, "torch.compile the model")
+    noise: str = _opt("kernel", "training noise: kernel (drawn inside q_sample) or torch (torch.randn)")
+    q_sample_backend: str | None = _opt(None, "q_sample backend (cpp, cuda, triton, reference); default: fastest")
+    seed: int = _opt(0, "seed of the initialisation, noise, timesteps and data order")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    # outputs
+    out: str = _opt("runs/ddpm", "run directory: checkpoints/, samples/, metrics.jsonl")
+    resume: str | None = _opt(None, "resume from a checkpoint: a run or step directory, or 'auto' (this --out)")
+    checkpoint_every: int = _opt(1000, "write a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _opt(3, "keep the last K checkpoints")
+    sample_every: int = _opt(0, "write a sample grid from the EMA weights every N steps (0: only at the end)")
+    sample_images: int = _opt(64, "images per sample grid (0: no grids)")
+    sample_steps: int = _opt(50, "sampler steps for the grids")
+    sample_scheduler: str = _opt("ddim", "sampler for the grids: ddim or ddpm")
+    log_every: int = _opt(50, "append metrics to metrics.jsonl every N steps")
+    progress: bool = _opt(True, "show a tqdm progress bar")
+
+    def __post_init__(self) -> None:
+        self.prediction_type = normalize_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        self.beta_schedule = normalize_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.variance_type in ("learned", "learned_range"):
+            raise ValueError(
+                f"variance_type={self.variance_type!r}: training a learned variance needs the hybrid loss "
+                "(L_simple + 0.001 L_vlb, Nichol & Dhariwal 2021), which this trainer does not implement; "
+                "use fixed_small or fixed_large"
+            )
+        if self.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+            raise ValueError(f"unknown variance_type {self.variance_type!r}; valid: fixed_small, fixed_large")
+        for name in ("steps", "batch_size", "grad_accum", "image_size", "num_train_timesteps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "sample_every", "sample_images", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1 or self.sample_steps < 1:
+            raise ValueError("log_every and sample_steps must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
+        if self.noise not in NOISE_SOURCES:
+            raise ValueError(f"unknown noise {self.noise!r}; valid: {', '.join(NOISE_SOURCES)}")
+        if self.sample_scheduler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sample_scheduler {self.sample_scheduler!r}; valid: ddpm, ddim")
+        if self.dataset == "folder" and not self.data_dir:
+            raise ValueError("--dataset folder needs --data-dir")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Build from a dict (a TOML file's table): keys are field names, dashes or underscores."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(k for k in kwargs if k not in known)
+        if unknown:
+            raise ValueError(f"unknown train option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            prediction_type=self.prediction_type,
+            variance_type=self.variance_type,
+        )
+
+
+# Options that may change when a run is resumed; any other difference is an error.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps",
+        "out",
+        "resume",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample_every",
+        "sample_images",
+        "sample_steps",
+        "sample_scheduler",
+        "log_every",
+        "progress",
+        "num_workers",
+        "compile",
+        "device",
+        "data_dir",
+        "q_sample_backend",
+    }
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    ema_model: nn.Module
+    step: int
+    run_dir: Path
+    last_checkpoint: Path | None
+    last_loss: float | None
+    images_per_second: float | None
+
+
+# ---------------------------------------------------------------- helpers
+def _step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A 63-bit seed for one micro-batch, independent of everything that happened before."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    if mode == "no":
+        return None
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("mixed_precision='fp16' needs a CUDA device (GradScaler); use bf16 or no on the CPU")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def _config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != now.get(key):
+            diffs.append(f"{key}: {saved.get(key)!r} in the checkpoint, {now.get(key)!r} now")
+    return diffs
+
+
+def _lr_at(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to lr over warmup_steps, then constant (DDPM). ``step`` is 0-based."""
+    if config.warmup_steps == 0:
+        return config.lr
+    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
+
+
+def build_model(config: TrainConfig, in_channels: int, num_classes: int | None) -> nn.Module:
+    """The U-Net preset for this data (1 or 3 channels, image_size, classes when conditional)."""
+    from .unet import UNet
+
+    return UNet.from_preset(
+        config.preset,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        sample_size=config.image_size,
+        num_classes=num_classes if config.class_conditional else None,
+    )
+
+
+class _Distributed:
+    """The process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+
+    def __init__(self, device_name: str) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = _resolve_device(device_name, self.local_rank)
+        self.owns_group = False
+        if self.world_size > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.owns_group = True
+        if dist.is_initialized():
+            self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the trainer
+class Trainer:
+    """Holds the model, EMA, optimizer, data and run directory of one training run.
+
+    ``Trainer(config).train()`` runs to ``config.steps`` (resuming first when ``config.resume``
+    is set) and returns a ``TrainResult``. ``model`` may be given instead of being built from
+    ``config.preset`` (it must take ``model(x, t, class_labels=None)``).
+    """
+
+    def __init__(self, config: TrainConfig, *, model: nn.Module | None = None) -> None:
+        self.config = config
+        self.dist = _Distributed(config.device)
+        self.device = self.dist.device
+        self.run_dir = Path(config.out)
+        self.amp_dtype = _amp_dtype(config.mixed_precision, self.device)
+        if config.batch_size % (self.dist.world_size * config.grad_accum):
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by world size {self.dist.world_size} x "
+                f"grad_accum {config.grad_accum}"
+            )
+        self.micro_batch = config.batch_size // (self.dist.world_size * config.grad_accum)
+        self.scheduler_config = config.scheduler_config()
+        self.schedule = Schedule.from_config(self.scheduler_config, device=self.device)
+
+        from .data import make_dataset
+
+        self.dataset = make_dataset(
+            config.dataset,
+            image_size=config.image_size,
+            split="train",
+            hflip=config.hflip,
+            seed=config.seed,
+            root=config.data_dir if config.dataset == "folder" else None,
+        )
+        sample_image, _ = self.dataset[0]
+        self.in_channels = int(sample_image.shape[0])
+        self.num_classes = getattr(self.dataset, "num_classes", None)
+        if config.class_conditional and not self.num_classes:
+            raise ValueError(f"--class-conditional needs a dataset with labels; {config.dataset!r} has none")
+
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        self.model = (model if model is not None else build_model(config, self.in_channels, self.num_classes)).to(
+            self.device
+        )
+        out_channels = getattr(getattr(self.model, "config", None), "model_out_channels", None)
+        if out_channels is not None and out_channels != self.in_channels:
+            raise ValueError(
+                f"the model predicts {out_channels} channels for {self.in_channels}-channel images: learned "
+                "variances need the hybrid loss, which this trainer does not implement"
+            )
+        self.ema = EMA(self.model, config.ema_decay)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=_lr_at(config, 0),
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+            fused=fused or None,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.loader = self._make_loader()
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.generator = torch.Generator(device=self.device)
+        self.null_label = getattr(self.model, "null_class_label", None)
+        if config.class_conditional and self.null_label is None and config.cfg_dropout > 0:
+            raise ValueError("cfg_dropout needs a model with a null class label (model.null_class_label)")
+
+        forward_model: nn.Module = self.model
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.ddp_model = forward_model
+        self.forward_model = torch.compile(forward_model) if config.compile else forward_model
+
+    # -------------------------------------------------------- data
+    def _make_loader(self):
+        from .data import make_loader
+
+        return make_loader(
+            self.dataset,
+            self.micro_batch,
+            seed=self.config.seed,
+            num_workers=self.config.num_workers,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # -------------------------------------------------------- state
+    def model_config_dict(self) -> dict:
+        config = getattr(self.model, "config", None)
+        return config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+
+    def training_state(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict(),
+            "rng": rng,
+            "data": self.loader.state_dict(),
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0; the other ranks wait)."""
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(
+                self.run_dir,
+                self.step,
+                keep_last=self.config.keep_checkpoints,
+                model_state=self.model.state_dict(),
+                ema_state=self.ema.model.state_dict(),
+                model_config=self.model_config_dict(),
+                scheduler_config=self.scheduler_config.to_dict(),
+                train_config=self.config.to_dict(),
+                training_state=self.training_state(),
+            )
+            self.last_checkpoint = path
+        self.dist.barrier()
+        return path
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Load weights, EMA, optimizer, scaler, RNG and data position from a checkpoint."""
+        loaded = ckpt.load_checkpoint(path)
+        diffs = _config_differences(loaded.train_config, self.config.to_dict())
+        if loaded.model_config != self.model_config_dict():
+            diffs.append("the U-Net config differs")
+        if loaded.scheduler_config != self.scheduler_config.to_dict():
+            diffs.append("the scheduler config differs")
+        state = loaded.training_state
+        if state["world_size"] != self.dist.world_size:
+            diffs.append(f"world size: {state['world_size']} in the checkpoint, {self.dist.world_size} now")
+        if diffs:
+            raise ValueError(
+                f"checkpoint {loaded.path} comes from another configuration:\n  "
+                + "\n  ".join(diffs)
+                + "\nresume with the same settings, or train into a new --out directory"
+            )
+        self.model.load_state_dict(loaded.model_state)
+        self.ema.model.load_state_dict(loaded.ema_state)
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["data"])
+        if self.dist.is_main:
+            torch.set_rng_state(state["rng"]["torch"])
+            if torch.cuda.is_available() and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = int(state["step"])
+        self.last_checkpoint = loaded.path
+
+    # -------------------------------------------------------- one step
+    def loss_on(self, x0: torch.Tensor, labels: torch.Tensor | None, micro: int) -> torch.Tensor:
+        """The (unscaled) loss of one micro-batch at the current step."""
+        config = self.config
+        g = self.generator
+        g.manual_seed(_step_seed(config.seed, self.step, self.dist.rank, micro))
+        n = x0.shape[0]
+        t = torch.randint(0, config.num_train_timesteps, (n,), generator=g, device=self.device)
+        if labels is not None and config.cfg_dropout > 0:
+            drop = torch.rand(n, generator=g, device=self.device) < config.cfg_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
+        if config.noise == "torch":
+            noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
+            x_t, _, target = q_sample(
+                x0, t, self.schedule, noise=noise, target=config.prediction_type, backend=config.q_sample_backend
+            )
+        else:
+            x_t, _, target = q_sample(
+                x0, t, self.schedule, generator=g, target=config.prediction_type, backend=config.q_sample_backend
+            )
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            kwargs = {"class_labels": labels} if labels is not None else {}
+            pred = self.forward_model(x_t, t, **kwargs)
+        pred = getattr(pred, "sample", pred)
+        return reference.diffusion_loss(pred, target, t, self.schedule, config.prediction_type, config.min_snr_gamma)
+
+    def train_step(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm), on device."""
+        config = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for micro in range(config.grad_accum):
+            x0, labels = next(batches)
+            x0 = x0.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True) if config.class_conditional else None
+            last = micro == config.grad_accum - 1
+            sync_ctx = self.ddp_model.no_sync() if (self.dist.world_size > 1 and not last) else contextlib.nullcontext()
+            with sync_ctx:
+                loss = self.loss_on(x0, labels, micro) / config.grad_accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        lr = _lr_at(config, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = None
+        if config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.update(self.model)
+        self.step += 1
+        return total, grad_norm
+
+    # -------------------------------------------------------- outputs
+    def write_samples(self) -> Path | None:
+        """A grid of EMA samples at ``<run>/samples/step_XXXXXXXX.png`` (rank 0)."""
+        config = self.config
+        if not self.dist.is_main or config.sample_images == 0:
+            return None
+        from .images import save_grid
+        from .sampler import sample
+
+        n = config.sample_images
+        generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        labels = None
+        if config.class_conditional:
+            labels = torch.arange(n, device=self.device) % self.num_classes
+        images = sample(
+            self.ema.model,
+            (self.in_channels, config.image_size, config.image_size),
+            batch_size=n,
+            num_inference_steps=config.sample_steps,
+            scheduler=config.sample_scheduler,
+            scheduler_config=self.scheduler_config,
+            class_labels=labels,
+            generator=generator,
+            output_type="tensor",
+            progress=False,
+        )
+        return save_grid(images, self.run_dir / "samples" / f"{ckpt.step_dir_name(self.step)}.png", scale=2)
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        bad = int(first_bad.item())
+        if self.dist.all_any(bad >= 0):
+            where = f"at step {bad}" if bad >= 0 else "on another rank"
+            good = self.last_checkpoint or "none (no checkpoint was written before it)"
+            raise NonFiniteLossError(
+                f"non-finite loss (NaN or Inf) {where}: training stopped. The last good checkpoint is {good}. "
+                "Lower --lr, keep --grad-clip on, or use --mixed-precision no."
+            )
+
+    # -------------------------------------------------------- the loop
+    def train(self) -> TrainResult:
+        config = self.config
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if config.resume is not None:
+            path = self.run_dir if config.resume == "auto" else Path(config.resume)
+            if config.resume != "auto" or ckpt.list_checkpoints(path / ckpt.CHECKPOINTS):
+                self.resume(path)
+        if self.dist.is_main:
+            (self.run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=config.steps,
+            initial=self.step,
+            disable=not (config.progress and self.dist.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        # Loss checks read the device: every step on the CPU, every log_every steps on a GPU.
+        check_every = 1 if self.device.type == "cpu" else config.log_every
+        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        batches = self.loader.forever()
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_start = 0, time.perf_counter()
+        last_loss, images_per_s = None, None
+        self.model.train()
+        try:
+            while self.step < config.steps:
+                loss, grad_norm = self.train_step(batches)
+                finite = torch.isfinite(loss)
+                first_bad = torch.where(~finite & (first_bad < 0), torch.full_like(first_bad, self.step), first_bad)
+                window_loss += torch.where(finite, loss, torch.zeros_like(loss))
+                window_steps += 1
+                checkpoint_now = config.checkpoint_every and self.step % config.checkpoint_every == 0
+                log_now = self.step % config.log_every == 0 or self.step == config.steps
+                if checkpoint_now or log_now or self.step % check_every == 0:
+                    self._check_finite(first_bad)
+                if log_now:
+                    elapsed = time.perf_counter() - window_start
+                    last_loss = window_loss.item() / window_steps
+                    images_per_s = window_steps * config.batch_size / max(elapsed, 1e-9)
+                    record = {
+                        "step": self.step,
+                        "loss": last_loss,
+                        "lr": _lr_at(config, self.step - 1),
+                        "images_per_s": images_per_s,
+                        "ema_decay": self.ema.decay_used,
+                    }
+                    if grad_norm is not None:
+                        record["grad_norm"] = float(grad_norm)
+                    self._log(record)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.1f}")
+                    window_loss.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                bar.update(1)
+                if checkpoint_now:
+                    self.save()
+                if config.sample_every and self.step % config.sample_every == 0:
+                    self.write_samples()
+            if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.step_dir_name(self.step):
+                self.save()
+            if config.sample_images and not (config.sample_every and self.step % config.sample_every == 0):
+                self.write_samples()
+        finally:
+            bar.close()
+        return TrainResult(
+            model=self.model,
+            ema_model=self.ema.model,
+            step=self.step,
+            run_dir=self.run_dir,
+            last_checkpoint=self.last_checkpoint,
+            last_loss=last_loss,
+            images_per_second=images_per_s,
+        )
+
+    def close(self) -> None:
+        self.dist.close()
+
+
+def train(config: TrainConfig | None = None, **options: Any) -> TrainResult:
+    """Train a DDPM with ``config`` (or ``TrainConfig(**options)``); see ``TrainConfig`` for the options."""
+    if config is None:
+        config = TrainConfig(**options)
+    elif options:
+        config = dataclasses.replace(config, **options)
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
