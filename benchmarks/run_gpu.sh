@@ -31,9 +31,11 @@ timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/ -v -rfE $xdist -p no:cac
 echo "tests exit code $?"; grep -E " (FAILED|ERROR) |^(FAILED|ERROR) " "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
 
 # One pytest per op family, each writing its own JSON, so a timeout keeps what finished.
-# BENCH_FILTER (a pytest -k expression) trims the suite to fit a short lease.
+# BENCH_FILTER (a pytest -k expression) trims the suite to fit a short lease; FAMILIES (e.g.
+# "groupnorm attention") picks the files, default every benchmarks/test_bench_*.py.
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
-for family in noising posterior; do
+default_families=$(ls benchmarks/test_bench_*.py | sed 's|.*/test_bench_||; s|\.py$||' | tr '\n' ' ')
+for family in ${FAMILIES:-$default_families}; do
   log "benchmarks: $family"
   timeout "${BENCH_TIMEOUT:-240}" python3 -m pytest "benchmarks/test_bench_$family.py" --benchmark-only -q \
     -p no:cacheprovider ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="$OUT/gpu-$family.json" \
