@@ -6,7 +6,7 @@ import torch
 
 from . import reference
 from ._backends import backends
-from .ops import group_norm_silu, posterior_step, q_sample
+from .ops import attention, group_norm_silu, posterior_step, q_sample
 from .schedule import Schedule, StepConfig
 
 _CONFIGS = [
@@ -27,7 +27,7 @@ def _device_for(name: str) -> torch.device:
 
 
 def run_checks(tolerance: float = 1e-4, verbose: bool = True) -> bool:
-    """Compare q_sample, posterior_step and group_norm_silu of each available backend with the reference."""
+    """Compare q_sample, posterior_step, group_norm_silu and attention of each available backend with the reference."""
     available = backends()
     ok = True
     for name, (usable, reason) in available.items():
@@ -62,6 +62,9 @@ def run_checks(tolerance: float = 1e-4, verbose: bool = True) -> bool:
             fast = group_norm_silu(x, 4, weight, bias, 1e-6, backend=name, **kwargs)
             ref = reference.group_norm_silu(x, 4, weight, bias, 1e-6, **kwargs)
             worst = max(worst, _error(fast, ref))
+        if name == "triton":  # attention's own kernel is Triton (its other backend, SDPA, is torch's)
+            q, k, v = (torch.randn(1, 2, 20, 40, generator=gen).to(device) for _ in range(3))
+            worst = max(worst, _error(attention(q, k, v, backend=name), reference.attention(q, k, v)))
         passed = worst <= tolerance
         ok &= passed
         if verbose:
