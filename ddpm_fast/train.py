@@ -72,6 +72,7 @@ class TrainConfig:
     min_snr_gamma: float | None = _opt(None, "min-SNR-gamma loss weighting (e.g. 5); off by default")
     # optimisation
     steps: int = _opt(10000, "total optimizer steps (a resumed run continues up to this)")
+    time_limit: float = _opt(0.0, "stop (with a checkpoint) after this many seconds of training (0: no limit)")
     batch_size: int = _opt(64, "global batch size per optimizer step (split over ranks and accumulation)")
     grad_accum: int = _opt(1, "gradient accumulation: micro-batches per optimizer step")
     lr: float = _opt(2e-4, "AdamW learning rate")
@@ -119,6 +120,8 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "sample_every", "sample_images", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.time_limit < 0:
+            raise ValueError(f"time_limit must be >= 0 seconds, got {self.time_limit}")
         if self.log_every < 1 or self.sample_steps < 1:
             raise ValueError("log_every and sample_steps must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -168,6 +171,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset(
     {
         "steps",
+        "time_limit",
         "out",
         "resume",
         "checkpoint_every",
@@ -587,8 +591,11 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         last_loss, images_per_s = None, None
         self.model.train()
+        deadline = time.perf_counter() + config.time_limit if config.time_limit else None
         try:
             while self.step < config.steps:
+                if deadline is not None and self.dist.all_any(time.perf_counter() > deadline):
+                    break
                 loss, grad_norm = self.train_step(batches)
                 finite = torch.isfinite(loss)
                 first_bad = torch.where(~finite & (first_bad < 0), torch.full_like(first_bad, self.step), first_bad)
@@ -620,6 +627,7 @@ class Trainer:
                     self.save()
                 if config.sample_every and self.step % config.sample_every == 0:
                     self.write_samples()
+            self._check_finite(first_bad)
             if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.step_dir_name(self.step):
                 self.save()
             if config.sample_images and not (config.sample_every and self.step % config.sample_every == 0):
