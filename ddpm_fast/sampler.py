@@ -1,0 +1,766 @@
+"""sample(): the drop-in sampling loop (DDPM ancestral, DDIM, classifier-free guidance, SDEdit).
+
+Per step: one model call and one fused ``posterior_step`` kernel. Timesteps, per-step seeds and
+the coefficient table live on the device before the loop starts, so the loop never waits for the
+device (no ``.item()``, no branching on tensor values). On CUDA the model call and the step are
+captured once in a CUDA graph and replayed per step, reading t, prev_t and the seed from one
+static device buffer; the model runs under bf16 autocast while the step math stays in fp32.
+
+With ``noise="torch"`` every random tensor is drawn as diffusers draws it (``randn_tensor``:
+same shapes, generator(s), order, and the same skipped draw at DDPM's t = 0), so
+``sample(unet, scheduler=DDPMScheduler(...), noise="torch", generator=g)`` reproduces
+``DDPMPipeline(unet, scheduler)(generator=g)``. ``noise="kernel"`` draws the step noise inside
+the kernel from one Philox key per step; the keys are drawn from the generator before the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import reference
+from ._backends import select_backend
+from .ops.noising import q_sample
+from .ops.posterior import CLIP, CLIP_NONE, KINDS, PREDICTIONS, THRESHOLD, VARIANCES, _posterior_impl, posterior_step
+from .schedule import SAMPLER_KINDS, Schedule, SchedulerConfig, StepConfig, normalize_choice, select_timesteps
+
+NOISE_MODES = ("kernel", "torch")
+OUTPUT_TYPES = ("tensor", "pt", "np", "pil")
+# Default chunk: 256 CIFAR-sized images (32 x 32 pixels) per forward pass, fewer for larger images.
+CHUNK_PIXELS = 256 * 32 * 32
+_DIFFUSERS_SCHEDULERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
+_MISSING = object()
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def sample(
+    model: Callable[..., Any],
+    shape: Sequence[int] | None = None,
+    *,
+    batch_size: int | None = None,
+    num_inference_steps: int | None = None,
+    timesteps: Sequence[int] | None = None,
+    scheduler: str | Any = "ddpm",
+    scheduler_config: SchedulerConfig | Mapping[str, Any] | Schedule | None = None,
+    eta: float = 0.0,
+    use_clipped_model_output: bool = False,
+    guidance_scale: float | None = None,
+    class_labels: torch.Tensor | Sequence[int] | int | None = None,
+    null_class_label: int | None = None,
+    generator: Generators = None,
+    x_T: torch.Tensor | None = None,
+    image: torch.Tensor | None = None,
+    strength: float = 1.0,
+    noise: str = "kernel",
+    output_type: str = "tensor",
+    progress: bool = True,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+    compile: bool = False,
+    cuda_graph: bool | None = None,
+    device: torch.device | str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | np.ndarray | list:
+    """Generate images with DDPM or DDIM from a noise-prediction model.
+
+    Args:
+        model: a callable ``model(x, t) -> prediction`` (``t`` int64 (N,) on the device), called
+            with ``class_labels=`` when labels are given; a tensor or an object with ``.sample``
+            (diffusers ``UNet2DModel``) is returned, shaped like ``x`` (2x its channels for a
+            learned variance).
+        shape: one image's shape, e.g. (3, 32, 32); default: the model's ``in_channels`` and
+            ``sample_size`` (``model.config`` for diffusers), else taken from ``x_T`` / ``image``.
+        batch_size: number of images (diffusers' meaning); default 1, or x_T's / image's batch.
+        num_inference_steps: default all T training steps for DDPM, 50 for DDIM (at most T).
+        timesteps: custom descending timesteps instead (both kinds step to the next entry).
+        scheduler: "ddpm", "ddim", or a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` (its config
+            is used; its own state is not touched).
+        scheduler_config: a ``SchedulerConfig``, a diffusers scheduler config dict or a ``Schedule``;
+            default: diffusers' defaults (linear betas, T = 1000, epsilon, fixed_small, clip_sample).
+        eta, use_clipped_model_output: DDIM's options.
+        guidance_scale: classifier-free guidance s (s = 1 or None: no unconditional pass). Needs
+            ``class_labels`` and a null label (``model.null_class_label`` or ``null_class_label``);
+            each step calls the model once on the batch [uncond, cond].
+        class_labels: (N,) int labels, a sequence, or one int for all images.
+        generator: a ``torch.Generator`` or a list of one per image (each image's noise drawn from
+            its own generator with torch, as diffusers does, whatever ``noise`` says).
+        x_T: (N, *shape) starting noise instead of a draw.
+        image, strength: SDEdit / img2img: ``image`` (N, *shape) in [-1, 1] is noised to the
+            timestep that leaves ``int(steps * strength)`` steps (diffusers' img2img rule), and
+            only those steps run.
+        noise: "kernel" (drawn in the fused step, fast) or "torch" (diffusers' draws, bit for bit).
+        output_type: "tensor" (the raw final sample), "pt" (NCHW in [0, 1]), "np" (NHWC float32
+            in [0, 1]) or "pil" (a list of PIL images).
+        progress: show a tqdm progress bar.
+        callback: ``callback(step, t, x_t)`` after every step with that chunk's new sample.
+        dtype: the model's autocast dtype: default bfloat16 on CUDA, none (fp32) on the CPU;
+            torch.float32 turns autocast off. The sample and the step math stay in fp32.
+        chunk_size: at most this many images per forward pass (2x that with guidance); default
+            ~256 images of 32 x 32 pixels. Equivalence with diffusers holds within one chunk.
+        compile: run the model through ``torch.compile``.
+        cuda_graph: capture model + step in a CUDA graph (default: on CUDA, where possible).
+        device: default the model's parameters' device, else x_T's / image's, else the CPU.
+        backend: the posterior_step backend ("cpp", "cuda", "triton", "reference"); default the fastest.
+
+    Returns:
+        (N, *shape) float tensor on the device for "tensor"/"pt", an (N, H, W, C) array for "np",
+        a list of N PIL images for "pil".
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+    noise = _choice("noise", noise, NOISE_MODES)
+    output_type = _choice("output_type", output_type, OUTPUT_TYPES)
+    device = _resolve_device(device, model, x_T, image)
+    kind, config = _resolve_scheduler(scheduler, scheduler_config)
+    if isinstance(scheduler_config, Schedule):
+        schedule = scheduler_config.to(device)
+    else:
+        schedule = Schedule.from_config(config, device=device)
+    step_config = _step_config(config, kind, eta, use_clipped_model_output)
+    T = config.num_train_timesteps
+
+    # Timesteps and where each step goes, on the host (they are known before the loop).
+    if timesteps is None and num_inference_steps is None:
+        num_inference_steps = T if kind == "ddpm" else min(50, T)
+    ts = select_timesteps(config, num_inference_steps, timesteps)
+    if kind == "ddim" and timesteps is None:
+        prev_ts = np.maximum(ts - T // len(ts), -1)  # diffusers' DDIM: t - T // n whatever the spacing
+    else:
+        prev_ts = np.append(ts[1:], -1)
+    if image is not None:
+        ts, prev_ts = _strength_steps(ts, prev_ts, strength)
+    elif strength != 1.0:
+        raise ValueError("strength applies to image= (SDEdit / img2img); pass image or leave strength at 1.0")
+
+    # Images: how many, what shape.
+    if x_T is not None and image is not None:
+        raise ValueError("pass either x_T (start from noise) or image (SDEdit), not both")
+    start = x_T if x_T is not None else image
+    start_name = "x_T" if x_T is not None else "image"
+    if start is not None:
+        _check_start(start, start_name, device)
+        if batch_size is not None and batch_size != start.shape[0]:
+            raise ValueError(f"batch_size={batch_size} but {start_name} holds {start.shape[0]} images")
+        batch_size = start.shape[0]
+    batch_size = 1 if batch_size is None else batch_size
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    image_shape = _resolve_shape(shape, model, start, start_name)
+    if output_type in ("np", "pil") and len(image_shape) != 3:
+        raise ValueError(f"output_type={output_type!r} needs (C, H, W) images, got shape {image_shape}")
+    state_dtype = torch.float64 if start is not None and start.dtype == torch.float64 else torch.float32
+
+    # Conditioning.
+    guided = guidance_scale is not None and float(guidance_scale) != 1.0
+    labels = _resolve_labels(model, class_labels, batch_size, device, guidance_scale)
+    null = None
+    if guided:
+        null = null_class_label if null_class_label is not None else getattr(model, "null_class_label", None)
+        if null is None:
+            raise ValueError(
+                "classifier-free guidance needs a null (unconditional) class label: the model has none "
+                "(model.null_class_label is None or missing; train with label dropout, or pass null_class_label=)"
+            )
+
+    generators = _resolve_generators(generator, batch_size, device)
+    torch_noise = noise == "torch" or isinstance(generators, list)
+    adds_noise = kind == "ddpm" or step_config.eta > 0
+    # diffusers draws DDPM noise only where t > 0, DDIM's wherever eta > 0.
+    # The captured step draws or not; a step that differs (DDPM's last, torch noise) runs uncaptured.
+    draws = [adds_noise and (kind == "ddim" or int(t) > 0 or not torch_noise) for t in ts]
+
+    chunk = _chunk_size(chunk_size, image_shape, guided)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; sampling runs on {device}")
+    autocast_dtype = _autocast_dtype(dtype, device)
+    runner = _ModelRunner(model, device, autocast_dtype, guided, compile)
+    stepper = _Stepper(schedule, step_config, backend, device, state_dtype, guidance_scale if guided else None)
+    use_graph = _graphs_possible(device) and cuda_graph is not False and stepper.backend != "reference"
+    if use_graph and torch_noise and _any_cpu(generators):
+        use_graph = False  # CPU-generator draws (diffusers' order) cannot be captured: run uncaptured
+    checked = False
+
+    def body(x: torch.Tensor, row: torch.Tensor, chunk_labels: torch.Tensor | None, gens: Any, draw: bool):
+        """One step on x: the model on [uncond, cond] (or x), then the fused step. ``row`` packs
+        (t for the model batch, prev_t, seed) for this step."""
+        nonlocal checked
+        n = x.shape[0]
+        n_model = 2 * n if guided else n
+        out = runner(x, row[:n_model], chunk_labels)
+        if not checked:
+            _check_model_output(out, x, n_model, step_config)
+            checked = True
+        z = _randn(x.shape, gens, device, x.dtype) if torch_noise and draw else None
+        return stepper(out, x, row[:n], row[n_model : n_model + n], z, row[-1:])
+
+    ts_dev = torch.as_tensor(ts, device=device)
+    prev_dev = torch.as_tensor(prev_ts, device=device)
+    result = torch.empty((batch_size, *image_shape), dtype=state_dtype, device=device)
+    graphs: dict[int, _CudaGraphStep] = {}
+    bar = _progress_bar(progress, len(ts) * math.ceil(batch_size / chunk))
+    with torch.no_grad():
+        for lo in range(0, batch_size, chunk):
+            hi = min(lo + chunk, batch_size)
+            n = hi - lo
+            gens = generators[lo:hi] if isinstance(generators, list) else generators
+            dev_gen = None if torch_noise else _device_generator(gens, device)
+            x = _initial_sample(
+                x_T[lo:hi] if x_T is not None else None,
+                image[lo:hi] if image is not None else None,
+                (n, *image_shape),
+                ts[0],
+                schedule,
+                gens,
+                dev_gen,
+                torch_noise,
+                device,
+                state_dtype,
+            )
+            if torch_noise or not adds_noise:
+                seeds = torch.zeros(len(ts), dtype=torch.int64, device=device)  # unused by the step
+            else:
+                seeds = torch.randint(0, 2**62, (len(ts),), generator=dev_gen, device=device, dtype=torch.int64)
+            n_model = 2 * n if guided else n
+            rows = torch.cat(
+                [ts_dev[:, None].expand(-1, n_model), prev_dev[:, None].expand(-1, n), seeds[:, None]], dim=1
+            )
+            if stepper.backend == "reference":
+                stepper.host_seeds = seeds.tolist()  # the reference draws its Philox noise from host ints
+            chunk_labels = None
+            if labels is not None:
+                chunk_labels = labels[lo:hi]
+                if guided:
+                    chunk_labels = torch.cat([torch.full_like(chunk_labels, int(null)), chunk_labels])
+            graph = graphs.get(n)
+            for i, t in enumerate(ts):
+                stepper.step_index = i
+                if graph is not None and graph.draw == draws[i]:
+                    x = graph.replay(x, rows[i], chunk_labels)
+                    if callback is not None:
+                        callback(i, int(t), x.clone())
+                else:
+                    warm_up = use_graph and graph is None and i + 1 < len(ts) and len(ts) > 2
+                    on_side = warm_up and device.type == "cuda"
+                    with _side_stream(device) if on_side else contextlib.nullcontext():
+                        x = body(x, rows[i], chunk_labels, gens, draws[i])
+                    if on_side:
+                        x.record_stream(torch.cuda.current_stream(device))  # made on the side stream, used here
+                    if callback is not None:
+                        callback(i, int(t), x)
+                    if warm_up:
+                        graph = _CudaGraphStep.capture(
+                            body, x, rows[i + 1], chunk_labels, gens, draws[i + 1], torch_noise, graphs
+                        )
+                        if graph is None:
+                            use_graph = False
+                        else:
+                            graphs[n] = graph
+                bar.update(1)
+            result[lo:hi].copy_(x)
+    bar.close()
+    return _postprocess(result, output_type)
+
+
+# ---------------------------------------------------------------- argument resolution
+def _choice(name: str, value: Any, valid: Sequence[str]) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
+def _resolve_device(
+    device: torch.device | str | None, model: Any, x_T: torch.Tensor | None, image: torch.Tensor | None
+) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    for start in (x_T, image):
+        if isinstance(start, torch.Tensor):
+            return start.device
+    return torch.device("cpu")
+
+
+def _resolve_scheduler(
+    scheduler: str | Any, scheduler_config: SchedulerConfig | Mapping[str, Any] | Schedule | None
+) -> tuple[str, SchedulerConfig]:
+    """(kind, config) from a kind string plus config, or from a diffusers scheduler object."""
+    if isinstance(scheduler, str):
+        kind = normalize_choice("scheduler", scheduler.lower(), SAMPLER_KINDS)
+        if scheduler_config is None:
+            return kind, SchedulerConfig()
+        if isinstance(scheduler_config, Schedule):
+            return kind, scheduler_config.config
+        if isinstance(scheduler_config, SchedulerConfig):
+            return kind, scheduler_config
+        if isinstance(scheduler_config, Mapping):
+            return kind, SchedulerConfig.from_dict(scheduler_config)
+        raise TypeError(
+            "scheduler_config must be a SchedulerConfig, a diffusers scheduler config dict or a Schedule, "
+            f"got {type(scheduler_config).__name__}"
+        )
+    name = type(scheduler).__name__
+    if name not in _DIFFUSERS_SCHEDULERS or not hasattr(scheduler, "config"):
+        raise TypeError(
+            f"scheduler must be 'ddpm', 'ddim' or a diffusers DDPMScheduler/DDIMScheduler, got {name}: "
+            "ddpm_fast samples with DDPM and DDIM only"
+        )
+    if scheduler_config is not None:
+        raise ValueError("a diffusers scheduler carries its config: do not pass scheduler_config as well")
+    return _DIFFUSERS_SCHEDULERS[name], SchedulerConfig.from_dict(dict(scheduler.config))
+
+
+def _step_config(config: SchedulerConfig, kind: str, eta: float, use_clipped_model_output: bool) -> StepConfig:
+    if kind == "ddpm":
+        if eta != 0:
+            raise ValueError(f"eta={eta} is a DDIM option: use scheduler='ddim' (DDPM's noise is set by variance_type)")
+        if use_clipped_model_output:
+            raise ValueError("use_clipped_model_output is a DDIM option: use scheduler='ddim'")
+        return StepConfig.from_scheduler(config, "ddpm")
+    return StepConfig.from_scheduler(config, "ddim", eta=float(eta), use_clipped_model_output=use_clipped_model_output)
+
+
+def _strength_steps(ts: np.ndarray, prev_ts: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers' img2img rule: keep the last int(n * strength) steps."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    keep = min(int(len(ts) * strength), len(ts))
+    if keep == 0:
+        raise ValueError(f"strength={strength} with {len(ts)} steps leaves no step to run: raise either")
+    return ts[len(ts) - keep :], prev_ts[len(ts) - keep :]
+
+
+def _check_start(start: torch.Tensor, name: str, device: torch.device) -> None:
+    if not isinstance(start, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(start).__name__}")
+    if not start.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {start.dtype}")
+    if start.dim() < 2:
+        raise ValueError(f"{name} must be (N, C, ...), got shape {tuple(start.shape)}")
+    if start.device != device:
+        raise ValueError(f"{name} is on {start.device} but sampling runs on {device}")
+
+
+def _cfg(model: Any, name: str) -> Any:
+    """model.config['name'] (diffusers) or model.config.<name>, else model.<name>, else _MISSING.
+    (The config first: diffusers warns on config values read as model attributes.)"""
+    config = getattr(model, "config", None)
+    if isinstance(config, Mapping):
+        if name in config:
+            return config[name]
+    elif config is not None and hasattr(config, name):
+        return getattr(config, name)
+    return getattr(model, name, _MISSING)
+
+
+def _resolve_shape(
+    shape: Sequence[int] | None, model: Any, start: torch.Tensor | None, start_name: str
+) -> tuple[int, ...]:
+    if shape is not None:
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 1 or any(d < 1 for d in shape):
+            raise ValueError(f"shape must be one image's positive dims, e.g. (3, 32, 32), got {shape}")
+        if start is not None and tuple(start.shape[1:]) != shape:
+            raise ValueError(f"{start_name} has image shape {tuple(start.shape[1:])}, but shape={shape}")
+        return shape
+    if start is not None:
+        return tuple(start.shape[1:])
+    channels, size = _cfg(model, "in_channels"), _cfg(model, "sample_size")
+    if channels is _MISSING or size is _MISSING or channels is None or size is None:
+        raise ValueError(
+            "cannot tell the image shape: pass shape=(C, H, W) (the model has no in_channels / sample_size)"
+        )
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(channels), *(int(s) for s in size))
+
+
+def _takes_class_labels(model: Any) -> bool:
+    """Whether the model is class-conditional: diffusers' class_embedding, a class count in the
+    config, else whether its signature takes class_labels."""
+    embedding = getattr(model, "class_embedding", _MISSING)
+    if embedding is not _MISSING:
+        return embedding is not None
+    for name in ("num_classes", "num_class_embeds"):
+        value = _cfg(model, name)
+        if value is not _MISSING:
+            return bool(value)
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True  # cannot tell: let the call decide
+    return "class_labels" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _resolve_labels(
+    model: Any,
+    class_labels: torch.Tensor | Sequence[int] | int | None,
+    n: int,
+    device: torch.device,
+    guidance_scale: float | None,
+) -> torch.Tensor | None:
+    if class_labels is None:
+        if guidance_scale is not None:
+            raise ValueError("guidance_scale needs class_labels: classifier-free guidance is over class labels")
+        return None
+    if not _takes_class_labels(model):
+        raise ValueError(
+            "class_labels (or guidance_scale) given, but the model is not class-conditional "
+            "(no class embedding / num_classes, and model(x, t) takes no class_labels)"
+        )
+    if isinstance(class_labels, int):
+        labels = torch.full((n,), class_labels, dtype=torch.int64, device=device)
+    else:
+        labels = torch.as_tensor(class_labels, device=device)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"class_labels must be integers, got {labels.dtype}")
+        labels = labels.to(torch.int64)
+        if labels.dim() == 0:
+            labels = labels.expand(n)
+        if labels.shape != (n,):
+            raise ValueError(f"class_labels must hold one label per image ({n}), got shape {tuple(labels.shape)}")
+    return labels.contiguous()
+
+
+def _resolve_generators(generator: Generators, n: int, device: torch.device) -> torch.Generator | list | None:
+    """The generator, or a list of n; a CUDA generator for a CPU run is refused (as diffusers does)."""
+    if generator is None:
+        return None
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    for g in gens:
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(g).__name__}")
+        if g.device.type not in ("cpu", device.type):
+            raise ValueError(
+                f"generator is on {g.device} but sampling runs on {device}: use a CPU generator or one on {device.type}"
+            )
+    if isinstance(generator, (list, tuple)):
+        if len(gens) != n:
+            raise ValueError(f"got {len(gens)} generators for {n} images: pass one per image, or a single one")
+        return gens[0] if n == 1 else gens  # diffusers treats a list of one as one generator
+    return generator
+
+
+def _any_cpu(generators: torch.Generator | list | None) -> bool:
+    gens = generators if isinstance(generators, list) else [generators]
+    return any(g is not None and g.device.type == "cpu" for g in gens)
+
+
+def _chunk_size(chunk_size: int | None, image_shape: tuple[int, ...], guided: bool) -> int:
+    if chunk_size is not None:
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        return chunk_size
+    pixels = math.prod(image_shape[1:]) if len(image_shape) > 1 else 1
+    return max(1, CHUNK_PIXELS // pixels // (2 if guided else 1))
+
+
+def _autocast_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else None
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype (the model's autocast dtype) must be float32, bfloat16 or float16, got {dtype}")
+    return None if dtype == torch.float32 else dtype
+
+
+def _progress_bar(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- noise
+def _randn(
+    shape: tuple[int, ...], generators: torch.Generator | list | None, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """diffusers' randn_tensor: a list draws (1, ...) per image from its generator; a CPU
+    generator draws on the CPU and the result moves to the device."""
+    if isinstance(generators, list):
+        rand_device = "cpu" if generators[0].device.type == "cpu" else device
+        parts = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generators]
+        return torch.cat(parts).to(device)
+    rand_device = "cpu" if generators is not None and generators.device.type == "cpu" else device
+    return torch.randn(shape, generator=generators, device=rand_device, dtype=dtype).to(device)
+
+
+def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """The generator that kernel-mode draws use: the given one when it is on the device, else a
+    device generator seeded from one draw of it (so the loop draws nothing on the host)."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _initial_sample(
+    x_T: torch.Tensor | None,
+    image: torch.Tensor | None,
+    shape: tuple[int, ...],
+    t0: int,
+    schedule: Schedule,
+    gens: torch.Generator | list | None,
+    dev_gen: torch.Generator | None,
+    torch_noise: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    if x_T is not None:
+        return x_T.to(dtype).contiguous()
+    if image is None:
+        if torch_noise:
+            return _randn(shape, gens, device, dtype)
+        return torch.randn(shape, generator=dev_gen, device=device, dtype=dtype)
+    t = torch.full((shape[0],), int(t0), dtype=torch.int64, device=device)
+    x0 = image.to(dtype).contiguous()
+    if torch_noise:  # diffusers' img2img: noise = randn_tensor(shape), then add_noise at the first timestep
+        return q_sample(x0, t, schedule, noise=_randn(shape, gens, device, dtype))[0]
+    return q_sample(x0, t, schedule, generator=dev_gen)[0]
+
+
+# ---------------------------------------------------------------- model and step
+class _ModelRunner:
+    """Calls the model on x (or [x, x] with guidance) under autocast; returns the output tensor."""
+
+    def __init__(
+        self, model: Any, device: torch.device, autocast_dtype: torch.dtype | None, guided: bool, compile: bool
+    ):
+        self.fn = torch.compile(model, dynamic=False) if compile else model
+        self.device_type = device.type
+        self.autocast_dtype = autocast_dtype
+        self.guided = guided
+        self.input_dtype = None
+        if autocast_dtype is None and isinstance(model, torch.nn.Module):
+            for p in model.parameters():  # a half-precision model without autocast takes its own dtype
+                self.input_dtype = p.dtype if p.dtype.is_floating_point else None
+                break
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        x_in = torch.cat([x, x]) if self.guided else x
+        if self.input_dtype is not None and self.input_dtype != x_in.dtype:
+            x_in = x_in.to(self.input_dtype)
+        if self.autocast_dtype is None:
+            ctx = contextlib.nullcontext()
+        else:  # no weight-cast cache: it would outlive a CUDA-graph capture
+            ctx = torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=False)
+        with ctx:
+            out = self.fn(x_in, t) if labels is None else self.fn(x_in, t, class_labels=labels)
+        if isinstance(out, torch.Tensor):
+            return out
+        value = getattr(out, "sample", _MISSING)
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+            return out[0]
+        raise TypeError(f"the model must return a tensor or an object with .sample, got {type(out).__name__}")
+
+
+def _check_model_output(out: torch.Tensor, x: torch.Tensor, n_model: int, config: StepConfig) -> None:
+    c, spatial = x.shape[1], tuple(x.shape[2:])
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"the model returned {out.dtype}; expected a floating-point prediction")
+    if out.device != x.device:
+        raise ValueError(f"the model returned a tensor on {out.device}; the sample is on {x.device}")
+    if out.shape[0] != n_model or tuple(out.shape[2:]) != spatial or out.shape[1] not in (c, 2 * c):
+        raise ValueError(
+            f"the model output has shape {tuple(out.shape)} for an input of shape ({n_model}, {c}, "
+            f"{', '.join(map(str, spatial))}); expected ({n_model}, {c} (or {2 * c} with a learned variance), "
+            f"{', '.join(map(str, spatial))})"
+        )
+    if config.kind == "ddpm" and config.learned_variance and out.shape[1] != 2 * c:
+        raise ValueError(
+            f"variance_type={config.variance_type!r} needs a model output with 2 x {c} channels, got {out.shape[1]}"
+        )
+    if config.kind == "ddpm" and not config.learned_variance and out.shape[1] == 2 * c:
+        raise ValueError(
+            f"the model returns {2 * c} channels (a learned variance) but variance_type={config.variance_type!r}: "
+            "pass a scheduler_config with variance_type='learned_range' (improved-diffusion) or 'learned'"
+        )
+
+
+class _Stepper:
+    """posterior_step with everything constant worked out once: the fused kernel is called
+    directly with a per-step seed tensor (the public op draws its seed from a generator, which
+    a replayed CUDA graph could not vary per step). The reference backend goes through the op."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        config: StepConfig,
+        backend: str | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        guidance_scale: float | None,
+    ):
+        self.schedule, self.config = schedule, config
+        self.backend = select_backend(backend, device)
+        if self.backend == "triton" and dtype == torch.float64:
+            raise TypeError("the triton backend does not take float64 samples: use backend='cpp' or 'reference'")
+        if config.prediction_type == "epsilon" and schedule.zero_terminal_snr:
+            raise ValueError(
+                "epsilon prediction divides by zero on a zero-terminal-SNR schedule: use v_prediction or sample"
+            )
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.adds_noise = config.kind == "ddpm" or config.eta > 0
+        self.host_seeds: list[int] = []
+        self.step_index = 0
+        if self.backend != "reference":
+            self.table = schedule.kernel_table("alphas_cumprod", dtype, device)
+            clip = THRESHOLD if config.thresholding else (CLIP if config.clip_sample else CLIP_NONE)
+            self.args = (
+                1.0 if config.kind == "ddpm" else schedule.final_alpha_cumprod,
+                KINDS[config.kind],
+                PREDICTIONS[config.prediction_type],
+                VARIANCES[config.variance_type],
+                clip,
+                config.clip_sample_range,
+                config.dynamic_thresholding_ratio,
+                config.sample_max_value,
+                config.eta,
+                config.use_clipped_model_output,
+                self.guidance_scale,
+                False,
+                self.backend,
+            )
+
+    def __call__(
+        self,
+        model_output: torch.Tensor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        prev_t: torch.Tensor,
+        noise: torch.Tensor | None,
+        seed: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.backend == "reference":
+            if noise is None and self.adds_noise and self.host_seeds:
+                seed_int = self.host_seeds[self.step_index]
+                noise = reference.philox_randn(seed_int, tuple(x.shape), x.device).to(x.dtype)
+            return posterior_step(
+                model_output,
+                x,
+                t,
+                prev_t,
+                self.schedule,
+                self.config,
+                noise=noise,
+                guidance_scale=self.guidance_scale,
+                backend="reference",
+            )[0]
+        seed_arg = seed if noise is None and self.adds_noise else None
+        return _posterior_impl(model_output, x, t, prev_t, self.table, noise, seed_arg, *self.args)[0]
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
+    """Run a CUDA graph's warm-up step on a side stream (as torch.cuda.graph's docs ask), then
+    make the current stream wait for it."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+def _graphs_possible(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _capture(fn: Callable[[], None], generators: list[torch.Generator], pool: Any) -> Any:
+    """A CUDA graph of fn() (its kernels recorded, not run), replaying the generators' draws."""
+    graph = torch.cuda.CUDAGraph()
+    for g in generators:
+        graph.register_generator_state(g)
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
+
+
+class _CudaGraphStep:
+    """Model + step captured once for one chunk size. Replays read the packed (t, prev_t, seed)
+    row and the labels from static buffers and update the static sample in place."""
+
+    def __init__(self, graph: Any, x: torch.Tensor, row: torch.Tensor, labels: torch.Tensor | None, draw: bool):
+        self.graph, self.x, self.row, self.labels, self.draw = graph, x, row, labels, draw
+        self.labels_from: torch.Tensor | None = labels
+
+    @classmethod
+    def capture(
+        cls,
+        body: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        row: torch.Tensor,
+        labels: torch.Tensor | None,
+        gens: Any,
+        draw: bool,
+        torch_noise: bool,
+        graphs: dict,
+    ) -> _CudaGraphStep | None:
+        """Capture body(x) (x came out of an eager step: the warm-up). None, with a warning,
+        where the model or the generator cannot be captured."""
+        generators = []
+        if torch_noise and draw and gens is not None:
+            if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+                return None  # this torch cannot replay a user generator's draws: run uncaptured
+            generators = gens if isinstance(gens, list) else [gens]
+        static_x, static_row = x.clone(), row.clone()
+        static_labels = None if labels is None else labels.clone()
+
+        def step() -> None:
+            static_x.copy_(body(static_x, static_row, static_labels, gens, draw))
+
+        pool = next(iter(graphs.values())).graph.pool() if graphs else None
+        try:
+            graph = _capture(step, generators, pool)
+        except Exception as err:  # noqa: BLE001 (any capture failure falls back to eager steps)
+            warnings.warn(f"CUDA-graph capture failed ({err}); sampling without a graph", stacklevel=3)
+            return None
+        captured = cls(graph, static_x, static_row, static_labels, draw)
+        captured.labels_from = labels
+        return captured
+
+    def replay(self, x: torch.Tensor, row: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if x is not self.x:
+            self.x.copy_(x)
+        if labels is not None and labels is not self.labels_from:  # a new chunk's labels
+            self.labels.copy_(labels)
+            self.labels_from = labels
+        self.row.copy_(row)
+        self.graph.replay()
+        return self.x
+
+
+# ---------------------------------------------------------------- output
+def _postprocess(x: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list:
+    if output_type == "tensor":
+        return x
+    images = (x / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    array = images.float().cpu().permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    uint8 = (array * 255).round().astype("uint8")
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in uint8]

@@ -1,0 +1,621 @@
+"""sample(): equivalence with diffusers' DDPMPipeline / DDIMPipeline and scheduler loops (torch
+noise), a guided run against a loop over ddpm_fast.reference, the kernel-noise contract,
+determinism, chunking, SDEdit, output types and input errors. CUDA-graph tests run on a GPU only."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST_BACKENDS, HAS_CUDA, assert_close_to_reference, is_slow
+
+import ddpm_fast
+from ddpm_fast import Schedule, SchedulerConfig, StepConfig, posterior_step, reference, sample
+from ddpm_fast import sampler as ddpm_sampler
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+
+# The images are in [-1, 1]; diffusers' fp32 coefficient table differs from our float64-built one
+# by up to ~5e-5 relative near t = T (DESIGN.md), which the loop carries into the images.
+ATOL = 3e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster, and immune to other processes on the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_unet(seed=0, **kw) -> UNet2DModel:
+    torch.manual_seed(seed)
+    config = dict(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    unet = UNet2DModel(**{**config, **kw}).eval()
+    with torch.no_grad():  # an untrained U-Net's large random eps makes DDIM's ODE chaotic (1e-7 in x_T -> 0.2)
+        unet.conv_out.weight.mul_(0.1)
+        unet.conv_out.bias.mul_(0.1)
+    return unet
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DModel:
+    return tiny_unet()
+
+
+def toy(x, t):
+    """(x, t) -> x * t / (t + 1): a model whose loop the schedulers can run 1000 steps cheaply."""
+    t = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return x * t / (t + 1)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def diffusers_loop(model, scheduler, x, generator, timesteps, **step_kw):
+    """diffusers' pipeline loop, for cases its pipelines do not cover (custom timesteps, toy models)."""
+    for t in timesteps:
+        out = model(x, t.expand(x.shape[0]))
+        out = out.sample if hasattr(out, "sample") else out
+        x = scheduler.step(out, t, x, generator=generator, **step_kw).prev_sample
+    return x
+
+
+# ---------------------------------------------------------------- diffusers equivalence
+def test_ddpm_pipeline(unet):
+    scheduler = DDPMScheduler(num_train_timesteps=60)
+    pipe = DDPMPipeline(unet, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(batch_size=3, generator=gen(3), num_inference_steps=60, output_type="np").images
+    ours = sample(
+        unet, batch_size=3, scheduler=scheduler, noise="torch", generator=gen(3), output_type="np", progress=False
+    )
+    assert isinstance(ours, np.ndarray) and ours.shape == ref.shape == (3, 8, 8, 3)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=ATOL)
+    # the same config given as a kind and a dict, DDPM taking all T steps by default
+    again = sample(
+        unet,
+        batch_size=3,
+        scheduler="ddpm",
+        scheduler_config=dict(scheduler.config),
+        noise="torch",
+        generator=gen(3),
+        output_type="np",
+        progress=False,
+    )
+    np.testing.assert_array_equal(again, ours)
+
+
+def test_ddpm_1000_steps_toy_model():
+    """The full 1000-step DDPM loop from a fixed x_T against DDPMScheduler's."""
+    scheduler = DDPMScheduler()
+    scheduler.set_timesteps(1000)
+    x_T = torch.randn(2, 3, 4, 4, generator=gen(1))
+    ref = diffusers_loop(toy, scheduler, x_T, gen(2), scheduler.timesteps)
+    ours = sample(toy, x_T=x_T, noise="torch", generator=gen(2), progress=False)
+    assert ours.shape == x_T.shape and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
+    assert not torch.equal(x_T, sample(toy, x_T=x_T.clone(), generator=gen(2), progress=False, num_inference_steps=3))
+
+
+@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_pipeline(unet, steps, eta):
+    scheduler = DDIMScheduler()
+    pipe = DDIMPipeline(unet, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(batch_size=2, generator=gen(5), eta=eta, num_inference_steps=steps, output_type="pt").images
+    ours = sample(
+        unet,
+        batch_size=2,
+        scheduler=scheduler,
+        eta=eta,
+        num_inference_steps=steps,
+        noise="torch",
+        generator=gen(5),
+        output_type="pt",
+        progress=False,
+    )
+    assert ours.shape == ref.shape == (2, 3, 8, 8)
+    if eta > 0 or steps == 10:
+        torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
+    else:
+        # 50 deterministic steps amplify rounding ~500x here: both fp32 loops are held to the
+        # float64 loop (our float64 table, model in float64) by the tolerance rule instead.
+        truth = float64_ddim_loop(unet, torch.randn(2, 3, 8, 8, generator=gen(5)), steps)
+        assert_close_to_reference(ours, ref, (truth / 2 + 0.5).clamp(0, 1))
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-3)
+
+
+def float64_ddim_loop(unet, x_T, steps):
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(steps)
+    scheduler.alphas_cumprod = Schedule.from_config().alphas_cumprod
+    scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    return diffusers_loop(copy.deepcopy(unet).double(), scheduler, x_T.double(), None, scheduler.timesteps)
+
+
+def test_ddim_default_steps_and_options(unet):
+    """DDIM defaults to 50 steps; trailing spacing, set_alpha_to_one=False, v-prediction and
+    use_clipped_model_output against DDIMScheduler's loop."""
+    config = dict(timestep_spacing="trailing", set_alpha_to_one=False, prediction_type="v_prediction")
+    scheduler = DDIMScheduler(**config)
+    scheduler.set_timesteps(50)
+    x_T = torch.randn(2, 3, 8, 8, generator=gen(8))
+    kw = dict(eta=0.5, use_clipped_model_output=True)
+    ref = diffusers_loop(unet, scheduler, x_T, gen(9), scheduler.timesteps, **kw)
+    ours = sample(unet, x_T=x_T, scheduler=scheduler, noise="torch", generator=gen(9), progress=False, **kw)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
+
+
+def test_custom_timesteps(unet):
+    custom = [90, 71, 50, 33, 20, 9, 4, 1]  # ends at t = 1: DDPM's last step also adds noise
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample_range=0.5)
+    scheduler.set_timesteps(timesteps=custom)
+    x_T = torch.randn(2, 3, 8, 8, generator=gen(4))
+    ref = diffusers_loop(unet, scheduler, x_T, gen(6), scheduler.timesteps)
+    ours = sample(unet, x_T=x_T, scheduler=scheduler, timesteps=custom, noise="torch", generator=gen(6), progress=False)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("variance_type", ["learned_range", "fixed_large"])
+def test_variance_types_toy_model(variance_type):
+    """A learned-variance model (2C output channels) and fixed_large, against DDPMScheduler's loop."""
+    learned = variance_type.startswith("learned")
+
+    def model(x, t):
+        eps = toy(x, t)
+        return torch.cat([eps, torch.tanh(x)], dim=1) if learned else eps
+
+    scheduler = DDPMScheduler(num_train_timesteps=200, variance_type=variance_type, beta_schedule="squaredcos_cap_v2")
+    scheduler.set_timesteps(40)
+    x_T = torch.randn(2, 2, 3, 5, generator=gen(11))
+    ref = diffusers_loop(model, scheduler, x_T, gen(12), scheduler.timesteps)
+    ours = sample(
+        model,
+        x_T=x_T,
+        scheduler=scheduler,
+        num_inference_steps=40,
+        noise="torch",
+        generator=gen(12),
+        progress=False,
+    )
+    torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
+
+
+# ---------------------------------------------------------------- guidance against the reference
+class LabelledToy:
+    """A class-conditional toy: eps depends on the label; 3 is the null label."""
+
+    null_class_label = 3
+
+    def __call__(self, x, t, class_labels=None):
+        scale = (class_labels.to(x.dtype) + 1).reshape(-1, *([1] * (x.dim() - 1)))
+        return toy(x, t) * scale / 4
+
+
+def reference_loop(model, x, ts, prev_ts, schedule, config, generator, guidance, labels, null):
+    """The guided sampling loop built from ddpm_fast.reference, drawing torch noise as diffusers."""
+    n = x.shape[0]
+    model_labels = torch.cat([torch.full_like(labels, null), labels])
+    for t, prev in zip(ts, prev_ts, strict=True):
+        t_batch = torch.full((2 * n,), t, dtype=torch.int64)
+        out = model(torch.cat([x, x]), t_batch, class_labels=model_labels)
+        out = out.sample if hasattr(out, "sample") else out
+        draws = config.kind == "ddim" and config.eta > 0 or config.kind == "ddpm" and t > 0
+        noise = torch.randn(x.shape, generator=generator) if draws else None
+        t_n, prev_n = t_batch[:n], torch.full((n,), prev, dtype=torch.int64)
+        x = reference.posterior_step(out, x, t_n, prev_n, schedule, config, noise, guidance)[0]
+    return x
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_guided_class_conditional(kind):
+    unet = tiny_unet(seed=1, num_class_embeds=5)  # labels 0..3, 4 = null
+    config = SchedulerConfig(num_train_timesteps=100, prediction_type="v_prediction", thresholding=True)
+    schedule = Schedule.from_config(config)
+    eta = 0.5 if kind == "ddim" else 0.0
+    step_config = StepConfig.from_scheduler(config, kind, **({"eta": eta} if kind == "ddim" else {}))
+    steps = 12
+    ts = schedule.timesteps(steps).tolist()
+    prev_ts = ts[1:] + [-1] if kind == "ddpm" else [max(t - 100 // steps, -1) for t in ts]
+    labels = torch.tensor([0, 2, 1])
+    x_T = torch.randn(3, 3, 8, 8, generator=gen(21))
+    ref = reference_loop(unet, x_T, ts, prev_ts, schedule, step_config, gen(22), 3.0, labels, 4)
+    ours = sample(
+        unet,
+        x_T=x_T,
+        scheduler=kind,
+        scheduler_config=config,
+        num_inference_steps=steps,
+        eta=eta,
+        guidance_scale=3.0,
+        class_labels=labels,
+        null_class_label=4,
+        noise="torch",
+        generator=gen(22),
+        progress=False,
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # guidance changes the result; s = 1 is the plain conditional model (one pass, no null label needed)
+    cond = sample(
+        unet,
+        x_T=x_T,
+        scheduler=kind,
+        scheduler_config=config,
+        num_inference_steps=steps,
+        eta=eta,
+        guidance_scale=1.0,
+        class_labels=labels,
+        noise="torch",
+        generator=gen(22),
+        progress=False,
+    )
+    plain = sample(
+        unet,
+        x_T=x_T,
+        scheduler=kind,
+        scheduler_config=config,
+        num_inference_steps=steps,
+        eta=eta,
+        class_labels=labels,
+        noise="torch",
+        generator=gen(22),
+        progress=False,
+    )
+    torch.testing.assert_close(cond, plain, rtol=0, atol=0)
+    assert (cond - ours).abs().max() > 1e-3
+
+
+def test_guidance_reads_the_model_null_label():
+    model = LabelledToy()
+    x_T = torch.randn(2, 1, 4, 4, generator=gen(0))
+    config = SchedulerConfig(num_train_timesteps=50)
+    ts = Schedule.from_config(config).timesteps(10).tolist()
+    step_config = StepConfig.from_scheduler(config, "ddpm")
+    labels = torch.tensor([1, 2])
+    ref = reference_loop(
+        model, x_T, ts, ts[1:] + [-1], Schedule.from_config(config), step_config, gen(1), 2.0, labels, 3
+    )
+    ours = sample(
+        model,
+        x_T=x_T,
+        scheduler_config=config,
+        num_inference_steps=10,
+        guidance_scale=2.0,
+        class_labels=labels,
+        noise="torch",
+        generator=gen(1),
+        progress=False,
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- kernel noise, determinism, backends
+def test_kernel_noise_contract():
+    """noise="kernel": x_T = randn(generator), then one Philox key per step from
+    randint(0, 2**62, (steps,), generator); each step equals posterior_step with that key's noise."""
+    config = SchedulerConfig(num_train_timesteps=100, variance_type="fixed_small_log")
+    schedule = Schedule.from_config(config)
+    step_config = StepConfig.from_scheduler(config, "ddpm")
+    g = gen(7)
+    x = torch.randn(2, 3, 5, 5, generator=g)
+    ts = schedule.timesteps(20)
+    seeds = torch.randint(0, 2**62, (20,), generator=g, dtype=torch.int64).tolist()
+    for t, prev, seed in zip(ts.tolist(), ts.tolist()[1:] + [-1], seeds, strict=True):
+        noise = reference.philox_randn(seed, tuple(x.shape))
+        t_n, prev_n = torch.full((2,), t), torch.full((2,), prev)
+        x = posterior_step(toy(x, t_n), x, t_n, prev_n, schedule, step_config, noise=noise, backend="reference")[0]
+    ours = sample(
+        toy,
+        shape=(3, 5, 5),
+        batch_size=2,
+        scheduler_config=config,
+        num_inference_steps=20,
+        generator=gen(7),
+        progress=False,
+    )
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("noise", ["kernel", "torch"])
+def test_determinism(unet, noise):
+    kw = dict(batch_size=2, scheduler="ddim", num_inference_steps=6, eta=1.0, noise=noise, progress=False)
+    a = sample(unet, generator=gen(0), **kw)
+    b = sample(unet, generator=gen(0), **kw)
+    c = sample(unet, generator=gen(1), **kw)
+    assert torch.equal(a, b)
+    assert (a != c).float().mean() > 0.9  # (clip_sample pins a few elements of both at +-1)
+    # the generator advances: two draws in a row differ
+    g = gen(0)
+    assert not torch.equal(sample(unet, generator=g, **kw), sample(unet, generator=g, **kw))
+
+
+BACKENDS = ["reference", *(b for b in FAST_BACKENDS if b in ("cpp", "triton") and (b != "triton" or not HAS_CUDA))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_backends_agree(backend, kind):
+    """Every step backend gives the same images (kernel noise is backend-independent)."""
+    steps = 4 if is_slow(backend) else 25
+    kw = dict(shape=(2, 4, 4), batch_size=3, scheduler=kind, num_inference_steps=steps, progress=False)
+    if kind == "ddim":
+        kw["eta"] = 0.7
+    base = sample(toy, generator=gen(2), backend="cpp" if "cpp" in FAST_BACKENDS else "reference", **kw)
+    other = sample(toy, generator=gen(2), backend=backend, **kw)
+    torch.testing.assert_close(other, base, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- chunks, SDEdit, outputs, callbacks
+def test_chunks_with_per_image_generators(unet):
+    kw = dict(batch_size=5, scheduler="ddim", num_inference_steps=5, eta=1.0, progress=False)
+    whole = sample(unet, generator=[gen(i) for i in range(5)], **kw)
+    chunked = sample(unet, generator=[gen(i) for i in range(5)], chunk_size=2, **kw)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    # each image is what its generator alone gives (diffusers' randn_tensor semantics)
+    third = sample(unet, generator=gen(2), noise="torch", **{**kw, "batch_size": 1})
+    torch.testing.assert_close(whole[2:3], third, rtol=1e-6, atol=1e-6)
+
+
+def test_chunks_split_one_generator(unet):
+    """With one generator, chunks run one after the other from it; labels follow their images."""
+    unet = tiny_unet(seed=2, num_class_embeds=3)
+    kw = dict(batch_size=3, num_inference_steps=4, scheduler="ddim", progress=False, class_labels=[0, 1, 2])
+    chunked = sample(unet, generator=gen(0), chunk_size=2, **kw)
+    g = gen(0)
+    first = sample(unet, generator=g, **{**kw, "batch_size": 2, "class_labels": [0, 1]})
+    second = sample(unet, generator=g, **{**kw, "batch_size": 1, "class_labels": [2]})
+    torch.testing.assert_close(chunked, torch.cat([first, second]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_sdedit(unet, kind):
+    """image + strength: noise the image to the first kept timestep (diffusers' img2img), run the rest."""
+    scheduler = DDPMScheduler(num_train_timesteps=200) if kind == "ddpm" else DDIMScheduler(num_train_timesteps=200)
+    scheduler.set_timesteps(20)
+    t_start = 20 - int(20 * 0.6)
+    image = torch.rand(2, 3, 8, 8, generator=gen(30)) * 2 - 1
+    g = gen(31)
+    x = scheduler.add_noise(image, torch.randn(image.shape, generator=g), scheduler.timesteps[t_start : t_start + 1])
+    ref = diffusers_loop(unet, scheduler, x, g, scheduler.timesteps[t_start:])
+    ours = sample(
+        unet,
+        image=image,
+        strength=0.6,
+        scheduler=scheduler,
+        num_inference_steps=20,
+        noise="torch",
+        generator=gen(31),
+        progress=False,
+    )
+    torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
+    steps = []
+    sample(
+        unet,
+        image=image,
+        strength=0.6,
+        scheduler=scheduler,
+        num_inference_steps=20,
+        progress=False,
+        callback=lambda i, t, x_t: steps.append(t),
+    )
+    assert steps == scheduler.timesteps[t_start:].tolist()
+
+
+def test_output_types():
+    kw = dict(shape=(3, 4, 5), batch_size=2, num_inference_steps=8, progress=False, scheduler="ddim", eta=0.5)
+    kw["scheduler_config"] = dict(clip_sample=False)
+    outputs = {kind: sample(toy, output_type=kind, generator=gen(0), **kw) for kind in ("tensor", "pt", "np", "pil")}
+    raw, pt, arr, pil = outputs.values()
+    assert raw.abs().max() > 1  # the raw final sample is not clamped
+    torch.testing.assert_close(pt, (raw / 2 + 0.5).clamp(0, 1))
+    assert arr.dtype == np.float32 and arr.shape == (2, 4, 5, 3)
+    np.testing.assert_array_equal(arr, pt.permute(0, 2, 3, 1).numpy())
+    assert len(pil) == 2 and pil[0].size == (5, 4) and pil[0].mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(pil[1]), (arr[1] * 255).round().astype(np.uint8))
+    gray = sample(toy, shape=(1, 4, 4), num_inference_steps=3, output_type="pil", progress=False)
+    assert gray[0].mode == "L" and gray[0].size == (4, 4)
+
+
+def test_model_forms_callback_and_progress(unet, capsys):
+    """A model returning .sample, a tuple or a tensor; the shape from the model's config; the
+    callback's (step, t, x_t); no output with progress=False, a bar otherwise."""
+    seen = []
+    kw = dict(scheduler="ddim", num_inference_steps=5, generator=gen(0))
+    a = sample(unet, callback=lambda i, t, x: seen.append((i, t, x.clone())), progress=False, **kw)
+    assert a.shape == (1, 3, 8, 8)
+    assert [s[:2] for s in seen] == [(i, t) for i, t in enumerate(range(800, -1, -200))]
+    torch.testing.assert_close(seen[-1][2], a, rtol=0, atol=0)
+    assert capsys.readouterr().err == ""
+    b = sample(
+        lambda x, t: unet(x, t, return_dict=False), shape=(3, 8, 8), progress=True, **{**kw, "generator": gen(0)}
+    )
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_bf16_autocast_on_cpu(unet):
+    """dtype=torch.bfloat16 runs the model under autocast; the sample and the step stay fp32."""
+    kw = dict(batch_size=2, scheduler="ddim", num_inference_steps=10, generator=gen(0), progress=False)
+    fp32 = sample(unet, **kw)
+    kw["generator"] = gen(0)
+    bf16 = sample(unet, dtype=torch.bfloat16, **kw)
+    assert bf16.dtype == torch.float32
+    assert 0 < (bf16 - fp32).abs().max() < 0.1
+
+
+# ---------------------------------------------------------------- bad inputs
+class FakeCudaGenerator(torch.Generator):
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_bad_inputs(unet):
+    kw = dict(shape=(3, 4, 4), progress=False)
+    with pytest.raises(ValueError, match=r"model output has shape \(1, 3, 2, 2\)"):
+        sample(lambda x, t: x[..., :2, :2], **kw)
+    with pytest.raises(ValueError, match="6 channels .* variance_type='fixed_small'.*learned_range"):
+        sample(lambda x, t: torch.cat([x, x], 1), **kw)
+    with pytest.raises(ValueError, match="needs a model output with 2 x 3 channels"):
+        sample(toy, scheduler_config=dict(variance_type="learned_range"), **kw)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        sample(unet, class_labels=[1], guidance_scale=2.0, progress=False)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        sample(toy, class_labels=[1], **kw)
+    with pytest.raises(ValueError, match="null .*class label"):
+        sample(tiny_unet(num_class_embeds=3), class_labels=[1], guidance_scale=2.0, progress=False)
+    with pytest.raises(ValueError, match="guidance_scale needs class_labels"):
+        sample(LabelledToy(), guidance_scale=2.0, **kw)
+    with pytest.raises(ValueError, match="one label per image"):
+        sample(LabelledToy(), class_labels=[1, 2], **kw)
+    with pytest.raises(TypeError, match="class_labels must be integers"):
+        sample(LabelledToy(), class_labels=torch.tensor([1.0]), **kw)
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 1000\], got 1001"):
+        sample(toy, num_inference_steps=1001, **kw)
+    with pytest.raises(ValueError, match="generator is on cuda:0 but sampling runs on cpu"):
+        sample(toy, generator=FakeCudaGenerator(), **kw)
+    with pytest.raises(ValueError, match="got 2 generators for 3 images"):
+        sample(toy, batch_size=3, generator=[gen(0), gen(1)], **kw)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        sample(toy, generator=0, **kw)
+    with pytest.raises(ValueError, match="unknown scheduler 'euler'; valid: ddpm, ddim"):
+        sample(toy, scheduler="euler", **kw)
+    with pytest.raises(TypeError, match="DDPMScheduler/DDIMScheduler, got EulerDiscreteScheduler"):
+        sample(toy, scheduler=diffusers.EulerDiscreteScheduler(), **kw)
+    with pytest.raises(ValueError, match="unknown noise 'numpy'"):
+        sample(toy, noise="numpy", **kw)
+    with pytest.raises(ValueError, match="unknown output_type 'jpeg'"):
+        sample(toy, output_type="jpeg", **kw)
+    with pytest.raises(ValueError, match="eta=0.5 is a DDIM option"):
+        sample(toy, eta=0.5, **kw)
+    with pytest.raises(ValueError, match="cannot tell the image shape"):
+        sample(toy, progress=False)
+    with pytest.raises(ValueError, match="batch_size=2 but x_T holds 1 images"):
+        sample(toy, x_T=torch.zeros(1, 3, 4, 4), batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="either x_T .* or image"):
+        sample(toy, x_T=torch.zeros(1, 3, 4, 4), image=torch.zeros(1, 3, 4, 4), progress=False)
+    with pytest.raises(ValueError, match="strength applies to image="):
+        sample(toy, strength=0.5, **kw)
+    with pytest.raises(ValueError, match="leaves no step to run"):
+        sample(toy, image=torch.zeros(1, 3, 4, 4), strength=0.01, num_inference_steps=10, progress=False)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        sample(toy, cuda_graph=True, **kw)
+    with pytest.raises(ValueError, match="output_type='pil' needs \\(C, H, W\\) images"):
+        sample(toy, shape=(3, 4), output_type="pil", progress=False)
+    with pytest.raises(TypeError, match="tensor or an object with .sample"):
+        sample(lambda x, t: "image", **kw)
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr gives alpha_bar_T = 0"):
+        sample(toy, scheduler_config=dict(rescale_betas_zero_snr=True), **kw)
+
+
+# ---------------------------------------------------------------- CUDA graphs
+class ReplayingGraph:
+    """Stands in for a CUDA graph on the CPU: capture records the function, replay() runs it."""
+
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+    def pool(self):
+        return None
+
+
+@pytest.mark.parametrize("noise", ["kernel", "torch"])
+def test_graph_replay_bookkeeping(monkeypatch, noise):
+    """The captured-loop logic on the CPU, with the graph replaced by a function replay: static
+    buffers, packed (t, prev_t, seed) rows, labels per chunk, a graph per chunk size, and the
+    uncaptured last DDPM step with torch noise (no draw at t = 0) give the eager loop's images."""
+    made = []
+
+    def fake_capture(fn, generators, pool):
+        made.append(ReplayingGraph(fn))
+        return made[-1]
+
+    monkeypatch.setattr(ddpm_sampler, "_graphs_possible", lambda device: True)
+    monkeypatch.setattr(ddpm_sampler, "_capture", fake_capture)
+    kw = dict(shape=(2, 3, 3), batch_size=5, chunk_size=2, class_labels=[0, 1, 2, 1, 0], guidance_scale=2.0)
+    kw.update(scheduler_config=dict(num_train_timesteps=100), num_inference_steps=12, noise=noise, progress=False)
+    torch.manual_seed(0)
+    graphed = sample(LabelledToy(), **kw)
+    torch.manual_seed(0)
+    eager = sample(LabelledToy(), cuda_graph=False, **kw)
+    assert torch.equal(graphed, eager)
+    assert len(made) == 2  # chunks of 2, 2 and 1: one graph per size
+    # chunk 1 warms up on step 0; chunk 2 replays all 12 steps; torch noise runs t = 0 uncaptured
+    expected = 11 + 12 + 11 if noise == "kernel" else 10 + 11 + 10
+    assert sum(g.replays for g in made) == expected
+
+
+# ---------------------------------------------------------------- CUDA
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_cuda_graph_equals_eager(kind):
+    """Kernel noise: the captured loop replays exactly the eager loop (same keys, same kernels)."""
+    unet = tiny_unet(num_class_embeds=4).cuda()
+    kw = dict(
+        batch_size=5,
+        scheduler=kind,
+        num_inference_steps=12,
+        class_labels=[0, 1, 2, 0, 1],
+        guidance_scale=2.0,
+        null_class_label=3,
+        progress=False,
+        chunk_size=3,
+    )
+    if kind == "ddim":
+        kw["eta"] = 1.0
+    g = lambda: torch.Generator("cuda").manual_seed(0)  # noqa: E731
+    graphed = sample(unet, generator=g(), cuda_graph=True, **kw)
+    eager = sample(unet, generator=g(), cuda_graph=False, **kw)
+    assert torch.equal(graphed, eager)
+    cpu_gen = sample(unet, generator=torch.Generator().manual_seed(0), cuda_graph=True, **kw)
+    assert torch.isfinite(cpu_gen).all() and not torch.equal(cpu_gen, graphed)
+
+
+@cuda_only
+def test_cuda_graph_torch_noise():
+    """Torch noise from a CUDA generator is drawn inside the graph as eagerly; a CPU generator runs
+    uncaptured and matches the same loop on the CPU."""
+    unet = tiny_unet().cuda()
+    kw = dict(batch_size=3, num_inference_steps=20, noise="torch", progress=False, dtype=torch.float32)
+    scheduler = DDPMScheduler(num_train_timesteps=20)
+    g = lambda: torch.Generator("cuda").manual_seed(1)  # noqa: E731
+    graphed = sample(unet, scheduler=scheduler, generator=g(), cuda_graph=True, **kw)
+    eager = sample(unet, scheduler=scheduler, generator=g(), cuda_graph=False, **kw)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    on_cpu = sample(unet.cpu(), scheduler=scheduler, generator=gen(1), **kw)
+    cpu_gen = sample(unet.cuda(), scheduler=scheduler, generator=gen(1), **kw)
+    torch.testing.assert_close(cpu_gen.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+
+
+@cuda_only
+def test_cuda_bf16_default_and_generator_device():
+    unet = tiny_unet().cuda()
+    out = sample(unet, batch_size=4, scheduler="ddim", num_inference_steps=10, progress=False)
+    assert out.device.type == "cuda" and out.dtype == torch.float32 and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="generator is on cuda"):
+        sample(tiny_unet(), generator=torch.Generator("cuda"), progress=False)
+
+
+def test_exported():
+    assert ddpm_fast.sample is sample
