@@ -2,6 +2,7 @@
 
 from ._backends import backends
 from .ops import attention, attention_block, group_norm_silu, posterior_step, q_sample
+from .sampler import sample
 from .schedule import Schedule, SchedulerConfig, StepConfig
 
 __version__ = "0.1.0"
@@ -15,4 +16,5 @@ __all__ = [
     "group_norm_silu",
     "posterior_step",
     "q_sample",
+    "sample",
 ]
