@@ -225,13 +225,21 @@ def load_for_sampling(
     path: str | os.PathLike, *, device: torch.device | str = "cpu", ema: bool = True
 ) -> tuple[torch.nn.Module, Any]:
     """(U-Net with the EMA weights, SchedulerConfig) from a run directory (follows ``latest``),
-    a checkpoints directory or a step directory. ``ema=False`` loads the raw weights instead.
+    a checkpoints directory, a step directory, or a diffusers pipeline folder (``unet/`` +
+    ``scheduler/``, e.g. from ``export_pipeline``). ``ema=False`` loads the raw weights instead.
 
     The U-Net is in eval mode on ``device``; the scheduler config carries T, the betas and the
     prediction type the model was trained with.
     """
     from .schedule import SchedulerConfig
     from .unet import UNet, UNetConfig
+
+    pipeline = Path(path)
+    if (pipeline / "unet" / "config.json").is_file() and (pipeline / "scheduler" / "scheduler_config.json").is_file():
+        model = UNet.from_diffusers(pipeline / "unet")
+        scheduler = read_json(pipeline / "scheduler" / "scheduler_config.json")
+        config = SchedulerConfig.from_dict({k: v for k, v in scheduler.items() if k in _SCHEDULER_KEYS})
+        return model.to(device).eval(), config
 
     loaded = load_checkpoint(path, training_state=False, weights=not ema)
     try:
@@ -244,3 +252,41 @@ def load_for_sampling(
     except ValueError as e:
         raise ValueError(f"{loaded.path}: {e}") from e
     return model.to(device).eval(), SchedulerConfig.from_dict(loaded.scheduler_config)
+
+
+# SchedulerConfig's fields (diffusers writes more keys, e.g. clip_sample_range's siblings of DDIM).
+_SCHEDULER_KEYS = frozenset(
+    {
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "variance_type",
+        "clip_sample",
+        "clip_sample_range",
+        "prediction_type",
+        "thresholding",
+        "dynamic_thresholding_ratio",
+        "sample_max_value",
+        "timestep_spacing",
+        "steps_offset",
+        "rescale_betas_zero_snr",
+        "set_alpha_to_one",
+    }
+)
+
+
+def export_pipeline(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = True) -> Path:
+    """Write a checkpoint as a diffusers ``DDPMPipeline`` folder (``save_pretrained`` layout:
+    ``model_index.json``, ``unet/`` with a ``UNet2DModel``, ``scheduler/`` with a ``DDPMScheduler``),
+    loadable with ``DDPMPipeline.from_pretrained(out_dir)``. Needs diffusers."""
+    try:
+        from diffusers import DDPMPipeline, DDPMScheduler
+    except ImportError as e:
+        raise ImportError("export_pipeline needs diffusers (pip install diffusers)") from e
+    model, scheduler_config = load_for_sampling(checkpoint_path, ema=ema)
+    scheduler = DDPMScheduler.from_config(scheduler_config.to_dict())
+    out = Path(out_dir)
+    DDPMPipeline(unet=model.to_diffusers(), scheduler=scheduler).save_pretrained(str(out))
+    return out

@@ -19,7 +19,7 @@ def tiny_unet(**overrides) -> UNet:
 
 
 def contents(model: UNet, step: int) -> dict:
-    ema = {k: v + 1.0 for k, v in model.state_dict().items()}  # distinct from the raw weights
+    ema = {k: v * 0.5 for k, v in model.state_dict().items()}  # distinct from the raw weights
     return dict(
         model_state=model.state_dict(),
         ema_state=ema,
@@ -48,7 +48,7 @@ def test_layout_latest_and_keep_last(tmp_path, model):
     assert loaded.step == 4 and loaded.training_state["step"] == 4
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.model_state[k], v)
-        assert torch.equal(loaded.ema_state[k], v + 1.0)
+        assert torch.equal(loaded.ema_state[k], v * 0.5)
     # no hidden temporary directories left behind
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
@@ -95,7 +95,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, model, monkeypatch
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
     loaded = ckpt.load_checkpoint(tmp_path)
     assert loaded.step == 1
-    assert torch.equal(loaded.ema_state["conv_in.weight"], model.state_dict()["conv_in.weight"] + 1.0)
+    assert torch.equal(loaded.ema_state["conv_in.weight"], model.state_dict()["conv_in.weight"] * 0.5)
 
 
 def test_crash_leftovers_are_ignored_then_cleaned(tmp_path, model):
@@ -133,7 +133,7 @@ def test_load_for_sampling(tmp_path, model):
     assert isinstance(ema_model, UNet) and not ema_model.training
     assert scheduler_config == SchedulerConfig(prediction_type="v_prediction")
     for k, v in model.state_dict().items():
-        assert torch.equal(ema_model.state_dict()[k], v + 1.0)
+        assert torch.equal(ema_model.state_dict()[k], v * 0.5)
     raw, _ = ckpt.load_for_sampling(tmp_path, ema=False)
     assert torch.equal(raw.conv_in.weight, model.conv_in.weight)
 
@@ -147,3 +147,24 @@ def test_load_for_sampling_other_config_is_a_clear_error(tmp_path, model):
     (step_dir / "config.json").write_text(json.dumps({"not_a_unet_key": 1}))
     with pytest.raises(ValueError, match="not a valid ddpm_fast U-Net config"):
         ckpt.load_for_sampling(tmp_path)
+
+
+def test_export_pipeline_round_trip(tmp_path, model):
+    diffusers = pytest.importorskip("diffusers")
+    ckpt.save_checkpoint(tmp_path / "run", 1, **contents(model, 1))
+    out = ckpt.export_pipeline(tmp_path / "run", tmp_path / "pipe")
+    assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(out))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    ours, scheduler_config = ckpt.load_for_sampling(tmp_path / "run")
+    again, again_config = ckpt.load_for_sampling(out)  # the pipeline folder loads back
+    assert again_config == scheduler_config
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([3, 900])
+    labels = torch.tensor([1, 10])
+    with torch.no_grad():
+        expected = ours(x, t, labels)
+        theirs = pipe.unet(x, t, class_labels=labels).sample
+        back = again(x, t, labels)
+    assert (theirs - expected).abs().max() / expected.abs().max() < 1e-4
+    torch.testing.assert_close(back, expected)
