@@ -4,12 +4,15 @@ from ._backends import backends
 from .ops import attention, attention_block, group_norm_silu, posterior_step, q_sample
 from .sampler import sample
 from .schedule import Schedule, SchedulerConfig, StepConfig
+from .unet import UNet, UNetConfig
 
 __version__ = "0.1.0"
 __all__ = [
     "Schedule",
     "SchedulerConfig",
     "StepConfig",
+    "UNet",
+    "UNetConfig",
     "attention",
     "attention_block",
     "backends",
