@@ -1,9 +1,11 @@
 """ddpm_fast: fused kernels, a U-Net, a trainer and a drop-in sampler for DDPM/DDIM."""
 
 from ._backends import backends
+from .checkpoint import export_pipeline, load_for_sampling
 from .ops import attention, attention_block, group_norm_silu, posterior_step, q_sample
 from .sampler import sample
 from .schedule import Schedule, SchedulerConfig, StepConfig
+from .train import TrainConfig, Trainer
 from .unet import UNet, UNetConfig
 
 __version__ = "0.1.0"
@@ -11,12 +13,16 @@ __all__ = [
     "Schedule",
     "SchedulerConfig",
     "StepConfig",
+    "TrainConfig",
+    "Trainer",
     "UNet",
     "UNetConfig",
     "attention",
     "attention_block",
     "backends",
+    "export_pipeline",
     "group_norm_silu",
+    "load_for_sampling",
     "posterior_step",
     "q_sample",
     "sample",
