@@ -24,7 +24,7 @@ from torch import nn
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
 # Bumped whenever the classifier's architecture or training changes, so stale caches are ignored.
-CLASSIFIER_VERSION = 1
+CLASSIFIER_VERSION = 2
 
 
 # ---------------------------------------------------------------- Fréchet distance
@@ -148,7 +148,8 @@ def inception_extractor(weights_path: str | os.PathLike, *, device: torch.device
     The extractor takes images in [-1, 1] ``(B, 1 or 3, H, W)`` (grey is repeated to RGB), resizes
     them to 299x299 bilinearly as pytorch-fid does, and returns ``(B, 2048)``; FIDs then match
     ``python -m pytorch_fid`` on the same images up to fp32/fp64 rounding. Needs the optional
-    ``pytorch-fid`` package and a torchvision built for the installed torch.
+    ``pytorch-fid`` package and a torchvision built for the installed torch (not a package extra:
+    an unpinned ``pip install pytorch-fid`` pulls the newest torch over yours).
     """
     path = Path(weights_path)
     if not path.is_file():
@@ -159,8 +160,10 @@ def inception_extractor(weights_path: str | os.PathLike, *, device: torch.device
         from pytorch_fid import inception as fid_inception
     except Exception as e:  # ImportError, or a RuntimeError from a torchvision built for another torch
         raise ImportError(
-            "Inception FID needs the optional package pytorch-fid and a torchvision that matches the installed "
-            f"torch {torch.__version__} (pip install pytorch-fid, never over your torch): {e}"
+            "Inception FID needs the optional package pytorch-fid and a torchvision built for the installed "
+            f"torch {torch.__version__}: pin torch so pip does not replace it, e.g. "
+            f'pip install pytorch-fid "torch=={torch.__version__.split("+")[0]}" (a CPU torch needs the CPU '
+            f"torchvision from https://download.pytorch.org/whl/cpu). Import failed with: {e}"
         ) from e
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -194,7 +197,7 @@ class DatasetClassifier(nn.Module):
     """A small CNN for one built-in dataset: ``forward(x) -> logits (N, num_classes)``,
     ``features(x) -> (N, feature_dim)`` (the penultimate layer, used for the classifier FID).
 
-    Strided 4x4 convs down to <= 16x16 for larger images, a 3x3 conv (width), 2x2 average pooling,
+    Strided 4x4 convs down to <= 16x16 for larger images, a 3x3 conv (width), 2x2 max pooling,
     two 3x3 convs (2 x width), each conv followed by GroupNorm (4 groups) and ReLU, an adaptive
     average pool to 4x4, a linear layer to
     ``feature_dim`` with ReLU, and a linear head: small enough to train in seconds on a CPU. Takes
@@ -234,7 +237,7 @@ class DatasetClassifier(nn.Module):
         self.body = nn.Sequential(
             *stem,
             *conv(c, w),
-            nn.AvgPool2d(2) if size >= 8 else nn.Identity(),
+            nn.MaxPool2d(2) if size >= 8 else nn.Identity(),
             *conv(w, 2 * w),
             *conv(2 * w, 2 * w),
             nn.AdaptiveAvgPool2d(4),
@@ -347,12 +350,13 @@ def train_classifier(
     """Train the ``DatasetClassifier`` of a built-in dataset ("digits" or "shapes") on its train
     split and measure it on the held-out split (``classifier.heldout_accuracy``).
 
-    Deterministic given ``seed`` on a given machine and thread count (initialisation, order and
-    random +-1 pixel shifts all come from it; torch's global RNG is left as it was). Adam, lr 2e-3
-    with cosine decay; ``epochs`` defaults to 6 (digits) or 8 (shapes). Digits at 16x16 train in a
-    few seconds on 2 CPU cores and reach ~97% held-out accuracy. With ``cache_dir`` the trained
-    weights are kept in a safetensors file there (named by dataset, size, channels, seed, epochs)
-    and reused.
+    Deterministic given ``seed`` on a given machine and thread count (initialisation, order and the
+    random shifts of up to ``max(1, image_size // 16)`` pixels all come from it; torch's global RNG
+    is left as it was). Adam, lr 2e-3 with cosine decay; ``epochs`` defaults to 6 (digits) or 8
+    (shapes). Digits at 16x16 train in a few seconds on 2 idle CPU cores and reach ~98% held-out
+    accuracy (seen, seed 0: 98.3% at 16x16, 97.2% at 32x32; shapes: 99.5% at 16x16, 100% at
+    32x32). With ``cache_dir`` the weights are kept in a safetensors file there (named by dataset,
+    size, channels, seed and epochs) and reused.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
