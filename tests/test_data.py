@@ -114,7 +114,7 @@ def test_shapes_are_fast():
     make_dataset("shapes", image_size=32, num_images=64)
     start = time.perf_counter()
     make_dataset("shapes", image_size=32, num_images=4096)
-    assert time.perf_counter() - start < 3.0  # ~0.3 s on an idle 2-core machine
+    assert time.perf_counter() - start < 5.0  # well under 1 s here even with 4 other jobs on the 2 cores
 
 
 # ---------------------------------------------------------------- flips
