@@ -19,16 +19,16 @@ from torch import nn
 
 DEMO_DEFAULTS = {
     "out": "ddpm_demo",
-    "steps": 1500,
+    "steps": 2000,
     "time_limit": 420.0,
-    "batch_size": 64,
+    "batch_size": 32,
     "lr": 1e-3,
     "warmup_steps": 100,
     "conditional": True,
     "num_images": 200,
-    "sample_steps": 50,
+    "sample_steps": 25,
     "guidance_scale": None,
-    "threshold": 0.25,
+    "threshold": 0.1,
     "seed": 0,
     "progress": True,
 }

@@ -457,6 +457,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
+        # torch's global RNG (used only by dropout inside the model) is rank 0's; the other ranks
+        # keep their own stream, so a DDP resume is exact except for dropout masks on ranks > 0.
         if self.dist.is_main:
             torch.set_rng_state(state["rng"]["torch"])
             if torch.cuda.is_available() and "cuda" in state["rng"]:
