@@ -52,6 +52,7 @@ class Launch:
     kwargs: dict
     flops: int = 0  # what the launch computes, declared by the recording code (0: memory-bound)
     tensor_flops: bool = False  # whether those FLOPs run on tensor cores (bf16/fp16 tl.dot)
+    archs: tuple[str, ...] = ()  # the targets whose configuration was recorded; () = every target
 
 
 @dataclasses.dataclass
@@ -251,9 +252,49 @@ def _groupnorm_launches() -> list[Launch]:
     return launches
 
 
+def _attention_launches() -> list[Launch]:
+    from .kernels import triton_attention as mod
+
+    launches: list[Launch] = []
+    # (B, H, S, D, dtype): the CIFAR U-Net's 16x16 attention (head_dim 256, held whole), the 256x256
+    # models' head_dim 512 (the split path), long sequences at head_dim 64 and a 128-wide head; fp32
+    # (IEEE products) at the U-Net's two, whose tiles take the most registers. q, k, v, o as (B, S, H, D)
+    # memory, the layout of the block's projections (same divisibility as its (B, S, 3C) views).
+    bf16, fp32 = torch.bfloat16, torch.float32
+    cases = [(128, 1, 256, 256, bf16), (16, 1, 256, 512, bf16), (4, 8, 4096, 64, bf16), (8, 1, 1024, 128, bf16)]
+    cases += [(128, 1, 256, 256, fp32), (16, 1, 256, 512, fp32)]
+    kernels = {
+        "fwd": ("_attn_fwd_kernel",),
+        "bwd": ("_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"),
+    }
+    for arch_name, arch in TARGETS.items():
+        for b, h, s, d, dtype in cases:
+            q, k, v, o = (torch.empty((b, s, h, d), dtype=dtype).transpose(1, 2) for _ in range(4))
+            lse = torch.empty((b, h, s))
+            tag = f"{str(dtype)[6:]}-{b}x{h}x{s}x{d}-{arch_name}"
+            fwd_flops = 4 * b * h * s * s * d
+            for phase, names in kernels.items():
+                start = len(launches)
+                with contextlib.ExitStack() as stack:
+                    for name in names:
+                        label = f"attention_{name[len('_attn_') : -len('_kernel')]}[{tag}]"
+                        stack.enter_context(_recording(mod, name, label, launches))
+                    if phase == "fwd":
+                        mod.attention_fwd_triton(q, k, v, o, lse, d**-0.5, arch=arch)
+                    else:
+                        mod.attention_bwd_triton(o, q, k, v, o, lse, q, k, v, d**-0.5, arch=arch)
+                for launch in launches[start:]:
+                    launch.archs = (arch_name,)
+                    launch.tensor_flops = dtype != fp32
+                    # the backward's 2.5x the forward: dk/dv 4 of the 5 GEMMs (2 recomputed), dq 3
+                    share = {"fwd": 1.0, "bwd_dkdv": 1.5, "bwd_dq": 1.0}.get(launch.name.split("[")[0][10:], 0.0)
+                    launch.flops = int(share * fwd_flops)
+    return launches
+
+
 def recorded_launches() -> list[Launch]:
     """Every Triton launch the package makes at its representative shapes and dtypes."""
-    return _noising_launches() + _posterior_launches() + _groupnorm_launches()
+    return _noising_launches() + _posterior_launches() + _groupnorm_launches() + _attention_launches()
 
 
 def _cuobjdump() -> str:
@@ -387,19 +428,56 @@ def cuda_sources() -> list[str]:
     return sorted(os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith(".cu"))
 
 
+def write_reports(reports: list[Report], out_dir: str) -> None:
+    """One JSON per target: the toolchain that compiled it and every kernel's report."""
+    import triton
+
+    nvcc = shutil.which("nvcc")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else ""
+    os.makedirs(out_dir, exist_ok=True)
+    for arch in TARGETS:
+        path = os.path.join(out_dir, f"aot-{arch.replace('_', '')}.json")
+        document = {
+            "target": arch,
+            "triton": triton.__version__,
+            "torch": torch.__version__,
+            "nvcc": (re.findall(r"release [\d.]+", version) or [""])[0],
+            "commit": _git_commit(),
+            "peaks": {"bytes_per_s": PEAK_BYTES_PER_S[arch], "flops": PEAK_FLOPS[arch]},
+            "kernels": [dataclasses.asdict(r) for r in reports if r.arch == arch],
+        }
+        with open(path + ".tmp", "w") as f:
+            json.dump(document, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}")
+
+
+def _git_commit() -> str:
+    if os.environ.get("DDPM_FAST_COMMIT"):
+        return os.environ["DDPM_FAST_COMMIT"]
+    root = os.path.dirname(CSRC)
+    proc = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Compile every Triton kernel for sm_90 and sm_80; report resources.")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--no-nvcc", action="store_true", help="skip the CUDA C++ kernels of csrc/")
+    parser.add_argument("--out", metavar="DIR", help="also write DIR/aot-sm90.json and DIR/aot-sm80.json")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     launches = recorded_launches()
-    reports = [compile_launch(launch, arch) for launch in launches for arch in TARGETS]
+    reports = [
+        compile_launch(launch, arch) for launch in launches for arch in TARGETS if arch in (launch.archs or TARGETS)
+    ]
     nvcc = None if args.no_nvcc else shutil.which("nvcc")
     sources = cuda_sources() if nvcc else []
     reports += [r for source in sources for arch in TARGETS for r in nvcc_reports(arch, source)]
     unrecorded = sorted(package_kernels() - recorded_kernels(launches))
+    if args.out:
+        write_reports(reports, args.out)
     if args.json:
         result = {"reports": [dataclasses.asdict(r) for r in reports], "unrecorded": unrecorded, "nvcc": bool(sources)}
         print(json.dumps(result))

@@ -3,6 +3,8 @@ rule, forward and backward: the Triton kernel (under the interpreter on CPU, so 
 seq 16..130, head_dim 32..512 incl. 96/160/320 and non-contiguous layouts), SDPA, the block in NCHW
 and channels_last, diffusers' Attention as the oracle for the block, torch.compile and bad inputs."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import HAS_CUDA, TRITON_INTERPRETED, assert_close_to_reference
@@ -146,19 +148,20 @@ def test_triton_op_traces_fullgraph():
 
 def test_config_is_pure_and_splits_wide_heads():
     """Configurations depend on (shape, dtype, arch) only; head_dim 512 splits its output (no
-    [64, 512] fp32 accumulator: that spills) and every block is >= 16 (tl.dot's minimum)."""
+    [64, 512] fp32 accumulator: that spills), a head held whole is one output slice (the kernels
+    rely on it), and every block is >= 16 (tl.dot's minimum)."""
     from ddpm_fast.kernels.triton_attention import attention_config
 
-    for arch in (None, 80, 90):
-        for backward in (False, True):
-            for d in (32, 96, 160, 256, 320, 512):
-                for s in (16, 33, 256, 4096):
-                    cfg = attention_config(s, s, d, torch.bfloat16, arch, backward)
-                    assert cfg == attention_config(s, s, d, torch.bfloat16, arch, backward)
-                    assert min(cfg.block_m, cfg.block_n, cfg.block_dk, cfg.block_dv) >= 16
-                    assert cfg.block_d >= d and cfg.block_d % cfg.block_dk == 0
-                    if d > 256:
-                        assert cfg.block_dv < cfg.block_d and cfg.num_dk > 1
+    for arch, backward, dtype in itertools.product((None, 80, 90), (False, True), (torch.bfloat16, torch.float32)):
+        for d in (32, 96, 160, 256, 320, 512):
+            for s in (16, 33, 256, 4096):
+                cfg = attention_config(s, s, d, dtype, arch, backward)
+                assert cfg == attention_config(s, s, d, dtype, arch, backward)
+                assert min(cfg.block_m, cfg.block_n, cfg.block_dk, cfg.block_dv) >= 16
+                assert cfg.block_d >= d and cfg.block_d % cfg.block_dk == 0 and cfg.block_d % cfg.block_dv == 0
+                assert cfg.num_dk > 1 or cfg.block_dv == cfg.block_d
+                if d > 256:
+                    assert cfg.block_dv < cfg.block_d and cfg.num_dk > 1
 
 
 # ------------------------------------------------------------------ SDPA, reference, dispatch

@@ -11,9 +11,11 @@ gradient has one writer, so no atomics and a fixed summation order (deterministi
 
 The head dimension: D is padded to a power of two (BLOCK_D >= 16; loads masked, so D = 96, 160,
 320 work). Where the whole head fits (BLOCK_D <= 256 here) a program holds q (or k and v) for the
-whole loop. Wider heads (512) do not fit a program's registers at useful block sizes (DESIGN.md:
+whole loop (fp16/bf16; fp32 up to 64, its products run on FMA units with operands in registers).
+Wider heads (512) do not fit a program's registers at useful block sizes (DESIGN.md:
 BM = BN = 64 at 8 warps spills), so there the head dim is split two ways:
-- the score products (q k^T, do v^T) run over D in BLOCK_DK chunks loaded as they are needed;
+- the score products (q k^T, do v^T) run over D in BLOCK_DK chunks loaded as they are needed (a
+  runtime loop: unrolled, the chunks' loads were hoisted and spilled);
 - the output (o, dq, dk, dv) is split into BLOCK_DV slices, one per program (grid axis 1): each
   program recomputes the scores over the whole of D (1.5x the FLOPs at D = 512, two slices) but
   holds only a [BLOCK, BLOCK_DV] fp32 accumulator.
@@ -31,10 +33,9 @@ import triton.language as tl
 
 from .._backends import triton_interpreting
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = 1.4426950408889634  # scores run in base 2: exp(x) = exp2(x log2 e)
 # Widest head held whole by a program; wider heads are split (module docstring).
 MAX_RESIDENT_D = 256
-MAX_HEAD_DIM = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,28 +63,32 @@ def attention_config(
     """Block sizes, warps and pipeline stages for one launch; ``arch`` is the CUDA compute
     capability (90, 80) or None (the interpreter: the sm_90 configuration, so the kernels tested
     on CPU are those that run). Chosen from the AOT report (python -m ddpm_fast._aot): no register
-    spills and shared memory within the device's (227 KB sm_90, 163 KB sm_80).
+    spills, shared memory within the device's (227 KB sm_90, 163 KB sm_80).
 
-    Held whole (D <= 256): BLOCK_M = 64 (wgmma's M); BLOCK_N 64, 32 at D >= 128 in the backward
-    (whose program holds two accumulators) and at D = 256; 8 warps at D = 256, else 4.
-    Split (D = 512): two 256-wide output slices, 64-wide score chunks, 8 warps; the forward
-    64 x 64 blocks (64 x 32 on sm_80), the backward 32 x 32."""
+    fp16/bf16, head held whole (D <= 256): BLOCK_M = 64 (wgmma's M); BLOCK_N 64, 32 at D = 256 and
+    at D >= 128 in the backward (whose program holds two accumulators); 8 warps at D = 256, else 4.
+    fp16/bf16, D = 512: 64 x 64 blocks (the backward on sm_80: 32 x 32, one stage), 64-wide score
+    chunks, two 256-wide output slices, 8 warps.
+    fp32 (IEEE products on the FMA units, whose operand tiles live in registers): held whole up to
+    D = 64; wider heads in 32-wide score chunks and 128-wide output slices, 32 x 32 blocks
+    (64 x 32 in the forward), 8 warps."""
     block_d = _pow2(d)
     hopper = arch is None or arch >= 90
-    wide = block_d > MAX_RESIDENT_D
-    fp32 = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
-    if not wide:
+    if dtype == torch.float32 and block_d > 64:
+        block_m, block_n, num_warps = 32 if backward else 64, 32, 8
+        block_dk, block_dv = 32, min(block_d, 128)
+        num_stages = 1 if backward else 2
+    elif dtype == torch.float32 or block_d <= MAX_RESIDENT_D:
         block_m, block_n = 64, 64
-        if block_d >= 256 or (backward and block_d >= 128) or (fp32 and block_d >= 128):
+        if block_d >= 256 or (backward and block_d >= 128) or dtype == torch.float32:
             block_n = 32
         num_warps = 8 if block_d >= 256 else 4
         block_dk = block_dv = block_d
         num_stages = 3 if hopper else 2
-    elif not backward:
-        block_m, block_n, num_warps, num_stages = 64, 64 if hopper and not fp32 else 32, 8, 2
-        block_dk, block_dv = 64, 256
     else:
-        block_m, block_n, num_warps, num_stages = 32, 32, 8, 2 if hopper else 1
+        block_m, block_n, num_warps, num_stages = 64, 64, 8, 2
+        if backward and not hopper:  # sm_80's mma.sync operand layouts take more registers
+            block_m, block_n, num_stages = 32, 32, 1
         block_dk, block_dv = 64, 256
     # Short sequences: no blocks larger than the (padded) sequence they cover.
     block_m = min(block_m, _pow2(sq))
@@ -124,7 +129,7 @@ def _chunked_dot(a_base, a_rows, a_mask, sa_row, sa_d, b_base, b_rows, b_mask, s
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
     """a[a_rows, :D] @ b[b_rows, :D]^T over D in NUM_DK chunks of BLOCK_DK, loaded chunk by chunk."""
     acc = tl.zeros([ROWS_A, ROWS_B], tl.float32)
-    for i in tl.static_range(NUM_DK):
+    for i in range(NUM_DK):
         d = i * BLOCK_DK + tl.arange(0, BLOCK_DK)
         dmask = d < D
         a = _tile(a_base, a_rows, d, a_mask, dmask, sa_row, sa_d)
@@ -350,7 +355,7 @@ def attention_fwd_triton(
     grid = (num_m * bsz * heads, triton.cdiv(d, cfg.block_dv))
     _attn_fwd_kernel[grid](
         q, k, v, o, lse,
-        heads, sq, sk, d, scale * 1.4426950408889634, num_m,
+        heads, sq, sk, d, scale * LOG2E, num_m,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=cfg.block_dk, NUM_DK=cfg.num_dk, BLOCK_DV=cfg.block_dv,
         PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -391,7 +396,7 @@ def attention_bwd_triton(
     )  # fmt: skip
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     num_n = triton.cdiv(sk, cfg.block_n)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     _attn_bwd_dkdv_kernel[(num_n * bsz * heads, triton.cdiv(d, cfg.block_dv))](
         q, k, v, do, lse, delta, dk, dv, heads, sq, sk, d, qk_scale, scale, num_n,
         *strides, *dk.stride(), *dv.stride(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **blocks,

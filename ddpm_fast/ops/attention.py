@@ -271,7 +271,8 @@ def attention_block(
     if qkv_bias is not None:
         qkv = qkv + qkv_bias.to(dtype)
     d = c // num_heads
-    q, k, v = (qkv[..., i * c : (i + 1) * c].view(n, s, num_heads, d).transpose(1, 2) for i in range(3))
+    # unbind: the backward stacks dq, dk, dv into one (N, S, 3C) gradient (slices would each zero-fill it)
+    q, k, v = (t.transpose(1, 2) for t in qkv.view(n, s, 3, num_heads, d).unbind(2))
     o = attention(q, k, v, backend=backend).transpose(1, 2).reshape(n, s, c)  # a view for Triton's output
     x3 = as_3d(x)
     if x3.stride(1) == 1 and c > 1:  # channels_last: y in (N, S, C), residual folded into the GEMM
