@@ -262,6 +262,23 @@ def test_block_matches_diffusers_attention(backend):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_block_under_autocast(channels_last):
+    """bf16 autocast with fp32 x and weights (the trainer's setting): y in fp32 like the reference's
+    (the residual added in fp32), within bf16 error of the exact block."""
+    x = draw((2, 32, 4, 4), torch.float32, 70)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    params = block_params(32, torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = attention_block(x, *params)
+        ref = reference.attention_block(x, *params)
+    exact = reference.attention_block(x.double(), *[p.double() for p in params])
+    assert y.dtype == ref.dtype == torch.float32
+    err, ref_err = ((t.double() - exact).abs().max().item() for t in (y, ref))
+    assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+
+
 def test_block_compiles_fullgraph():
     """torch.compile(fullgraph=True) of the block's forward and backward (the U-Net is compiled):
     one graph, the same values and gradients as the reference."""
@@ -286,6 +303,8 @@ def test_bad_attention_inputs():
         attention(q, torch.zeros(1, 1, 16, 32), torch.zeros(1, 1, 16, 32))
     with pytest.raises(ValueError, match="v has shape"):
         attention(q, q, torch.zeros(1, 2, 15, 32))
+    with pytest.raises(ValueError, match="no keys"):
+        attention(q, q[:, :, :0], q[:, :, :0])
     with pytest.raises(ValueError, match="head_dim 513"):
         big = torch.zeros(1, 1, 16, 513)
         attention(big, big, big)

@@ -158,6 +158,8 @@ def _check_qkv(q: object, k: object, v: object, scale: object) -> None:
         raise ValueError(f"k has shape {tuple(k.shape)}, expected ({b}, {h}, seq_k, {d}) to match q {tuple(q.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v has shape {tuple(v.shape)}, expected k's {tuple(k.shape)}")
+    if k.shape[2] == 0 and q.shape[2] and b * h:
+        raise ValueError("k and v have no keys (seq_k = 0): the softmax over them is undefined")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d} is not supported: 1..{MAX_HEAD_DIM} (split the heads further)")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0):
@@ -239,7 +241,8 @@ def attention_block(
         backend: the attention's ("triton", "sdpa", "reference"; None picks); "reference" also
             runs the reference GroupNorm.
 
-    Weights are used in x's dtype (under autocast, cast them first). Differentiable in every tensor.
+    Weights are used in x's dtype; under autocast the projections and the attention run in the
+    autocast dtype and the residual add in x's, as in the reference. Differentiable in every tensor.
 
     Returns:
         y shaped like x, in x's dtype; channels_last stays channels_last.
@@ -269,19 +272,19 @@ def attention_block(
     s = tokens.shape[1]
     qkv = torch.bmm(tokens, w_qkv.t().expand(n, c, 3 * c))  # (N, S, 3C)
     if qkv_bias is not None:
-        qkv = qkv + qkv_bias.to(dtype)
+        qkv = qkv + qkv_bias.to(qkv.dtype)  # qkv's: bf16 under autocast
     d = c // num_heads
     # unbind: the backward stacks dq, dk, dv into one (N, S, 3C) gradient (slices would each zero-fill it)
     q, k, v = (t.transpose(1, 2) for t in qkv.view(n, s, 3, num_heads, d).unbind(2))
     o = attention(q, k, v, backend=backend).transpose(1, 2).reshape(n, s, c)  # a view for Triton's output
     x3 = as_3d(x)
-    if x3.stride(1) == 1 and c > 1:  # channels_last: y in (N, S, C), residual folded into the GEMM
-        y = torch.baddbmm(x3.transpose(1, 2), o, w_proj.t().expand(n, c, c))
-        if proj_bias is not None:
-            y = y + proj_bias.to(dtype)
-        y = y.transpose(1, 2)
-    else:  # NCHW: y in (N, C, S)
-        y = torch.baddbmm(x3, w_proj.expand(n, c, c), o.transpose(1, 2))
-        if proj_bias is not None:
-            y = y + proj_bias.to(dtype)[:, None]
-    return y.reshape(x.shape)
+    tokens_out = x3.stride(1) == 1 and c > 1  # channels_last: y in (N, S, C); NCHW: y in (N, C, S)
+    residual = x3.transpose(1, 2) if tokens_out else x3
+    a, b = (o, w_proj.t().expand(n, c, c)) if tokens_out else (w_proj.expand(n, c, c), o.transpose(1, 2))
+    if o.dtype == x.dtype:
+        y = torch.baddbmm(residual, a, b)  # the residual folded into the GEMM
+    else:  # autocast ran the projections in lower precision: the residual stays in x's dtype (as reference's)
+        y = residual + torch.bmm(a, b)
+    if proj_bias is not None:
+        y = y + (proj_bias if tokens_out else proj_bias[:, None]).to(y.dtype)
+    return (y.transpose(1, 2) if tokens_out else y).reshape(x.shape)
