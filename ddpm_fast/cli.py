@@ -26,7 +26,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.aot:
         from . import _aot
 
-        _aot.main([])
+        results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+        _aot.main(["--out", str(results)] if results.is_dir() else [])
         return 0
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not root.is_dir():
