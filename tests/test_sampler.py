@@ -457,6 +457,15 @@ def test_bf16_autocast_on_cpu(unet):
     assert 0 < (bf16 - fp32).abs().max() < 0.1
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_model():
+    """compile=True runs the model through torch.compile: the same images."""
+    kw = dict(shape=(2, 4, 4), batch_size=2, scheduler="ddim", num_inference_steps=4, eta=1.0, progress=False)
+    eager = sample(toy, generator=gen(0), **kw)
+    compiled = sample(toy, generator=gen(0), compile=True, **kw)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- bad inputs
 class FakeCudaGenerator(torch.Generator):
     @property

@@ -1,0 +1,253 @@
+"""sample(): images/s against diffusers' pipelines with the same U-Net, the same steps, the same device.
+
+Groups:
+  sampler-unet-<model>-<kind><steps>-b<batch>   a U-Net sampling run, end to end (x_T draw to output)
+    diffusers       DDPMPipeline / DDIMPipeline(output_type="pt"), progress bar off; on CUDA the
+                    U-Net cast to bf16 (diffusers' usual half-precision setup)
+    ddpm_fast       sample() with the same diffusers UNet2DModel (kernel noise; on CUDA bf16
+                    autocast and the CUDA-graph loop)
+    ddpm_fast-torch-noise   the same with noise="torch" (diffusers' draws; the GPU one uses a CUDA
+                    generator, so the loop is still captured)
+    ddpm_fast-unet  sample() with ddpm_fast.UNet holding the same weights (when ddpm_fast.UNet exists)
+  sampler-loop-<kind><steps>-b<batch>   the loop alone: the toy model (x, t) -> x * t / (t + 1)
+    diffusers       DDPMScheduler / DDIMScheduler.step loop (the pipelines' loop body)
+    eager           the loop over ddpm_fast.reference.posterior_step
+    compile         the loop over torch.compile(reference.posterior_step)
+    ddpm_fast       sample(toy)
+Models: CPU the "tiny" preset at 16 x 16, batch 4 (DDPM 20 and DDIM 10 steps; the loop alone
+at batch 8, DDPM 200 and DDIM 50 steps), one torch thread; CUDA the cifar10 preset (35.7M
+parameters), batch 256, DDPM 1000 and DDIM 50 steps (the loop alone too). The U-Net comes from
+ddpm_fast.UNet (diffusers' copy via to_diffusers()) when it exists, else a diffusers UNet2DModel
+of the same architecture. extra_info: images/s, TFLOP/s of the U-Net forwards (counted with
+torch's FlopCounterMode), and speedup_vs_diffusers (diffusers' median / this one's, same group).
+U-Net runs: a 3-step warm-up, then 3 timed runs (one at 1000 steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from conftest import DEVICE, ON_CUDA, compile_fn, sync
+
+import ddpm_fast
+from ddpm_fast import Schedule, StepConfig, reference, sample
+
+diffusers = pytest.importorskip("diffusers")
+
+DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
+if ON_CUDA:
+    UNET_PRESET, SIZE, BATCH = "cifar10", 32, 256
+    UNET_RUNS = [("ddpm", 1000), ("ddim", 50)]
+    LOOP_SHAPE = (256, 3, 32, 32)
+else:
+    UNET_PRESET, SIZE, BATCH = "tiny", 16, 4
+    UNET_RUNS = [("ddpm", 20), ("ddim", 10)]
+    LOOP_SHAPE = (8, 3, 32, 32)
+LOOP_RUNS = [("ddpm", 1000 if ON_CUDA else 200), ("ddim", 50)]
+HAS_UNET = hasattr(ddpm_fast, "UNet")
+UNET_IMPLS = ["diffusers", "ddpm_fast", "ddpm_fast-torch-noise", *(["ddpm_fast-unet"] if HAS_UNET else [])]
+LOOP_IMPLS = ["diffusers", "eager", "compile", "ddpm_fast"]
+_DIFFUSERS_MEDIAN: dict[str, float] = {}
+
+
+def _diffusers_twin_config() -> dict:
+    """A diffusers UNet2DModel config with the preset's architecture, for when ddpm_fast.UNet is missing."""
+    if UNET_PRESET == "cifar10":
+        channels, down = (128, 256, 256, 256), ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
+        layers, groups = 2, 32
+    else:
+        channels, down = (32, 64, 64), ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
+        layers, groups = 1, 8
+    up = tuple(reversed([name.replace("Down", "Up") for name in down]))
+    return dict(
+        sample_size=SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=channels,
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=layers,
+        norm_num_groups=groups,
+        attention_head_dim=None,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    )
+
+
+@functools.cache
+def models():
+    """(diffusers UNet2DModel, ddpm_fast.UNet or None) with identical weights, in eval mode on DEVICE."""
+    torch.manual_seed(0)
+    if HAS_UNET:
+        from ddpm_fast.unet import preset_config
+
+        ours = ddpm_fast.UNet(preset_config(UNET_PRESET, sample_size=SIZE, dropout=0.0)).eval().to(DEVICE)
+        theirs = ours.to_diffusers().eval()
+        return theirs, ours
+    return diffusers.UNet2DModel(**_diffusers_twin_config()).eval().to(DEVICE), None
+
+
+@functools.cache
+def diffusers_unet():
+    """The diffusers pipelines' copy of the U-Net, in DTYPE (bf16 on CUDA)."""
+    return copy.deepcopy(models()[0]).to(DTYPE)
+
+
+@functools.cache
+def flops_per_image() -> int:
+    """FLOPs of one U-Net forward on one image (FlopCounterMode: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    theirs, _ = models()
+    x = torch.randn(1, 3, SIZE, SIZE, device=DEVICE)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        theirs(x, torch.tensor([10], device=DEVICE))
+    return counter.get_total_flops()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """CPU: one torch thread. These models are small, and two OpenMP threads on cores shared with
+    other processes were seen to take 10-20x longer per forward than one (both sides alike)."""
+    if ON_CUDA:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator(DEVICE).manual_seed(0)
+
+
+def unet_fn(impl: str, kind: str, steps: int):
+    theirs, ours = models()
+    scheduler = diffusers.DDPMScheduler() if kind == "ddpm" else diffusers.DDIMScheduler()
+    if impl == "diffusers":
+        pipe = (diffusers.DDPMPipeline if kind == "ddpm" else diffusers.DDIMPipeline)(diffusers_unet(), scheduler)
+        pipe.set_progress_bar_config(disable=True)
+
+        def run(n=steps):
+            with torch.no_grad():
+                return pipe(batch_size=BATCH, generator=_generator(), num_inference_steps=n, output_type="pt").images
+
+        return run
+    model = ours if impl == "ddpm_fast-unet" else theirs
+    noise = "torch" if impl == "ddpm_fast-torch-noise" else "kernel"
+
+    def run(n=steps):
+        return sample(model, batch_size=BATCH, scheduler=scheduler, num_inference_steps=n, noise=noise,
+                      generator=_generator(), output_type="pt", progress=False)  # fmt: skip
+
+    return run
+
+
+def _unet_cases():
+    for kind, steps in UNET_RUNS:
+        group = f"sampler-unet-{UNET_PRESET}-{kind}{steps}-b{BATCH}"
+        for impl in UNET_IMPLS:
+            if ON_CUDA and steps >= 1000 and impl == "ddpm_fast-torch-noise":
+                continue  # one timed run each at 1000 steps: keep the device time down
+            yield pytest.param(impl, kind, steps, id=f"{impl}-{kind}{steps}", marks=pytest.mark.benchmark(group=group))
+
+
+def _timed(benchmark, roofline, fn, flops: int, rounds: int) -> None:
+    """Warm up with a 3-step run (cudnn autotune, compile, graph capture), then time ``rounds`` full runs."""
+    fn(3)
+    sync()
+
+    def once():
+        out = fn()
+        sync()
+        return out
+
+    benchmark.pedantic(once, rounds=rounds, iterations=1)
+    roofline.record(0, flops, DTYPE)
+
+
+def _report(benchmark, group: str, impl: str, images: int) -> None:
+    if benchmark.stats is None:
+        return
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["images/s"] = images / median
+    if impl == "diffusers":
+        _DIFFUSERS_MEDIAN[group] = median
+    elif group in _DIFFUSERS_MEDIAN:
+        benchmark.extra_info["speedup_vs_diffusers"] = _DIFFUSERS_MEDIAN[group] / median
+
+
+@pytest.mark.parametrize(("impl", "kind", "steps"), list(_unet_cases()))
+def test_sample_unet(benchmark, roofline, impl, kind, steps):
+    fn = unet_fn(impl, kind, steps)
+    _timed(benchmark, roofline, fn, flops_per_image() * BATCH * steps, rounds=1 if steps >= 1000 else 3)
+    benchmark.extra_info.update(
+        batch=BATCH, steps=steps, model=UNET_PRESET, ddpm_fast_unet=HAS_UNET, torch_threads=torch.get_num_threads()
+    )
+    _report(benchmark, f"unet-{kind}{steps}", impl, BATCH)
+
+
+# ---------------------------------------------------------------- the loop alone
+def toy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return x * (t / (t + 1)).to(x.dtype).reshape(-1, 1, 1, 1)
+
+
+@functools.cache
+def compiled_step():
+    return compile_fn(reference.posterior_step)
+
+
+def loop_fn(impl: str, kind: str, steps: int):
+    scheduler = diffusers.DDPMScheduler() if kind == "ddpm" else diffusers.DDIMScheduler()
+    n = LOOP_SHAPE[0]
+    if impl == "diffusers":
+
+        def run():
+            scheduler.set_timesteps(steps)
+            g = _generator()
+            x = torch.randn(LOOP_SHAPE, generator=g, device=DEVICE)
+            for t in scheduler.timesteps:
+                x = scheduler.step(toy(x, t.expand(n)), t, x, generator=g).prev_sample
+            return x
+
+        return run
+    if impl == "ddpm_fast":
+        return lambda: sample(toy, shape=LOOP_SHAPE[1:], batch_size=n, scheduler=scheduler, num_inference_steps=steps,
+                              generator=_generator(), progress=False)  # fmt: skip
+    schedule = Schedule.from_config(dict(scheduler.config), device=DEVICE)
+    config = StepConfig.from_scheduler(schedule.config, kind)
+    ts = schedule.timesteps(steps)
+    prev = schedule.previous_timesteps(ts, kind)
+    step = reference.posterior_step if impl == "eager" else compiled_step()
+    pairs = [(t.expand(n), p.expand(n)) for t, p in zip(ts, prev, strict=True)]
+
+    def run():
+        g = _generator()
+        x = torch.randn(LOOP_SHAPE, generator=g, device=DEVICE)
+        for t, p in pairs:
+            noise = torch.randn(LOOP_SHAPE, generator=g, device=DEVICE) if kind == "ddpm" else None
+            x = step(toy(x, t), x, t, p, schedule, config, noise)[0]
+        return x
+
+    return run
+
+
+def _loop_cases():
+    for kind, steps in LOOP_RUNS:
+        group = f"sampler-loop-{kind}{steps}-b{LOOP_SHAPE[0]}"
+        for impl in LOOP_IMPLS:
+            yield pytest.param(impl, kind, steps, id=f"{impl}-{kind}{steps}", marks=pytest.mark.benchmark(group=group))
+
+
+@pytest.mark.parametrize(("impl", "kind", "steps"), list(_loop_cases()))
+def test_sample_loop(benchmark, roofline, impl, kind, steps):
+    roofline(loop_fn(impl, kind, steps), warmup=1)
+    benchmark.extra_info.update(
+        batch=LOOP_SHAPE[0], steps=steps, model="toy x * t / (t + 1)", torch_threads=torch.get_num_threads()
+    )
+    _report(benchmark, f"loop-{kind}{steps}", impl, LOOP_SHAPE[0])
