@@ -11,7 +11,7 @@ gradient has one writer, so no atomics and a fixed summation order (deterministi
 
 The head dimension: D is padded to a power of two (BLOCK_D >= 16; loads masked, so D = 96, 160,
 320 work). Where the whole head fits (BLOCK_D <= 256 here) a program holds q (or k and v) for the
-whole loop (fp16/bf16; fp32 up to 64, its products run on FMA units with operands in registers).
+whole loop (fp16/bf16; fp32 up to 32, its products run on FMA units with operands in registers).
 Wider heads (512) do not fit a program's registers at useful block sizes (DESIGN.md:
 BM = BN = 64 at 8 warps spills), so there the head dim is split two ways:
 - the score products (q k^T, do v^T) run over D in BLOCK_DK chunks loaded as they are needed (a
@@ -70,17 +70,17 @@ def attention_config(
     fp16/bf16, D = 512: 64 x 64 blocks (the backward on sm_80: 32 x 32, one stage), 64-wide score
     chunks, two 256-wide output slices, 8 warps.
     fp32 (IEEE products on the FMA units, whose operand tiles live in registers): held whole up to
-    D = 64; wider heads in 32-wide score chunks and 128-wide output slices, 32 x 32 blocks
-    (64 x 32 in the forward), 8 warps."""
+    D = 32; wider heads in 32-wide score chunks and output slices up to 128 wide, 32 x 32 blocks,
+    8 warps (one stage in the backward)."""
     block_d = _pow2(d)
     hopper = arch is None or arch >= 90
-    if dtype == torch.float32 and block_d > 64:
-        block_m, block_n, num_warps = 32 if backward else 64, 32, 8
-        block_dk, block_dv = 32, min(block_d, 128)
+    if dtype == torch.float32:
+        block_m, block_n, num_warps = 32, 32, 8
+        block_dk, block_dv = min(block_d, 32), min(block_d, 128)
         num_stages = 1 if backward else 2
-    elif dtype == torch.float32 or block_d <= MAX_RESIDENT_D:
+    elif block_d <= MAX_RESIDENT_D:
         block_m, block_n = 64, 64
-        if block_d >= 256 or (backward and block_d >= 128) or dtype == torch.float32:
+        if block_d >= 256 or (backward and block_d >= 128):
             block_n = 32
         num_warps = 8 if block_d >= 256 else 4
         block_dk = block_dv = block_d
