@@ -303,6 +303,27 @@ def test_guidance_reads_the_model_null_label():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not hasattr(ddpm_fast, "UNet"), reason="ddpm_fast.UNet is not there yet")
+def test_guided_with_our_unet():
+    """ddpm_fast.UNet: image shape and null label read from the model, guidance in one batched call."""
+    from ddpm_fast.unet import preset_config
+
+    torch.manual_seed(0)
+    unet = ddpm_fast.UNet(preset_config("tiny", sample_size=8, base_channels=16, num_classes=3)).eval()
+    config = SchedulerConfig(num_train_timesteps=100)
+    schedule = Schedule.from_config(config)
+    ts = schedule.timesteps(4).tolist()
+    labels = torch.tensor([2, 0])
+    x_T = torch.randn(2, 3, 8, 8, generator=gen(40))
+    step_config = StepConfig.from_scheduler(config, "ddim", eta=1.0)
+    prev_ts = [max(t - 25, -1) for t in ts]
+    ref = reference_loop(unet, x_T, ts, prev_ts, schedule, step_config, gen(41), 4.0, labels, unet.null_class_label)
+    kw = dict(scheduler="ddim", scheduler_config=config, num_inference_steps=4, eta=1.0, progress=False)
+    ours = sample(unet, x_T=x_T, guidance_scale=4.0, class_labels=labels, noise="torch", generator=gen(41), **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert sample(unet, class_labels=1, **kw).shape == (1, 3, 8, 8)
+
+
 # ---------------------------------------------------------------- kernel noise, determinism, backends
 def test_kernel_noise_contract():
     """noise="kernel": x_T = randn(generator), then one Philox key per step from
