@@ -597,10 +597,23 @@ def test_graph_replay_bookkeeping(monkeypatch, noise):
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+def spy_captures(monkeypatch) -> list:
+    """The CUDA graphs sample() captures (so a test sees that the graph path really ran)."""
+    captured, real = [], ddpm_sampler._capture
+
+    def spy(fn, generators, pool):
+        captured.append(real(fn, generators, pool))
+        return captured[-1]
+
+    monkeypatch.setattr(ddpm_sampler, "_capture", spy)
+    return captured
+
+
 @cuda_only
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_cuda_graph_equals_eager(kind):
+def test_cuda_graph_equals_eager(monkeypatch, kind):
     """Kernel noise: the captured loop replays exactly the eager loop (same keys, same kernels)."""
+    captured = spy_captures(monkeypatch)
     unet = tiny_unet(num_class_embeds=4).cuda()
     kw = dict(
         batch_size=5,
@@ -616,25 +629,31 @@ def test_cuda_graph_equals_eager(kind):
         kw["eta"] = 1.0
     g = lambda: torch.Generator("cuda").manual_seed(0)  # noqa: E731
     graphed = sample(unet, generator=g(), cuda_graph=True, **kw)
+    assert len(captured) == 2  # chunks of 3 and 2
     eager = sample(unet, generator=g(), cuda_graph=False, **kw)
+    assert len(captured) == 2
     assert torch.equal(graphed, eager)
     cpu_gen = sample(unet, generator=torch.Generator().manual_seed(0), cuda_graph=True, **kw)
+    assert len(captured) == 4  # kernel noise keyed from a CPU generator is captured too
     assert torch.isfinite(cpu_gen).all() and not torch.equal(cpu_gen, graphed)
 
 
 @cuda_only
-def test_cuda_graph_torch_noise():
+def test_cuda_graph_torch_noise(monkeypatch):
     """Torch noise from a CUDA generator is drawn inside the graph as eagerly; a CPU generator runs
     uncaptured and matches the same loop on the CPU."""
+    captured = spy_captures(monkeypatch)
     unet = tiny_unet().cuda()
     kw = dict(batch_size=3, num_inference_steps=20, noise="torch", progress=False, dtype=torch.float32)
     scheduler = DDPMScheduler(num_train_timesteps=20)
     g = lambda: torch.Generator("cuda").manual_seed(1)  # noqa: E731
     graphed = sample(unet, scheduler=scheduler, generator=g(), cuda_graph=True, **kw)
+    assert len(captured) == 1
     eager = sample(unet, scheduler=scheduler, generator=g(), cuda_graph=False, **kw)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
     on_cpu = sample(unet.cpu(), scheduler=scheduler, generator=gen(1), **kw)
     cpu_gen = sample(unet.cuda(), scheduler=scheduler, generator=gen(1), **kw)
+    assert len(captured) == 1  # CPU-generator draws run uncaptured
     torch.testing.assert_close(cpu_gen.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
 
 
