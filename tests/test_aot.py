@@ -74,3 +74,14 @@ def test_occupancy_calculation():
     assert occupancy("sm_90", 32, 0, 4) == 1.0  # 64 warps resident
     assert occupancy("sm_90", 255, 0, 8) == 0.125  # 256 regs/thread: one 8-warp block
     assert occupancy("sm_80", 64, 100 * 1024, 4) == 4 / 64  # shared memory: one block per SM
+
+
+def test_attention_kernels_use_tensor_cores_in_low_precision(reports):
+    attention = [r for r in reports if r["name"].startswith("attention_") and "float32" not in r["name"]]
+    matmuls = [r for r in attention if not r["name"].startswith("attention_bwd_delta")]  # delta is a row sum
+    assert matmuls and all(r["tensor_cores"] for r in matmuls), [r["name"] for r in matmuls if not r["tensor_cores"]]
+
+
+def test_hot_kernels_are_recorded_at_head_dims_up_to_512(reports):
+    head_dims = {int(r["name"].split("x")[3].split("-")[0]) for r in reports if r["name"].startswith("attention_fwd")}
+    assert {256, 512} <= head_dims
