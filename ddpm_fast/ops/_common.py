@@ -32,15 +32,19 @@ def value_checks_enabled() -> bool:
 
 def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
     """True where calling an op's implementation directly is the same as going through the
-    custom op: eager mode, plain tensors (no fake/functional subclasses), no autograd needed.
-    It skips torch.library's dispatch, ~40 us a call, which dominates small launches."""
+    custom op: eager mode, plain tensors or parameters (no fake/functional subclasses), no
+    autograd needed. It skips torch.library's dispatch, ~40 us a call, which dominates small
+    launches (a U-Net's norms under no_grad pass nn.Parameter weights: those qualify)."""
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad)):
             return False
     return True
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def check_float(x: torch.Tensor, name: str) -> None:
