@@ -1,7 +1,9 @@
 // GroupNorm + SiLU on the CPU, forward and backward, with the time embedding folded in:
 //   h = x + bias_nc;  n = GroupNorm(h) * w + b;  n = n (1 + scale_nc) + shift_nc;  y = SiLU(n) + residual.
-// One task per (n, group) (at::parallel_for). The group's h is loaded once into a contiguous
-// float buffer (double for double inputs; NCHW rows are read in place, channels_last gathered),
+// Forward of channels_last inputs (channels contiguous): forward_cl_kernel, vectorised along C over
+// fixed chunks of pixels (see there). Otherwise one task per (n, group) (at::parallel_for). The
+// group's h is loaded once into a contiguous float buffer (double for double inputs; NCHW rows are
+// read in place; a channels_last backward gathers them),
 // its statistics are two passes over the buffer (mean, then squared deviations) with per-chunk
 // partials added in double, and the affine + SiLU (+ residual) loop writes the output rows in
 // x's dtype (channels_last: through the buffer). The loops are written to auto-vectorise; on
@@ -128,6 +130,65 @@ struct Rows {
     }
   }
 
+  // One pixel of a channels-contiguous image: out[c] = act((F(src[c]) + d[c]) a[c] + b[c]) (+ res[c]).
+  template <typename X>
+  DDPM_INLINE static void apply_ch(const X* src, int64_t len, const F* d, const F* a, const F* b, bool silu,
+                                   const X* res, X* out) {
+    if (silu && res) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const F z = (static_cast<F>(src[i]) + d[i]) * a[i] + b[i];
+        out[i] = static_cast<X>(z * sigmoid(z) + static_cast<F>(res[i]));
+      }
+    } else if (silu) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const F z = (static_cast<F>(src[i]) + d[i]) * a[i] + b[i];
+        out[i] = static_cast<X>(z * sigmoid(z));
+      }
+    } else if (res) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i)
+        out[i] = static_cast<X>((static_cast<F>(src[i]) + d[i]) * a[i] + b[i] + static_cast<F>(res[i]));
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<X>((static_cast<F>(src[i]) + d[i]) * a[i] + b[i]);
+    }
+  }
+
+  // ---- cnt pixels of C contiguous channels, pixel stride ss (channels_last): per-channel sums,
+  // vectorised along C. acc[c] = sum over the pixels of F(src[c]).
+  template <typename X>
+  DDPM_INLINE static void px_sum(const X* src, int64_t ss, int64_t cnt, int64_t C, F* acc) {
+    std::fill(acc, acc + C, F(0));
+    for (int64_t p = 0; p < cnt; ++p) {
+      const X* row = src + p * ss;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<F>(row[c]);
+    }
+  }
+
+  // acc[c] = sum over the pixels of (F(src[c]) + d[c])^2, d[c] = bias_nc[c] - mean of c's group.
+  template <typename X>
+  DDPM_INLINE static void px_sq_dev(const X* src, int64_t ss, int64_t cnt, int64_t C, const F* d, F* acc) {
+    std::fill(acc, acc + C, F(0));
+    for (int64_t p = 0; p < cnt; ++p) {
+      const X* row = src + p * ss;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const F v = static_cast<F>(row[c]) + d[c];
+        acc[c] += v * v;
+      }
+    }
+  }
+
+  template <typename X>
+  DDPM_INLINE static void px_apply(const X* src, int64_t ss, int64_t cnt, int64_t C, const F* d, const F* a,
+                                   const F* b, bool silu, const X* res, int64_t rss, X* out, int64_t oss) {
+    for (int64_t p = 0; p < cnt; ++p)
+      apply_ch(src + p * ss, C, d, a, b, silu, res ? res + p * rss : nullptr, out + p * oss);
+  }
+
   // xh = (F(src) + add - mean) rstd.
   template <typename X>
   DDPM_INLINE static void load_normalize(const X* src, int64_t len, F add, F mean, F rstd, F* xh) {
@@ -241,6 +302,25 @@ struct SiluAvx2 {
     }
   }
 
+  // Rows<float>::apply_ch's SiLU loop (one channels_last pixel, per-channel coefficients).
+  template <typename X>
+  DDPM_AVX2 static int64_t apply_ch(const X* src, int64_t len, const float* d, const float* a, const float* b,
+                                    const X* res, X* out) {
+    if constexpr (!std::is_same_v<X, float>) {
+      return 0;
+    } else {
+      const int64_t k = len & ~int64_t(7);
+      for (int64_t i = 0; i < k; i += 8) {
+        const __m256 h = _mm256_add_ps(_mm256_loadu_ps(src + i), _mm256_loadu_ps(d + i));
+        const __m256 z = _mm256_fmadd_ps(h, _mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
+        __m256 y = _mm256_mul_ps(z, sigmoid8(z));
+        if (res) y = _mm256_add_ps(y, _mm256_loadu_ps(res + i));
+        _mm256_storeu_ps(out + i, y);
+      }
+      return k;
+    }
+  }
+
   template <typename X>
   DDPM_AVX2 static int64_t grad_sums(const float* xh, const X* dy, float* g, int64_t len, float a, float b,
                                      double* sum_g, double* sum_gx) {
@@ -279,6 +359,10 @@ struct SiluPortable {
     return 0;
   }
   template <typename X>
+  static int64_t apply_ch(const X*, int64_t, const float*, const float*, const float*, const X*, X*) {
+    return 0;
+  }
+  template <typename X>
   static int64_t grad_sums(const float*, const X*, float*, int64_t, float, float, double* sum_g, double* sum_gx) {
     *sum_g = *sum_gx = 0;
     return 0;
@@ -300,6 +384,26 @@ struct SiluPortable {
                            X* out) {                                                                          \
       const int64_t k = silu ? SILU::apply(h, len, mean, a, b, res, out) : 0;                                 \
       Rows<float>::apply(h + k, len - k, mean, a, b, silu, res ? res + k : nullptr, out + k);                 \
+    }                                                                                                         \
+    template <typename X>                                                                                     \
+    ATTR static void px_sum(const X* src, int64_t ss, int64_t cnt, int64_t C, float* acc) {                   \
+      Rows<float>::px_sum(src, ss, cnt, C, acc);                                                              \
+    }                                                                                                         \
+    template <typename X>                                                                                     \
+    ATTR static void px_sq_dev(const X* src, int64_t ss, int64_t cnt, int64_t C, const float* d, float* acc) { \
+      Rows<float>::px_sq_dev(src, ss, cnt, C, d, acc);                                                        \
+    }                                                                                                         \
+    template <typename X>                                                                                     \
+    ATTR static void px_apply(const X* src, int64_t ss, int64_t cnt, int64_t C, const float* d, const float* a, \
+                              const float* b, bool silu, const X* res, int64_t rss, X* out, int64_t oss) {   \
+      for (int64_t p = 0; p < cnt; ++p) {                                                                     \
+        const X* row = src + p * ss;                                                                          \
+        const X* res_row = res ? res + p * rss : nullptr;                                                     \
+        X* out_row = out + p * oss;                                                                           \
+        const int64_t k = silu ? SILU::apply_ch(row, C, d, a, b, res_row, out_row) : 0;                       \
+        Rows<float>::apply_ch(row + k, C - k, d + k, a + k, b + k, silu, res_row ? res_row + k : nullptr,     \
+                              out_row + k);                                                                   \
+      }                                                                                                       \
     }                                                                                                         \
     template <typename X>                                                                                     \
     ATTR static void load_normalize(const X* src, int64_t len, float add, float mean, float rstd, float* xh) { \
@@ -412,6 +516,104 @@ void forward_kernel(const GroupNormArgs& a) {
   });
 }
 
+// ---- forward for channels-contiguous layouts (channels_last), vectorised along C. Each image's
+// positions are cut into chunks of P pixels (P a function of C only); every pass computes
+// per-(n, chunk, c) partials, added afterwards in a fixed order, so the results do not depend on
+// the thread count. Pass 0: sums of h = x + bias_nc -> group means; pass 1: sums of (h - mean)^2
+// -> rstd (two-pass variance); pass 2: y = act((x + bias_nc - mean) a_c + b_c) (+ residual), with
+// a_c, b_c folding rstd, weight, bias, scale and shift. Batches of at least two images per thread
+// run one image per task (its passes then find it in cache); smaller ones split the chunks of
+// each pass across the threads.
+template <typename X, typename F, typename R>
+void forward_cl_kernel(const GroupNormArgs& a) {
+  const int64_t N = a.N, C = a.C, G = a.G, S = a.S, cpg = C / G;
+  const int64_t P = std::clamp<int64_t>(8192 / C, 1, kSumChunk), K = (S + P - 1) / P;
+  const double M = static_cast<double>(cpg * S);
+  const X* x = static_cast<const X*>(a.x.ptr);
+  const X* res = static_cast<const X*>(a.res.ptr);
+  X* y = static_cast<X*>(a.y.ptr);
+  F* mean_out = static_cast<F*>(a.mean);
+  F* rstd_out = static_cast<F*>(a.rstd);
+  std::vector<double> part(N * K * C);        // per-(n, chunk, c) partial sums of the current pass
+  std::vector<F> d(N * C), ca(N * C), cb(N * C);  // per (n, c): bias_nc - mean, a_c, b_c
+
+  auto chunk = [&](int pass, int64_t n, int64_t k, F* acc) {
+    const int64_t s0 = k * P, cnt = std::min(P, S - s0);
+    const X* src = x + a.x.at(n, 0, s0);
+    double* out = part.data() + (n * K + k) * C;
+    if (pass == 0) {
+      R::px_sum(src, a.x.ss, cnt, C, acc);
+      for (int64_t c = 0; c < C; ++c)
+        out[c] = static_cast<double>(acc[c]) + static_cast<double>(cnt) * param<F>(a.bias_nc, n * C + c, F(0));
+    } else if (pass == 1) {
+      R::px_sq_dev(src, a.x.ss, cnt, C, d.data() + n * C, acc);
+      for (int64_t c = 0; c < C; ++c) out[c] = static_cast<double>(acc[c]);
+    } else {
+      R::px_apply(src, a.x.ss, cnt, C, d.data() + n * C, ca.data() + n * C, cb.data() + n * C, a.silu,
+                  res ? res + a.res.at(n, 0, s0) : nullptr, a.res.ss, y + a.y.at(n, 0, s0), a.y.ss);
+    }
+  };
+  // The group totals of image n's partials (chunks in order, channels in order within each).
+  auto group_totals = [&](int64_t n, double* tot) {
+    std::fill(tot, tot + G, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double* p = part.data() + (n * K + k) * C;
+      for (int64_t c = 0; c < C; ++c) tot[c / cpg] += p[c];
+    }
+  };
+  auto finish = [&](int pass, int64_t n, double* tot) {
+    group_totals(n, tot);
+    if (pass == 0) {
+      for (int64_t g = 0; g < G; ++g) mean_out[n * G + g] = static_cast<F>(tot[g] / M);
+      for (int64_t c = 0; c < C; ++c)
+        d[n * C + c] = param<F>(a.bias_nc, n * C + c, F(0)) - mean_out[n * G + c / cpg];
+      return;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const F var = static_cast<F>(tot[g] / M);
+      rstd_out[n * G + g] = F(1) / std::sqrt(var + static_cast<F>(a.eps));
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t nc = n * C + c;
+      const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
+      ca[nc] = rstd_out[n * G + c / cpg] * param<F>(a.w, c, F(1)) * s1;
+      cb[nc] = param<F>(a.b, c, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
+    }
+  };
+
+  const int64_t threads = at::get_num_threads();
+  if (N >= 2 * threads || N % threads == 0) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(S * C, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<F> acc(C);
+      std::vector<double> tot(G);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int pass = 0; pass < 3; ++pass) {
+          for (int64_t k = 0; k < K; ++k) chunk(pass, n, k, acc.data());
+          if (pass < 2) finish(pass, n, tot.data());
+        }
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, 32768 / (P * C));
+  for (int pass = 0; pass < 3; ++pass) {
+    at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
+      std::vector<F> acc(C);
+      for (int64_t i = begin; i < end; ++i) chunk(pass, i / K, i % K, acc.data());
+    });
+    if (pass < 2) {
+      std::vector<double> tot(G);
+      for (int64_t n = 0; n < N; ++n) finish(pass, n, tot.data());
+    }
+  }
+}
+
+// Channels contiguous in x, y and the residual, positions not (channels_last; or one position).
+bool channels_contiguous(const GroupNormArgs& a) {
+  return a.x.sc == 1 && a.y.sc == 1 && (!a.res.ptr || a.res.sc == 1) && (a.x.ss != 1 || a.S == 1);
+}
+
 // ---- backward: one (n, group) per task
 template <typename X, typename F, typename R>
 void backward_kernel(const GroupNormArgs& a) {
@@ -475,18 +677,25 @@ void backward_kernel(const GroupNormArgs& a) {
   });
 }
 
+template <typename X, typename F, typename R>
+void run_with(const GroupNormArgs& a, bool backward) {
+  if (backward) backward_kernel<X, F, R>(a);
+  else if (channels_contiguous(a)) forward_cl_kernel<X, F, R>(a);
+  else forward_kernel<X, F, R>(a);
+}
+
 template <typename X, typename F>
 void run(const GroupNormArgs& a, bool backward) {
   if constexpr (std::is_same_v<F, float>) {
 #if defined(__x86_64__)
     if (cpu_has_avx2_fma()) {
-      backward ? backward_kernel<X, F, RowsAvx2>(a) : forward_kernel<X, F, RowsAvx2>(a);
+      run_with<X, F, RowsAvx2>(a, backward);
       return;
     }
 #endif
-    backward ? backward_kernel<X, F, RowsBase>(a) : forward_kernel<X, F, RowsBase>(a);
+    run_with<X, F, RowsBase>(a, backward);
   } else {
-    backward ? backward_kernel<X, F, Rows<F>>(a) : forward_kernel<X, F, Rows<F>>(a);
+    run_with<X, F, Rows<F>>(a, backward);
   }
 }
 
