@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._fileio import OLD_PREFIX, TMP_PREFIX, atomic_directory, fsync_path
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -44,14 +46,6 @@ FILES = (
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -73,15 +67,13 @@ def write_files(
     train_config: dict,
     training_state: dict,
 ) -> None:
-    """Write the checkpoint's files into ``directory`` (which exists), then fsync each."""
+    """Write the checkpoint's files into ``directory`` (which exists)."""
     save_file(_contiguous(model_state), str(directory / "model.safetensors"), metadata={"format": "pt"})
     save_file(_contiguous(ema_state), str(directory / "ema.safetensors"), metadata={"format": "pt"})
     _write_json(directory / "config.json", model_config)
     _write_json(directory / "scheduler_config.json", {"_class_name": "DDPMScheduler", **scheduler_config})
     _write_json(directory / "train_config.json", train_config)
     torch.save(training_state, directory / "training_state.pt")
-    for name in FILES:
-        _fsync_path(directory / name)
 
 
 def save_checkpoint(
@@ -101,39 +93,24 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp_{final.name}_{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(final) as tmp:  # re-saving a step (e.g. after a resume) replaces it
         write_files(tmp, **contents)
-        _fsync_path(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
-            old = root / f".old_{final.name}_{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     pointer_tmp = root / f".{LATEST}.{uuid.uuid4().hex[:8]}"
     with open(pointer_tmp, "w") as f:
         f.write(final.name + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer_tmp, root / LATEST)
-    _fsync_path(root)
+    fsync_path(root)
     _clean(root, keep_last)
     return final
 
 
 def _clean(root: Path, keep_last: int | None) -> None:
     """Remove leftovers of interrupted saves and, with keep_last, the older step directories."""
-    for leftover in root.glob(".tmp_*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    for leftover in root.glob(".old_*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for prefix in (TMP_PREFIX, OLD_PREFIX):
+        for leftover in root.glob(f"{prefix}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     if keep_last is None:
         return
     latest = (root / LATEST).read_text().strip()

@@ -25,8 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._fileio import atomic_directory
 from .ops import attention_block, group_norm_silu
 from .ops._common import value_checks_enabled
 
@@ -567,25 +566,10 @@ class UNet(nn.Module):
         target = Path(path_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         config_json = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             (tmp / CONFIG_NAME).write_text(config_json + "\n")
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": _FORMAT, "config": config_json})
-            for f in (tmp / CONFIG_NAME, tmp / WEIGHTS_NAME):
-                _fsync(f)
-            _fsync(tmp)
-            old = None
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            _fsync(target.parent)
-            if old is not None:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @classmethod
@@ -650,11 +634,3 @@ class UNet(nn.Module):
         from .unet_diffusers import to_diffusers
 
         return to_diffusers(self)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
