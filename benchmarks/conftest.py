@@ -70,6 +70,25 @@ def kernel_backends() -> list[str]:
     return [name for name in wanted if available[name][0]]
 
 
+def op_cases(op: str, cases: list, variants, impls) -> list:
+    """pytest params (impl, shape, dtype, variant) for every case x variant x implementation, with
+    ids ``<impl>-<dtype>-<shape>-<variant>`` and one benchmark group per (op, shape, dtype, variant),
+    so implementations of the same case are compared side by side."""
+    return [
+        pytest.param(
+            impl,
+            shape,
+            dtype,
+            variant,
+            id=f"{impl}-{dtype}-{shape_id(shape)}-{variant}",
+            marks=pytest.mark.benchmark(group=f"{op}-{shape_id(shape)}-{dtype}-{variant}"),
+        )  # fmt: skip
+        for shape, dtype in cases
+        for variant in variants
+        for impl in impls
+    ]
+
+
 def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype, count: int) -> int:
     """Bytes moved by ``count`` full reads or writes of a ``shape`` tensor of ``dtype``."""
     numel = 1

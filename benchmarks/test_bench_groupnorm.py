@@ -16,7 +16,7 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, ON_CUDA, compile_fn, kernel_backends, shape_id, tensor_bytes
+from conftest import DEVICE, DTYPES, ON_CUDA, compile_fn, kernel_backends, op_cases, tensor_bytes
 
 from ddpm_fast import group_norm_silu, reference
 
@@ -37,19 +37,7 @@ def compiled():
     return compile_fn(_reference)
 
 
-def _cases():
-    for shape, dtype in CASES:
-        for mode in MODES:
-            group = f"group_norm_silu-{shape_id(shape)}-{dtype}-{mode}"
-            for impl in IMPLS:
-                yield pytest.param(
-                    impl, shape, dtype, mode,
-                    id=f"{impl}-{dtype}-{shape_id(shape)}-{mode}",
-                    marks=pytest.mark.benchmark(group=group),
-                )  # fmt: skip
-
-
-@pytest.mark.parametrize(("impl", "shape", "dtype", "mode"), list(_cases()))
+@pytest.mark.parametrize(("impl", "shape", "dtype", "mode"), op_cases("group_norm_silu", CASES, MODES, IMPLS))
 def test_group_norm_silu(roofline, impl, shape, dtype, mode):
     torch_dtype = DTYPES[dtype]
     n, c = shape[:2]

@@ -16,7 +16,7 @@ import functools
 
 import pytest
 import torch
-from conftest import CASES, DEVICE, DTYPES, compile_fn, kernel_backends, shape_id, tensor_bytes
+from conftest import CASES, DEVICE, DTYPES, compile_fn, kernel_backends, op_cases, tensor_bytes
 
 from ddpm_fast import Schedule, q_sample, reference
 from ddpm_fast.ops import no_value_checks
@@ -50,22 +50,7 @@ def compiled(variant: str):
     return compile_fn({"given": _given, "drawn": _drawn, "drawn-v": _drawn_v}[variant])
 
 
-def _cases():
-    for shape, dtype in CASES:
-        for variant in VARIANTS:
-            group = f"q_sample-{shape_id(shape)}-{dtype}-{variant}"
-            for impl in IMPLS:
-                yield pytest.param(
-                    impl,
-                    shape,
-                    dtype,
-                    variant,
-                    id=f"{impl}-{dtype}-{shape_id(shape)}-{variant}",
-                    marks=pytest.mark.benchmark(group=group),
-                )
-
-
-@pytest.mark.parametrize(("impl", "shape", "dtype", "variant"), list(_cases()))
+@pytest.mark.parametrize(("impl", "shape", "dtype", "variant"), op_cases("q_sample", CASES, VARIANTS, IMPLS))
 def test_q_sample(roofline, impl, shape, dtype, variant):
     torch_dtype = DTYPES[dtype]
     gen = torch.Generator(DEVICE).manual_seed(0)

@@ -23,7 +23,7 @@ import functools
 
 import pytest
 import torch
-from conftest import CASES, DEVICE, DTYPES, compile_fn, kernel_backends, shape_id, tensor_bytes
+from conftest import CASES, DEVICE, DTYPES, compile_fn, kernel_backends, op_cases, tensor_bytes
 
 from ddpm_fast import Schedule, StepConfig, posterior_step, reference
 from ddpm_fast.ops import no_value_checks
@@ -79,22 +79,7 @@ def compiled(variant: str):
     return compile_fn(REFERENCE[variant])
 
 
-def _cases():
-    for shape, dtype in CASES:
-        for variant in VARIANTS:
-            group = f"posterior_step-{shape_id(shape)}-{dtype}-{variant}"
-            for impl in IMPLS:
-                yield pytest.param(
-                    impl,
-                    shape,
-                    dtype,
-                    variant,
-                    id=f"{impl}-{dtype}-{shape_id(shape)}-{variant}",
-                    marks=pytest.mark.benchmark(group=group),
-                )
-
-
-@pytest.mark.parametrize(("impl", "shape", "dtype", "variant"), list(_cases()))
+@pytest.mark.parametrize(("impl", "shape", "dtype", "variant"), op_cases("posterior_step", CASES, VARIANTS, IMPLS))
 def test_posterior_step(roofline, impl, shape, dtype, variant):
     config, noise_kind, guided, tensors = VARIANTS[variant]
     n = shape[0]
