@@ -29,16 +29,17 @@ inline void predict_x0_loop(const StepChunkParams& p, int64_t len, const float* 
 }  // namespace
 
 DDPM_CLONES
-void abs_x0_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const float* cond, const float* x,
-                      float* abs_x0) {
+void abs_x0_chunk_f32(const StepChunkParams& p, int64_t len, float* __restrict__ out, const float* __restrict__ cond,
+                      const float* __restrict__ x, float* __restrict__ abs_x0) {
   if (p.guided) guide(len, out, cond, p.guidance_scale);
   predict_x0_loop(p, len, out, x, abs_x0);
   for (int64_t i = 0; i < len; ++i) abs_x0[i] = std::fabs(abs_x0[i]);
 }
 
 DDPM_CLONES
-void step_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const float* cond, const float* var,
-                    const float* x, const float* z, float* prev, float* x0) {
+void step_chunk_f32(const StepChunkParams& p, int64_t len, float* __restrict__ out, const float* __restrict__ cond,
+                    const float* __restrict__ var, const float* __restrict__ x, const float* __restrict__ z,
+                    float* __restrict__ prev, float* __restrict__ x0) {
   if (p.guided) guide(len, out, cond, p.guidance_scale);
   predict_x0_loop(p, len, out, x, x0);
   if (p.clip == kClip) {
@@ -82,8 +83,8 @@ void step_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const flo
 }
 
 DDPM_CLONES
-void q_sample_chunk_f32(float sa, float s1a, int target_kind, int64_t len, const float* x0, const float* z,
-                        float* x_t, float* target) {
+void q_sample_chunk_f32(float sa, float s1a, int target_kind, int64_t len, const float* __restrict__ x0,
+                        const float* __restrict__ z, float* __restrict__ x_t, float* __restrict__ target) {
   for (int64_t i = 0; i < len; ++i) x_t[i] = sa * x0[i] + s1a * z[i];
   if (target_kind == kTargetEps) {
     for (int64_t i = 0; i < len; ++i) target[i] = z[i];

@@ -4,6 +4,7 @@
 // scattered back. Same formulas, in the same order, as step_math.h / noising_math.h.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "kernel_args.h"
 #include "step_math.h"
@@ -11,6 +12,53 @@
 namespace ddpm_fast {
 
 constexpr int64_t kChunk = 512;
+
+// Row gather/scatter between a strided tensor row and a float buffer. Stride-1 rows (NCHW)
+// get their own loop: with a runtime stride the compiler leaves the loop scalar, and that
+// scalar copy cost more than the arithmetic (q_sample ran at half of torch.compile's speed).
+template <typename X>
+inline void load_row(const X* src, int64_t stride, int64_t len, float* dst) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<float>(src[i * stride]);
+  }
+}
+
+template <typename X>
+inline void store_row(const float* src, int64_t len, X* dst, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<X>(src[i]);
+  } else {
+    for (int64_t i = 0; i < len; ++i) dst[i * stride] = static_cast<X>(src[i]);
+  }
+}
+
+// A read-only float view of a row: the tensor itself when it is float and stride 1 (no copy),
+// else `buf` filled by load_row.
+template <typename X>
+inline const float* row_in(const X* src, int64_t stride, int64_t len, float* buf) {
+  if constexpr (std::is_same_v<X, float>) {
+    if (stride == 1) return src;
+  }
+  load_row(src, stride, len, buf);
+  return buf;
+}
+
+// Where to compute an output row: the tensor itself when it is float and stride 1, else
+// `buf`, which row_out_done then scatters.
+template <typename X>
+inline float* row_out(X* dst, int64_t stride, float* buf) {
+  if constexpr (std::is_same_v<X, float>) {
+    if (stride == 1) return dst;
+  }
+  return buf;
+}
+
+template <typename X>
+inline void row_out_done(const float* computed, int64_t len, X* dst, int64_t stride) {
+  if (static_cast<const void*>(computed) != static_cast<const void*>(dst)) store_row(computed, len, dst, stride);
+}
 
 // Per-row constants of one reverse step (fp32).
 struct StepChunkParams {

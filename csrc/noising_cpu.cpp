@@ -58,35 +58,35 @@ void q_sample_rows_f32(const QSampleArgs& a) {
   const uint64_t seed = a.seed ? static_cast<uint64_t>(*a.seed) : 0;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.S, 1));
   at::parallel_for(0, a.N * a.C, grain, [&](int64_t begin, int64_t end) {
-    float xb[kChunk], zb[kChunk], xt[kChunk], tg[kChunk];
+    float xb[kChunk], zb[kChunk], xb_out[kChunk], tb[kChunk];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / a.C, c = row % a.C;
       const int64_t t = a.t[n] < 0 ? 0 : (a.t[n] >= a.T ? a.T - 1 : a.t[n]);
       const float sa = a.sqrt_ab.get<float>(t), s1a = a.sqrt_1mab.get<float>(t);
       for (int64_t s0 = 0; s0 < a.S; s0 += kChunk) {
         const int64_t len = std::min(kChunk, a.S - s0);
-        const int64_t xo = a.x0.at(n, c, s0), xs = a.x0.ss;
-        for (int64_t i = 0; i < len; ++i) xb[i] = static_cast<float>(x0[xo + i * xs]);
+        const float* xin = row_in(x0 + a.x0.at(n, c, s0), a.x0.ss, len, xb);
+        const float* z;
         if (noise) {
-          const int64_t zo = a.noise.at(n, c, s0), zs = a.noise.ss;
-          for (int64_t i = 0; i < len; ++i) zb[i] = static_cast<float>(noise[zo + i * zs]);
+          z = row_in(noise + a.noise.at(n, c, s0), a.noise.ss, len, zb);
         } else {
-          philox_randn_fill(seed, static_cast<uint64_t>(row * a.S + s0), len, zb);
-          // Round the draw to the output dtype first, so x_t and the returned noise agree.
-          const int64_t zo = a.noise_out.at(n, c, s0), zs = a.noise_out.ss;
-          for (int64_t i = 0; i < len; ++i) {
-            const X drawn = static_cast<X>(zb[i]);
-            if (noise_out) noise_out[zo + i * zs] = drawn;
-            zb[i] = static_cast<float>(drawn);
+          X* nout = noise_out + a.noise_out.at(n, c, s0);
+          float* drawn = row_out(nout, a.noise_out.ss, zb);
+          philox_randn_fill(seed, static_cast<uint64_t>(row * a.S + s0), len, drawn);
+          if constexpr (!std::is_same_v<X, float>) {
+            // Round the draw to the output dtype first, so x_t and the returned noise agree.
+            for (int64_t i = 0; i < len; ++i) drawn[i] = static_cast<float>(static_cast<X>(drawn[i]));
           }
+          row_out_done(drawn, len, nout, a.noise_out.ss);
+          z = drawn;
         }
-        q_sample_chunk_f32(sa, s1a, target ? a.target_kind : kTargetNone, len, xb, zb, xt, tg);
-        const int64_t oo = a.x_t.at(n, c, s0), os = a.x_t.ss;
-        for (int64_t i = 0; i < len; ++i) x_t[oo + i * os] = static_cast<X>(xt[i]);
-        if (target) {
-          const int64_t go = a.target.at(n, c, s0), gs = a.target.ss;
-          for (int64_t i = 0; i < len; ++i) target[go + i * gs] = static_cast<X>(tg[i]);
-        }
+        X* xt_dst = x_t + a.x_t.at(n, c, s0);
+        float* xt = row_out(xt_dst, a.x_t.ss, xb_out);
+        X* tg_dst = target ? target + a.target.at(n, c, s0) : nullptr;
+        float* tg = target ? row_out(tg_dst, a.target.ss, tb) : nullptr;
+        q_sample_chunk_f32(sa, s1a, target ? a.target_kind : kTargetNone, len, xin, z, xt, tg);
+        row_out_done(xt, len, xt_dst, a.x_t.ss);
+        if (target) row_out_done(tg, len, tg_dst, a.target.ss);
       }
     }
   });

@@ -73,7 +73,7 @@ void posterior_rows_f32(const PosteriorArgs& a) {
   const int64_t var_offset = a.mo_var + (a.guidance ? a.mo_half : 0);  // variance from the cond half
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.S, 1));
   at::parallel_for(0, a.N * a.C, grain, [&](int64_t begin, int64_t end) {
-    float out[kChunk], cond[kChunk], var[kChunk], x[kChunk], z[kChunk], p[kChunk], x0[kChunk];
+    float out[kChunk], cond[kChunk], var[kChunk], xb[kChunk], z[kChunk], p[kChunk], x0[kChunk];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / a.C, c = row % a.C;
       StepChunkParams params{step_coefs<float>(a, n), static_cast<float>(a.guidance_scale),
@@ -83,31 +83,34 @@ void posterior_rows_f32(const PosteriorArgs& a) {
       for (int64_t s0 = 0; s0 < a.S; s0 += kChunk) {
         const int64_t len = std::min(kChunk, a.S - s0);
         const int64_t m0 = a.model_output.at(n, c, s0), ms = a.model_output.ss;
-        for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(mo[m0 + i * ms]);
-        if (a.guidance) for (int64_t i = 0; i < len; ++i) cond[i] = static_cast<float>(mo[m0 + a.mo_half + i * ms]);
-        if (a.has_variance) for (int64_t i = 0; i < len; ++i) var[i] = static_cast<float>(mo[m0 + var_offset + i * ms]);
-        const int64_t x0_ = a.sample.at(n, c, s0), xs = a.sample.ss;
-        for (int64_t i = 0; i < len; ++i) x[i] = static_cast<float>(sample[x0_ + i * xs]);
+        load_row(mo + m0, ms, len, out);  // a copy: guidance combines into it in place
+        if (a.guidance) load_row(mo + m0 + a.mo_half, ms, len, cond);
+        if (a.has_variance) load_row(mo + m0 + var_offset, ms, len, var);
+        const float* x = row_in(sample + a.sample.at(n, c, s0), a.sample.ss, len, xb);
         if (abs_x0) {
-          abs_x0_chunk_f32(params, len, out, cond, x, p);
-          const int64_t o = a.abs_x0.at(n, c, s0), os = a.abs_x0.ss;
-          for (int64_t i = 0; i < len; ++i) abs_x0[o + i * os] = p[i];
+          float* dst = abs_x0 + a.abs_x0.at(n, c, s0);
+          float* ab = row_out(dst, a.abs_x0.ss, p);
+          abs_x0_chunk_f32(params, len, out, cond, x, ab);
+          row_out_done(ab, len, dst, a.abs_x0.ss);
           continue;
         }
+        const float* zp = nullptr;
         if (need_noise && noise) {
-          const int64_t o = a.noise.at(n, c, s0), zs = a.noise.ss;
-          for (int64_t i = 0; i < len; ++i) z[i] = static_cast<float>(noise[o + i * zs]);
+          zp = row_in(noise + a.noise.at(n, c, s0), a.noise.ss, len, z);
         } else if (need_noise) {
           philox_randn_fill(seed, static_cast<uint64_t>(row * a.S + s0), len, z);
-          for (int64_t i = 0; i < len; ++i) z[i] = static_cast<float>(static_cast<X>(z[i]));  // as if stored
+          if constexpr (!std::is_same_v<X, float>) {
+            for (int64_t i = 0; i < len; ++i) z[i] = static_cast<float>(static_cast<X>(z[i]));  // as if stored
+          }
+          zp = z;
         }
-        step_chunk_f32(params, len, out, cond, var, x, need_noise ? z : nullptr, p, x0);
-        const int64_t o = a.prev.at(n, c, s0), ps = a.prev.ss;
-        for (int64_t i = 0; i < len; ++i) prev[o + i * ps] = static_cast<X>(p[i]);
-        if (pred_x0) {
-          const int64_t q = a.pred_x0.at(n, c, s0), qs = a.pred_x0.ss;
-          for (int64_t i = 0; i < len; ++i) pred_x0[q + i * qs] = static_cast<X>(x0[i]);
-        }
+        X* prev_dst = prev + a.prev.at(n, c, s0);
+        float* pv = row_out(prev_dst, a.prev.ss, p);
+        X* x0_dst = pred_x0 ? pred_x0 + a.pred_x0.at(n, c, s0) : nullptr;
+        float* x0v = pred_x0 ? row_out(x0_dst, a.pred_x0.ss, x0) : x0;
+        step_chunk_f32(params, len, out, cond, var, x, zp, pv, x0v);
+        row_out_done(pv, len, prev_dst, a.prev.ss);
+        if (pred_x0) row_out_done(x0v, len, x0_dst, a.pred_x0.ss);
       }
     }
   });
