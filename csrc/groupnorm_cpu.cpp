@@ -189,6 +189,57 @@ struct Rows {
       apply_ch(src + p * ss, C, d, a, b, silu, res ? res + p * rss : nullptr, out + p * oss);
   }
 
+  // ---- the backward of one channels-contiguous pixel, vectorised along C; per-channel d = bias_nc -
+  // mean, r = rstd, A = dn/dx_hat, B (as in apply_ch). First pass: x_hat = (x + d) r,
+  // g = dy act'(x_hat A + B), stored; acc_g += g, acc_gx += g x_hat.
+  template <typename X>
+  DDPM_INLINE static void grad_ch(const X* src, const X* dy, int64_t len, const F* d, const F* r, const F* A,
+                                  const F* B, bool silu, F* g, F* acc_g, F* acc_gx) {
+    if (silu) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const F xh = (static_cast<F>(src[i]) + d[i]) * r[i];
+        const F z = xh * A[i] + B[i];
+        const F sig = sigmoid(z);
+        const F gi = static_cast<F>(dy[i]) * sig * (F(1) + z * (F(1) - sig));
+        g[i] = gi;
+        acc_g[i] += gi;
+        acc_gx[i] += gi * xh;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const F xh = (static_cast<F>(src[i]) + d[i]) * r[i];
+        const F gi = static_cast<F>(dy[i]);
+        g[i] = gi;
+        acc_g[i] += gi;
+        acc_gx[i] += gi * xh;
+      }
+    }
+  }
+
+  // Second pass: out = X(dx), dx = r (A g - m1 - x_hat m2) (m1, m2: the group's means of A g and
+  // A g x_hat); acc += dx when acc is given (d bias_nc).
+  template <typename X>
+  DDPM_INLINE static void dx_ch(const X* src, const F* g, int64_t len, const F* d, const F* r, const F* A,
+                                const F* m1, const F* m2, X* out, F* acc) {
+    if (acc) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const F xh = (static_cast<F>(src[i]) + d[i]) * r[i];
+        const F dx = r[i] * (A[i] * g[i] - m1[i] - xh * m2[i]);
+        out[i] = static_cast<X>(dx);
+        acc[i] += dx;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const F xh = (static_cast<F>(src[i]) + d[i]) * r[i];
+        out[i] = static_cast<X>(r[i] * (A[i] * g[i] - m1[i] - xh * m2[i]));
+      }
+    }
+  }
+
   // xh = (F(src) + add - mean) rstd.
   template <typename X>
   DDPM_INLINE static void load_normalize(const X* src, int64_t len, F add, F mean, F rstd, F* xh) {
@@ -507,6 +558,16 @@ struct VecNone {
       }                                                                                                       \
     }                                                                                                         \
     template <typename X>                                                                                     \
+    ATTR static void grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,          \
+                             const float* A, const float* B, bool silu, float* g, float* acc_g, float* acc_gx) { \
+      Rows<float>::grad_ch(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);                                 \
+    }                                                                                                         \
+    template <typename X>                                                                                     \
+    ATTR static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,         \
+                           const float* A, const float* m1, const float* m2, X* out, float* acc) {            \
+      Rows<float>::dx_ch(src, g, len, d, r, A, m1, m2, out, acc);                                             \
+    }                                                                                                         \
+    template <typename X>                                                                                     \
     ATTR static void load_normalize(const X* src, int64_t len, float add, float mean, float rstd, float* xh) { \
       Rows<float>::load_normalize(src, len, add, mean, rstd, xh);                                             \
     }                                                                                                         \
@@ -780,11 +841,131 @@ void backward_kernel(const GroupNormArgs& a) {
   });
 }
 
+// ---- backward for channels-contiguous layouts (channels_last), vectorised along C like
+// forward_cl_kernel (same pixel chunks, per-(n, chunk, c) partials added in a fixed order, same
+// choice between one image per task and chunks split across threads). Pass 0: g = dy act'(z),
+// stored in a float buffer (an image per task: per thread; else the whole batch), and the sums of
+// g and g x_hat -> sum_g, sum_gx and the group means m1, m2. Pass 1: dx from x, g, m1, m2, and
+// its sums (d bias_nc) when asked.
+template <typename X, typename F, typename R>
+void backward_cl_kernel(const GroupNormArgs& a) {
+  const int64_t N = a.N, C = a.C, G = a.G, S = a.S, cpg = C / G;
+  const int64_t P = std::clamp<int64_t>(8192 / C, 1, kSumChunk), K = (S + P - 1) / P;
+  const double M = static_cast<double>(cpg * S);
+  const X* x = static_cast<const X*>(a.x.ptr);
+  const X* dy = static_cast<const X*>(a.dy.ptr);
+  X* dx = static_cast<X*>(a.dx.ptr);
+  const F* mean_in = static_cast<const F*>(a.mean);
+  const F* rstd_in = static_cast<const F*>(a.rstd);
+  F* sum_g = static_cast<F*>(a.sum_g);
+  F* sum_gx = static_cast<F*>(a.sum_g_xhat);
+  F* dbias_nc = static_cast<F*>(a.dbias_nc);
+  // Per (n, c): d = bias_nc - mean, r = rstd, A = dn/dx_hat, B = the affine's shift; m1, m2 later.
+  std::vector<F> d(N * C), r(N * C), A(N * C), B(N * C), m1(N * C), m2(N * C);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t nc = n * C + c, ng = n * G + c / cpg;
+      const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
+      d[nc] = param<F>(a.bias_nc, nc, F(0)) - mean_in[ng];
+      r[nc] = rstd_in[ng];
+      A[nc] = param<F>(a.w, c, F(1)) * s1;
+      B[nc] = param<F>(a.b, c, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
+    }
+  }
+  std::vector<double> part_g(N * K * C), part_gx(N * K * C);  // pass 1 reuses part_g for dx
+
+  // g_img: image n's g, pixel s at g_img[s * C + c].
+  auto chunk = [&](int pass, int64_t n, int64_t k, F* g_img, F* acc1, F* acc2) {
+    const int64_t s0 = k * P, cnt = std::min(P, S - s0), o = n * C;
+    double* p1 = part_g.data() + (n * K + k) * C;
+    std::fill(acc1, acc1 + C, F(0));
+    if (pass == 0) {
+      std::fill(acc2, acc2 + C, F(0));
+      for (int64_t s = s0; s < s0 + cnt; ++s)
+        R::grad_ch(x + a.x.at(n, 0, s), dy + a.dy.at(n, 0, s), C, d.data() + o, r.data() + o, A.data() + o,
+                   B.data() + o, a.silu, g_img + s * C, acc1, acc2);
+      double* p2 = part_gx.data() + (n * K + k) * C;
+      for (int64_t c = 0; c < C; ++c) p1[c] = acc1[c], p2[c] = acc2[c];
+      return;
+    }
+    F* acc = dbias_nc ? acc1 : nullptr;
+    for (int64_t s = s0; s < s0 + cnt; ++s)
+      R::dx_ch(x + a.x.at(n, 0, s), g_img + s * C, C, d.data() + o, r.data() + o, A.data() + o, m1.data() + o,
+               m2.data() + o, dx + a.dx.at(n, 0, s), acc);
+    if (dbias_nc)
+      for (int64_t c = 0; c < C; ++c) p1[c] = acc1[c];
+  };
+  // Image n's totals per channel (chunks in order), then per group.
+  auto finish = [&](int pass, int64_t n) {
+    for (int64_t c = 0; c < C; ++c) {
+      double tg = 0, tgx = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        tg += part_g[(n * K + k) * C + c];
+        if (pass == 0) tgx += part_gx[(n * K + k) * C + c];
+      }
+      if (pass == 1) {
+        dbias_nc[n * C + c] = static_cast<F>(tg);
+        continue;
+      }
+      sum_g[n * C + c] = static_cast<F>(tg), sum_gx[n * C + c] = static_cast<F>(tgx);
+    }
+    if (pass == 1) return;
+    for (int64_t g = 0; g < G; ++g) {
+      double t1 = 0, t2 = 0;  // in the NCHW kernel's order: channel by channel, from the double totals
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+        double tg = 0, tgx = 0;
+        for (int64_t k = 0; k < K; ++k) tg += part_g[(n * K + k) * C + c], tgx += part_gx[(n * K + k) * C + c];
+        t1 += A[n * C + c] * tg, t2 += A[n * C + c] * tgx;
+      }
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+        m1[n * C + c] = static_cast<F>(t1 / M), m2[n * C + c] = static_cast<F>(t2 / M);
+    }
+  };
+
+  const int64_t threads = at::get_num_threads();
+  if (N >= 2 * threads || N % threads == 0) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(S * C, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<F> acc1(C), acc2(C), g_img(S * C);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int pass = 0; pass < 2; ++pass) {
+          for (int64_t k = 0; k < K; ++k) chunk(pass, n, k, g_img.data(), acc1.data(), acc2.data());
+          if (pass == 0 || dbias_nc) finish(pass, n);
+        }
+      }
+    });
+    return;
+  }
+  std::vector<F> g_all(N * S * C);
+  const int64_t grain = std::max<int64_t>(1, 32768 / (P * C));
+  for (int pass = 0; pass < 2; ++pass) {
+    at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
+      std::vector<F> acc1(C), acc2(C);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / K;
+        chunk(pass, n, i % K, g_all.data() + n * S * C, acc1.data(), acc2.data());
+      }
+    });
+    if (pass == 0 || dbias_nc)
+      for (int64_t n = 0; n < N; ++n) finish(pass, n);
+  }
+}
+
+// Channels contiguous in x, dy and dx, positions not (channels_last; or one position).
+bool channels_contiguous_bwd(const GroupNormArgs& a) {
+  return a.x.sc == 1 && a.dy.sc == 1 && a.dx.sc == 1 && (a.x.ss != 1 || a.S == 1);
+}
+
 template <typename X, typename F, typename R>
 void run_with(const GroupNormArgs& a, bool backward) {
-  if (backward) backward_kernel<X, F, R>(a);
-  else if (channels_contiguous(a)) forward_cl_kernel<X, F, R>(a);
-  else forward_kernel<X, F, R>(a);
+  if (backward) {
+    if (channels_contiguous_bwd(a)) backward_cl_kernel<X, F, R>(a);
+    else backward_kernel<X, F, R>(a);
+  } else if (channels_contiguous(a)) {
+    forward_cl_kernel<X, F, R>(a);
+  } else {
+    forward_kernel<X, F, R>(a);
+  }
 }
 
 template <typename X, typename F>

@@ -82,6 +82,8 @@ def check_against_reference(backend, t, groups, silu=True, eps=1e-5):
     reference in D against the reference from the inputs upcast to fp64."""
     device = backend_device(backend)
     gy = grad_output(t["x"].shape, t["x"].dtype, device)
+    if t["x"].dim() == 4 and not t["x"].is_contiguous() and t["x"].is_contiguous(memory_format=torch.channels_last):
+        gy = gy.contiguous(memory_format=torch.channels_last)  # as a channels_last network's backward hands it
     fast = lambda u: apply(group_norm_silu, u, groups, silu, eps, backend=backend)  # noqa: E731
     ref = lambda u: apply(reference.group_norm_silu, u, groups, silu, eps)  # noqa: E731
     y, grads = forward_and_grads(fast, {k: v.to(device) for k, v in t.items()}, gy)
@@ -285,6 +287,7 @@ def test_channels_last_cpp(name):
     check_against_reference("cpp", t, groups, silu=False)
     bare = {"x": t["x"], "bias_nc": t["bias_nc"]}  # no affine, scale/shift or residual
     check_against_reference("cpp", bare, groups)
+    check_against_reference("cpp", {"x": t["x"]}, groups)  # and no bias_nc (no d bias_nc sums)
 
 
 def test_channels_last_x_nchw_residual_cpp():
@@ -296,20 +299,26 @@ def test_channels_last_x_nchw_residual_cpp():
 
 
 def test_cpp_channels_last_independent_of_threads():
-    """The channels_last forward's chunking and reduction order depend on the shape only: one thread
-    (one image per task) and two (positions split across the threads) give the same bits."""
+    """The channels_last kernels' chunking and reduction order depend on the shape only: one thread
+    (one image per task) and two (positions split across the threads) give the same bits, forward
+    and backward."""
     if "cpp" not in FAST_BACKENDS:
         pytest.skip("cpp backend not built")
     t = make_inputs((1, 64, 16, 16), seed=17, channels_last=True)
+    gy = grad_output((1, 64, 16, 16), torch.float32, "cpu").contiguous(memory_format=torch.channels_last)
+    fast = lambda u: apply(group_norm_silu, u, 32, backend="cpp")  # noqa: E731
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = apply(group_norm_silu, t, 32, backend="cpp")
+        y1, g1 = forward_and_grads(fast, t, gy)
         torch.set_num_threads(max(2, threads))
-        y2 = apply(group_norm_silu, t, 32, backend="cpp")
+        y2, g2 = forward_and_grads(fast, t, gy)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(y1, y2)
+    assert g1["x"].is_contiguous(memory_format=torch.channels_last)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
 
 
 def test_mixed_and_strided_layouts(backend):
