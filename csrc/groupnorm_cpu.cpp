@@ -279,6 +279,14 @@ struct Rows {
     *sum_g = tg, *sum_gx = tgx;
   }
 
+  // load_normalize then grad_sums over one row (the AVX2 build fuses the two).
+  template <typename X>
+  DDPM_INLINE static void norm_grad_sums(const X* src, int64_t len, F add, F mean, F rstd, F* xh, const X* dy, F* g,
+                                         F a, F b, bool silu, double* sum_g, double* sum_gx) {
+    load_normalize(src, len, add, mean, rstd, xh);
+    grad_sums(xh, dy, g, len, a, b, silu, sum_g, sum_gx);
+  }
+
   // The second pass: out = X(dx), dx = rstd (a g - m1 - xh m2); returns sum dx. out may be g.
   template <typename X>
   DDPM_INLINE static double grad_x(const F* xh, const F* g, int64_t len, F rstd, F a, F m1, F m2, X* out) {
@@ -455,20 +463,71 @@ struct VecAvx2 {
     }
   }
 
+  // Rows<float>::grad_ch's SiLU loop (one channels_last pixel of the backward).
   template <typename X>
-  DDPM_AVX2 static int64_t grad_sums(const float* xh, const X* dy, float* g, int64_t len, float a, float b,
-                                     double* sum_g, double* sum_gx) {
+  DDPM_AVX2 static int64_t grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,
+                                   const float* A, const float* B, float* g, float* acc_g, float* acc_gx) {
     if constexpr (!std::is_same_v<X, float>) {
       return 0;
     } else {
+      const __m256 one = _mm256_set1_ps(1.0f);
+      const int64_t k = len & ~int64_t(7);
+      for (int64_t i = 0; i < k; i += 8) {
+        const __m256 xh = _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(src + i), _mm256_loadu_ps(d + i)),
+                                        _mm256_loadu_ps(r + i));
+        const __m256 z = _mm256_fmadd_ps(xh, _mm256_loadu_ps(A + i), _mm256_loadu_ps(B + i));
+        const __m256 sig = sigmoid8(z);
+        const __m256 dact = _mm256_mul_ps(sig, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sig), one));
+        const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(dy + i), dact);
+        _mm256_storeu_ps(g + i, gi);
+        _mm256_storeu_ps(acc_g + i, _mm256_add_ps(_mm256_loadu_ps(acc_g + i), gi));
+        _mm256_storeu_ps(acc_gx + i, _mm256_fmadd_ps(gi, xh, _mm256_loadu_ps(acc_gx + i)));
+      }
+      return k;
+    }
+  }
+
+  template <typename X>
+  DDPM_AVX2 static int64_t grad_sums(const float* xh, const X* dy, float* g, int64_t len, float a, float b,
+                                     double* sum_g, double* sum_gx) {
+    return grad_sums_impl<false>(xh, 0.0f, 0.0f, 0.0f, nullptr, dy, g, len, a, b, sum_g, sum_gx);
+  }
+
+  // load_normalize fused into grad_sums: x_hat = (src + add - mean) rstd is stored to xh and used
+  // at once, one pass over the row instead of two.
+  template <typename X>
+  DDPM_AVX2 static int64_t norm_grad_sums(const X* src, int64_t len, float add, float mean, float rstd, float* xh,
+                                          const X* dy, float* g, float a, float b, double* sum_g, double* sum_gx) {
+    if constexpr (!std::is_same_v<X, float>) {
+      *sum_g = *sum_gx = 0;
+      return 0;
+    } else {
+      return grad_sums_impl<true>(src, add, mean, rstd, xh, dy, g, len, a, b, sum_g, sum_gx);
+    }
+  }
+
+  // kFromX: src is the input row, normalised here into xh; else src is x_hat already.
+  template <bool kFromX, typename X>
+  DDPM_AVX2 static int64_t grad_sums_impl(const float* src, float add, float mean, float rstd, float* xh,
+                                          const X* dy, float* g, int64_t len, float a, float b, double* sum_g,
+                                          double* sum_gx) {
+    if constexpr (!std::is_same_v<X, float>) {
+      *sum_g = *sum_gx = 0;
+      return 0;
+    } else {
       const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), one = _mm256_set1_ps(1.0f);
+      const __m256 vadd = _mm256_set1_ps(add), vmean = _mm256_set1_ps(mean), vrstd = _mm256_set1_ps(rstd);
       const int64_t k = len & ~int64_t(7);
       double tg = 0, tgx = 0;
       for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
         const int64_t end = std::min(k, i0 + kSumChunk);
         __m256 sg = _mm256_setzero_ps(), sgx = _mm256_setzero_ps();
         for (int64_t i = i0; i < end; i += 8) {
-          const __m256 x = _mm256_loadu_ps(xh + i);
+          __m256 x = _mm256_loadu_ps(src + i);
+          if constexpr (kFromX) {
+            x = _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(x, vadd), vmean), vrstd);
+            _mm256_storeu_ps(xh + i, x);
+          }
           const __m256 z = _mm256_fmadd_ps(x, va, vb);
           const __m256 sig = sigmoid8(z);
           const __m256 dact = _mm256_mul_ps(sig, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sig), one));
@@ -513,6 +572,17 @@ struct VecNone {
   template <typename X>
   static int64_t grad_sums(const float*, const X*, float*, int64_t, float, float, double* sum_g, double* sum_gx) {
     *sum_g = *sum_gx = 0;
+    return 0;
+  }
+  template <typename X>
+  static int64_t norm_grad_sums(const X*, int64_t, float, float, float, float*, const X*, float*, float, float,
+                                double* sum_g, double* sum_gx) {
+    *sum_g = *sum_gx = 0;
+    return 0;
+  }
+  template <typename X>
+  static int64_t grad_ch(const X*, const X*, int64_t, const float*, const float*, const float*, const float*, float*,
+                         float*, float*) {
     return 0;
   }
 };
@@ -560,7 +630,9 @@ struct VecNone {
     template <typename X>                                                                                     \
     ATTR static void grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,          \
                              const float* A, const float* B, bool silu, float* g, float* acc_g, float* acc_gx) { \
-      Rows<float>::grad_ch(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);                                 \
+      const int64_t k = silu ? VEC::grad_ch(src, dy, len, d, r, A, B, g, acc_g, acc_gx) : 0;                  \
+      Rows<float>::grad_ch(src + k, dy + k, len - k, d + k, r + k, A + k, B + k, silu, g + k, acc_g + k,      \
+                           acc_gx + k);                                                                       \
     }                                                                                                         \
     template <typename X>                                                                                     \
     ATTR static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,         \
@@ -576,6 +648,16 @@ struct VecNone {
                                double* sum_g, double* sum_gx) {                                               \
       double sg = 0, sgx = 0, tg, tgx;                                                                        \
       const int64_t k = silu ? VEC::grad_sums(xh, dy, g, len, a, b, &sg, &sgx) : 0;                          \
+      Rows<float>::grad_sums(xh + k, dy + k, g + k, len - k, a, b, silu, &tg, &tgx);                          \
+      *sum_g = sg + tg, *sum_gx = sgx + tgx;                                                                  \
+    }                                                                                                         \
+    template <typename X>                                                                                     \
+    ATTR static void norm_grad_sums(const X* src, int64_t len, float add, float mean, float rstd, float* xh,  \
+                                    const X* dy, float* g, float a, float b, bool silu, double* sum_g,        \
+                                    double* sum_gx) {                                                         \
+      double sg = 0, sgx = 0, tg, tgx;                                                                        \
+      const int64_t k = silu ? VEC::norm_grad_sums(src, len, add, mean, rstd, xh, dy, g, a, b, &sg, &sgx) : 0; \
+      Rows<float>::load_normalize(src + k, len - k, add, mean, rstd, xh + k);                                 \
       Rows<float>::grad_sums(xh + k, dy + k, g + k, len - k, a, b, silu, &tg, &tgx);                          \
       *sum_g = sg + tg, *sum_gx = sgx + tgx;                                                                  \
     }                                                                                                         \
@@ -791,6 +873,7 @@ void backward_kernel(const GroupNormArgs& a) {
   F* sum_gx = static_cast<F*>(a.sum_g_xhat);
   F* dbias_nc = static_cast<F*>(a.dbias_nc);
   const bool x_rows = a.x.ss == 1, dy_rows = a.dy.ss == 1, dx_rows = a.dx.ss == 1;
+  const bool fused = x_rows && dy_rows;  // NCHW x and dy: normalise inside the gradient sums
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(M, 1));
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
     std::vector<F> xh(M), g(M);
@@ -799,7 +882,9 @@ void backward_kernel(const GroupNormArgs& a) {
       const int64_t n = ng / a.G, c0 = (ng % a.G) * cpg;
       const F mean = mean_in[ng], rstd = rstd_in[ng];
       const F* bias_nc = a.bias_nc ? static_cast<const F*>(a.bias_nc) + n * a.C + c0 : nullptr;
-      if (x_rows) {
+      if (fused) {
+        // x_hat is computed row by row inside the gradient sums below
+      } else if (x_rows) {
         for (int64_t c = 0; c < cpg; ++c) {
           const F add = bias_nc ? bias_nc[c] : F(0);
           R::load_normalize(x + a.x.at(n, c0 + c, 0), S, add, mean, rstd, xh.data() + c * S);
@@ -817,7 +902,10 @@ void backward_kernel(const GroupNormArgs& a) {
         const F cb = param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
         F* g_row = g.data() + c * S;
         double sg, sgx;
-        if (dy_rows) {
+        if (fused) {
+          R::norm_grad_sums(x + a.x.at(n, cc, 0), S, bias_nc ? bias_nc[c] : F(0), mean, rstd, xh.data() + c * S,
+                            dy + a.dy.at(n, cc, 0), g_row, w * s1, cb, a.silu, &sg, &sgx);
+        } else if (dy_rows) {
           R::grad_sums(xh.data() + c * S, dy + a.dy.at(n, cc, 0), g_row, S, w * s1, cb, a.silu, &sg, &sgx);
         } else {
           R::grad_sums(xh.data() + c * S, static_cast<const F*>(g_row), g_row, S, w * s1, cb, a.silu, &sg, &sgx);
