@@ -1,7 +1,12 @@
 // The private op namespace ddpm_fast_C (kernels called by the public ddpm_fast:: custom ops)
 // and the Python module ddpm_fast._C, whose import loads the registrations.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
+
+#include <vector>
+
+#include "philox_cpu.h"
 
 #ifndef DDPM_FAST_TORCH_VERSION
 #define DDPM_FAST_TORCH_VERSION "unknown"
@@ -34,4 +39,17 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  // A test hook: the CPU kernels' bulk draw at any offset (reference.philox_randn's offset=).
+  m.def(
+      "philox_randn_fill",
+      [](uint64_t seed, uint64_t offset, int64_t count, bool portable) {
+        if (count < 0) throw pybind11::value_error("philox_randn_fill: count must be >= 0");
+        std::vector<float> out(static_cast<size_t>(count));
+        if (portable) ddpm_fast::philox_randn_fill_portable(seed, offset, count, out.data());
+        else ddpm_fast::philox_randn_fill(seed, offset, count, out.data());
+        return out;
+      },
+      pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("count"), pybind11::arg("portable") = false,
+      "Normals of elements offset .. offset + count - 1 of the stream seed, as the CPU kernels draw them "
+      "(portable=True: the loop that CPUs without AVX2 run).");
 }

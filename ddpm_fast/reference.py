@@ -28,17 +28,23 @@ _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
 _U32 = 0xFFFFFFFF
 
 
-def philox_randn(seed: int | torch.Tensor, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The kernels' noise: element i (in logical NCHW order) is Box-Muller of Philox4x32-10
-    with counter (i_lo, i_hi, 0, 0) and key (seed_lo, seed_hi), exactly as Triton's
-    ``tl.randn(seed, i)``. Returns float32; uint32 arithmetic is emulated in int64.
+def philox_randn(
+    seed: int | torch.Tensor, shape: tuple[int, ...], device: torch.device | str = "cpu", *, offset: int = 0
+) -> torch.Tensor:
+    """The kernels' noise, exactly Triton's ``tl.randn4x``: element L = offset + i (i in logical
+    NCHW order) is lane L % 4 of Philox block L // 4. A block is Philox4x32-10 with counter
+    (block_lo, block_hi, 0, 0) and key (seed_lo, seed_hi); its words w0..w3 become uniforms
+    u0..u3 and, by Box-Muller, the lanes r(u0) cos(2 pi u1), r(u0) sin(2 pi u1), r(u2) cos(2 pi u3),
+    r(u2) sin(2 pi u3) with r(u) = sqrt(-2 ln max(u, 1e-7)). Returns float32 of ``shape``;
+    uint32 arithmetic is emulated in int64.
     """
     seed = int(seed)
     numel = 1
     for d in shape:
         numel *= d
-    offset = torch.arange(numel, dtype=torch.int64, device=device)
-    c0, c1 = offset & _U32, (offset >> 32) & _U32
+    first = offset // 4  # the blocks that cover elements offset .. offset + numel - 1
+    blocks = torch.arange(first, (offset + numel + 3) // 4, dtype=torch.int64, device=device)
+    c0, c1 = blocks & _U32, (blocks >> 32) & _U32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _U32, (seed >> 32) & _U32
@@ -54,9 +60,13 @@ def philox_randn(seed: int | torch.Tensor, shape: tuple[int, ...], device: torch
         folded = torch.where(signed < 0, -signed - 1, signed)
         return folded.to(torch.float32) * 4.6566127342e-10
 
-    u1 = uniform(c0).clamp(min=1.0e-7)
-    theta = 6.283185307179586 * uniform(c1)
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)).reshape(shape)
+    r01, r23 = (torch.sqrt(-2.0 * torch.log(uniform(w).clamp(min=1.0e-7))) for w in (c0, c2))
+    theta01, theta23 = (6.283185307179586 * uniform(w) for w in (c1, c3))
+    lanes = torch.stack(
+        [r01 * torch.cos(theta01), r01 * torch.sin(theta01), r23 * torch.cos(theta23), r23 * torch.sin(theta23)], dim=1
+    )
+    start = offset - 4 * first
+    return lanes.flatten()[start : start + numel].reshape(shape)
 
 
 # ---------------------------------------------------------------- forward process

@@ -21,6 +21,11 @@ import ddpm_fast
 from ddpm_fast import q_sample, reference
 from ddpm_fast.ops import no_value_checks
 
+try:  # a global: the test kernels' calls resolve in this module's namespace
+    from ddpm_fast.kernels.launch import philox_normal
+except ImportError:  # no triton
+    philox_normal = None
+
 TARGETS = (None, "epsilon", "sample", "v_prediction")
 LOW_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -181,11 +186,12 @@ def test_other_schedules(backend, device):
 NOISE_BACKENDS = ["reference", *FAST_BACKENDS]
 
 
+# rows of 35 and 117 elements: Philox blocks of 4 straddle rows, and a row spans several CPU steps
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (3, 2, 9, 13)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", NOISE_BACKENDS)
-def test_in_kernel_noise_is_philox(schedule, backend, dtype):
+def test_in_kernel_noise_is_philox(schedule, backend, dtype, shape):
     device = backend_device(backend)
-    shape = (3, 2, 5, 7)
     x0, _ = make_inputs(shape, dtype, device, seed=8)
     t = timesteps(3, device)
     g = torch.Generator().manual_seed(1234)
@@ -281,7 +287,9 @@ def test_noise_statistics(schedule, backend, shape):
     assert abs(flat.mean().item()) < bound
     assert abs(flat.var().item() - 1) < 5 * math.sqrt(2 / n)
     assert scipy_stats.kstest(flat.numpy(), "norm").pvalue > 1e-3
-    assert abs(_corr(flat[:-1], flat[1:])) < bound  # neighbouring elements
+    for lag in (1, 2, 3, 4):  # neighbours within a Philox block (1-3: one call) and the next block's lane (4)
+        assert abs(_corr(flat[:-lag], flat[lag:])) < bound, lag
+    assert abs(_corr(flat[:-1] ** 2, flat[1:] ** 2)) < bound  # r cos, r sin of one pair: independent
     assert abs(_corr(flat[: n // 2], flat[n // 2 :])) < 5 / math.sqrt(n // 2)  # far apart halves
     per_sample = n // shape[0]
     assert abs(_corr(z[0], z[1])) < 5 / math.sqrt(per_sample)  # samples of a batch
@@ -290,6 +298,131 @@ def test_noise_statistics(schedule, backend, shape):
     # tails: the fraction beyond 3 sigma is that of a normal (0.27%)
     frac = (flat.abs() > 3).double().mean().item()
     assert abs(frac - 0.0026998) < 5 * math.sqrt(0.0027 / n)
+
+
+# ------------------------------------------------------------------ the noise contract (tl.randn4x)
+HAS_CPP = "cpp" in FAST_BACKENDS
+CONTRACT_SEED = 0x0123456789ABCDEF  # both key words nonzero
+# (offset, count): partial blocks at either end, odd counts, and across 2^32 and 2^34 elements
+# (at 2^34 the block counter's low word carries into the high word)
+FILL_CASES = [
+    (0, 1),
+    (0, 64),
+    (1, 17),
+    (3, 5),
+    (5, 1031),
+    (2**32 - 6, 17),
+    (2**32 - 1, 3),
+    (2**34 - 6, 17),
+    (2**34 - 37, 201),
+    (2**34 + 1, 2),
+    (2**40 + 3, 67),
+]
+
+
+def test_reference_offset_is_a_slice():
+    whole = reference.philox_randn(CONTRACT_SEED, (301,))
+    for offset in (1, 2, 3, 4, 5, 150):
+        assert torch.equal(reference.philox_randn(CONTRACT_SEED, (301 - offset,), offset=offset), whole[offset:])
+    assert torch.equal(reference.philox_randn(CONTRACT_SEED, (2, 3, 5), offset=7), whole[7:37].reshape(2, 3, 5))
+
+
+def test_reference_is_triton_randn4x():
+    """reference.philox_randn is lane L % 4 of tl.randn4x(seed, L // 4), straight from Triton."""
+    pytest.importorskip("triton")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def randn4x_lanes(out_ptr, seed, offset, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        element = offset + i.to(tl.int64)
+        n0, n1, n2, n3 = tl.randn4x(seed, element // 4)
+        lane = element % 4
+        z = tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+        tl.store(out_ptr + i, z, mask=i < n)
+
+    device = backend_device("triton")
+    for offset, count in [(0, 64), (3, 61), (2**34 - 6, 17)]:
+        out = torch.empty(64, device=device)
+        randn4x_lanes[(1,)](out, CONTRACT_SEED, offset, count, BLOCK=64)
+        expected = reference.philox_randn(CONTRACT_SEED, (count,), offset=offset)
+        torch.testing.assert_close(out[:count].cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_noise_at_any_offset():
+    """The kernels' launch.philox_normal (its own sin/cos polynomial) against the reference over
+    many angles, at offsets that cut Philox blocks and across the 2^34 carry."""
+    pytest.importorskip("triton")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def normals(out_ptr, seed, offset, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, philox_normal(seed, offset + i.to(tl.int64)), mask=i < n)
+
+    device = backend_device("triton")
+    for offset, count in [(0, 16384), (3, 16381), (2**34 - 37, 201)]:
+        out = torch.empty(16384, device=device)
+        normals[(1,)](out, CONTRACT_SEED, offset, count, BLOCK=16384)
+        expected = reference.philox_randn(CONTRACT_SEED, (count,), offset=offset)
+        torch.testing.assert_close(out[:count].cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="needs the C++ extension")
+@pytest.mark.parametrize("offset,count", FILL_CASES, ids=str)
+@pytest.mark.parametrize("portable", [False, True], ids=["dispatched", "portable"])
+def test_cpu_fill_at_any_offset(portable, offset, count):
+    """The C++ bulk draw (AVX2 where the CPU has it; the portable loop of other CPUs) against the
+    reference, at offsets and counts that cut Philox blocks and the vector loop's steps anywhere."""
+    from ddpm_fast import _C
+
+    got = torch.tensor(_C.philox_randn_fill(CONTRACT_SEED, offset, count, portable=portable))
+    expected = reference.philox_randn(CONTRACT_SEED, (count,), offset=offset)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="needs the C++ extension")
+def test_cpu_fill_empty_and_bad_counts():
+    from ddpm_fast import _C
+
+    assert (
+        _C.philox_randn_fill(CONTRACT_SEED, 5, 0) == []
+        and _C.philox_randn_fill(CONTRACT_SEED, 5, 0, portable=True) == []
+    )
+    with pytest.raises(ValueError, match="count"):
+        _C.philox_randn_fill(CONTRACT_SEED, 0, -1)
+
+
+@pytest.mark.parametrize(
+    "source", ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="no _C"))]
+)
+def test_block_lanes_are_independent(source):
+    """The 4 normals of one Philox call (r cos, r sin of words 0-1; the same of words 2-3) are
+    standard normals, uncorrelated, with uncorrelated squares (a shared radius or angle would
+    correlate those), and r^2 = z0^2 + z1^2 is chi^2 with 2 degrees of freedom."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    blocks = 2**16
+    if source == "cpp":
+        from ddpm_fast import _C
+
+        z = torch.tensor(_C.philox_randn_fill(CONTRACT_SEED, 0, 4 * blocks))
+    else:
+        z = reference.philox_randn(CONTRACT_SEED, (4 * blocks,))
+    lanes = z.double().reshape(blocks, 4)
+    bound = 5 / math.sqrt(blocks)
+    for k in range(4):
+        assert abs(lanes[:, k].mean().item()) < bound, k
+        assert abs(lanes[:, k].var().item() - 1) < 5 * math.sqrt(2 / blocks), k
+        assert scipy_stats.kstest(lanes[:, k].numpy(), "norm").pvalue > 1e-3, k
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert abs(_corr(lanes[:, a], lanes[:, b])) < bound, (a, b)
+            assert abs(_corr(lanes[:, a] ** 2, lanes[:, b] ** 2)) < bound, (a, b)
+    for pair in ((0, 1), (2, 3)):
+        radius2 = (lanes[:, pair[0]] ** 2 + lanes[:, pair[1]] ** 2).numpy()
+        assert scipy_stats.kstest(radius2, "expon", args=(0, 2)).pvalue > 1e-3, pair
 
 
 # ------------------------------------------------------------------ autograd

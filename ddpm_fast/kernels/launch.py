@@ -1,4 +1,5 @@
-"""Launch configurations and index helpers shared by the elementwise Triton kernels.
+"""Launch configurations, index helpers and the in-kernel noise shared by the elementwise Triton
+kernels.
 
 Configurations are a pure function of (shape, device) so that the ahead-of-time compile check
 can ask for them without a GPU; no autotuning (it does not run under the interpreter).
@@ -26,3 +27,40 @@ def row_index(C, S, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     return row, row // C, row % C, s, s < S
+
+
+@triton.jit
+def cos_or_sin(theta, want_sin):
+    """cos(theta), or sin(theta) where ``want_sin``, for theta in [0, 2 pi] (fp32): one Cody-Waite
+    reduction by pi/2 (in three parts) and Cephes' minimax polynomials on [-pi/4, pi/4], as
+    csrc/philox_cpu.cpp's sincos8 (within 1e-7 of the exact values). Not tl.cos and tl.sin:
+    libdevice keeps a local-memory array in each for huge arguments, and both in one kernel left
+    8 bytes of stack in the posterior kernel."""
+    q = tl.floor(theta * 0.63661977236758134 + 0.5)  # theta = q pi/2 + x, q in 0..4
+    x = tl.fma(-q, 1.5703125, theta)
+    x = tl.fma(-q, 4.837512969970703125e-4, x)
+    x = tl.fma(-q, 7.54978995489188216e-8, x)
+    z = x * x
+    s = tl.fma(z, -1.9515295891e-4, 8.3321608736e-3)
+    s = tl.fma(z, s, -1.6666654611e-1)
+    s = tl.fma(z * x, s, x)
+    c = tl.fma(z, 2.443315711809948e-5, -1.388731625493765e-3)
+    c = tl.fma(z, c, 4.166664568298827e-2)
+    c = tl.fma(z * z, c, tl.fma(z, -0.5, 1.0))
+    # cos(theta) = sin(theta + pi/2); sin(x + k pi/2) is s, c, -s, -c for k % 4 = 0, 1, 2, 3
+    k = q.to(tl.int32) + tl.where(want_sin, 0, 1)
+    v = tl.where(k % 2 == 0, s, c)
+    return tl.where(k % 4 >= 2, -v, v)
+
+
+@triton.jit
+def philox_normal(seed, element):
+    """The normal of logical element ``element`` (int64, any block shape) of the stream ``seed``:
+    lane element % 4 of ``tl.randn4x(seed, element // 4)`` (the contract of csrc/philox.h), up to
+    the rounding of sin and cos. Only the lane's word pair (w0, w1 or w2, w3) goes through
+    Box-Muller, and only its cos or sin: one log and one polynomial an element."""
+    w0, w1, w2, w3 = tl.randint4x(seed, element // 4)
+    lane = element % 4
+    u = tl.maximum(tl.uint_to_uniform_float(tl.where(lane < 2, w0, w2)), 1.0e-7)
+    theta = 6.283185307179586 * tl.uint_to_uniform_float(tl.where(lane < 2, w1, w3))
+    return tl.sqrt(-2.0 * tl.log(u)) * cos_or_sin(theta, lane % 2 == 1)

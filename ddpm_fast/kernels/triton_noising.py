@@ -1,6 +1,7 @@
 """Triton q_sample: one pass over x0 (and the given noise) writing x_t, the drawn noise and the
 training target. One program covers BLOCK elements of one (n, c) row of the (N, C, S) view;
-noise element i (logical NCHW index) is tl.randn(seed, i), as in the C++/CUDA kernels."""
+noise element i (logical NCHW index) is lane i % 4 of tl.randn4x(seed, i // 4) (launch.philox_normal),
+as in the C++/CUDA kernels."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import elementwise_config, row_index
+from .launch import elementwise_config, philox_normal, row_index
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def q_sample_kernel(
         z = tl.load(noise_ptr + n * z_sn + c * z_sc + s * z_ss, mask=mask).to(tl.float32)
     else:
         seed = tl.load(seed_ptr)
-        drawn = tl.randn(seed, row * S + s).to(noise_out_ptr.dtype.element_ty)  # round to the stored dtype
+        drawn = philox_normal(seed, row * S + s).to(noise_out_ptr.dtype.element_ty)  # round to the stored dtype
         tl.store(noise_out_ptr + n * zo_sn + c * zo_sc + s * zo_ss, drawn, mask=mask)
         z = drawn.to(tl.float32)
     out_ty = xt_ptr.dtype.element_ty

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import elementwise_config, row_index
+from .launch import elementwise_config, philox_normal, row_index
 
 # Codes shared with csrc/kernel_args.h (constexpr globals: the compiler reads them in kernels).
 DDPM, DDIM = tl.constexpr(0), tl.constexpr(1)
@@ -149,7 +149,7 @@ def posterior_kernel(
             prev = tl.where(noisy, mean + std * z, mean)
         elif DRAW_NOISE:
             seed = tl.load(seed_ptr)
-            z = tl.randn(seed, row * S + s).to(out_ty).to(tl.float32)  # as if stored, then read
+            z = philox_normal(seed, row * S + s).to(out_ty).to(tl.float32)  # as if stored, then read
             prev = tl.where(noisy, mean + std * z, mean)
         else:
             prev = mean
