@@ -59,6 +59,25 @@ NOMINAL_FLOPS = {
 }
 
 
+def _steady_malloc() -> str:
+    """On CPU, keep freed tensors' memory for reuse (glibc: no mmap below 32 MiB, no trimming), as a
+    long-running loop's allocator does: with glibc's defaults, whether an output lands on fresh pages
+    (one page fault per 4 KiB) depends on the malloc history, and the same call swings 2-3x between
+    runs. Applies to every implementation alike; DDPM_FAST_BENCH_MALLOC=default keeps glibc's."""
+    if ON_CUDA or os.environ.get("DDPM_FAST_BENCH_MALLOC") == "default" or platform.libc_ver()[0] != "glibc":
+        return "default"
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30):
+        return "glibc mmap_threshold=32MiB trim_threshold=1GiB"
+    return "default"
+
+
+MALLOC = _steady_malloc()
+
+
 def shape_id(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape)
 
@@ -101,6 +120,10 @@ def compile_fn(fn: Callable) -> Callable:
     """torch.compile(fn) with static shapes; a recompile limit hit raises instead of silently running eager."""
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # One entry per (shape, dtype, layout, requires_grad) case of a benchmark file: more than the
+    # default 8 (the GroupNorm file has 14 per dtype).
+    if getattr(torch._dynamo.config, "recompile_limit", 64) < 64:
+        torch._dynamo.config.recompile_limit = 64
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
@@ -285,6 +308,7 @@ def session_info() -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "commit": git_commit(),
+        "malloc": MALLOC,
         "backends": {name: list(value) for name, value in ddpm_fast.backends().items()},
     }
 

@@ -453,6 +453,32 @@ def test_partial_requires_grad(backend):
     assert gx.shape == x.shape
 
 
+def test_eager_autograd_matches_the_custom_op():
+    """Eager calls that need gradients run a plain autograd.Function (no torch.library dispatch):
+    the same outputs and gradients, bit for bit, as the registered custom op's autograd; double
+    backward still raises (no formula) instead of returning silently wrong gradients."""
+    if "cpp" not in FAST_BACKENDS:
+        pytest.skip("cpp backend not built")
+    from ddpm_fast.ops.groupnorm_silu import _group_norm_silu_op, _GroupNormSiluFunction
+
+    t = make_inputs((2, 8, 5, 3), seed=18)
+    gy = grad_output((2, 8, 5, 3), torch.float32, "cpu")
+    results = []
+    for op in (_GroupNormSiluFunction.apply, _group_norm_silu_op):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in t.items()}
+        args = [leaves.get(k) for k in ("x", "weight", "bias", "bias_nc", "scale_nc", "shift_nc", "residual")]
+        y, _, _ = op(*args, 4, 1e-5, True, "cpp")
+        results.append((y, torch.autograd.grad(y, list(leaves.values()), gy)))
+    (y1, g1), (y2, g2) = results
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+    x = t["x"].detach().clone().requires_grad_()
+    (gx,) = torch.autograd.grad(group_norm_silu(x, 4, backend="cpp").square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(gx.sum(), [x])
+
+
 def test_opcheck_cpp():
     """torch.library.opcheck: schema, fake (meta) implementations and autograd registration."""
     if "cpp" not in FAST_BACKENDS:

@@ -20,7 +20,7 @@ import torch
 
 from .. import reference
 from .._backends import load_extension, select_backend
-from ._common import as_3d, check_float, direct_call_ok, new_like
+from ._common import as_3d, check_float, direct_call_ok, eager_autograd_ok, new_like
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -29,7 +29,7 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _params(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """The per-channel parameters as the kernels take them: contiguous, in the statistics dtype."""
-    return [None if t is None else t.to(dtype).contiguous() for t in tensors]
+    return [t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous() for t in tensors]
 
 
 def _fwd_launcher(backend: str):
@@ -65,8 +65,10 @@ def _group_norm_silu_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     stat = _stat_dtype(x)
     y = new_like(x)
-    mean = x.new_zeros((x.shape[0], num_groups), dtype=stat)
-    rstd = torch.zeros_like(mean)
+    # the kernels write every statistic; an empty x (no positions) leaves zeros
+    alloc = x.new_empty if x.numel() else x.new_zeros
+    mean = alloc((x.shape[0], num_groups), dtype=stat)
+    rstd = torch.empty_like(mean) if x.numel() else torch.zeros_like(mean)
     if x.numel():
         params = _params(stat, weight, bias, bias_nc, scale_nc, shift_nc)
         res = as_3d(residual) if residual is not None else None
@@ -83,8 +85,7 @@ def _(x, weight, bias, bias_nc, scale_nc, shift_nc, residual, num_groups, eps, s
     return new_like(x), mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("ddpm_fast::group_norm_silu_backward", mutates_args=())
-def _group_norm_silu_backward_op(
+def _backward_impl(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -130,6 +131,11 @@ def _group_norm_silu_backward_op(
     return grad_x, grad_w, grad_b, grad_bnc, grad_sc, grad_sh
 
 
+_group_norm_silu_backward_op = torch.library.custom_op("ddpm_fast::group_norm_silu_backward", mutates_args=())(
+    _backward_impl
+)
+
+
 @_group_norm_silu_backward_op.register_fake
 def _(grad_y, x, weight, bias, bias_nc, scale_nc, shift_nc, mean, rstd, num_groups, silu, backend):
     grads = [x.new_empty(0) if t is None else t.new_empty(t.shape) for t in (weight, bias, bias_nc, scale_nc, shift_nc)]
@@ -147,7 +153,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_mean, grad_rstd):
     x, weight, bias, bias_nc, scale_nc, shift_nc, mean, rstd = ctx.saved_tensors
-    grads = _group_norm_silu_backward_op(
+    # eager backward (no create_graph): the implementation directly, without torch.library's dispatch
+    backward = _backward_impl if direct_call_ok(grad_y, *ctx.saved_tensors) else _group_norm_silu_backward_op
+    grads = backward(
         grad_y, x, weight, bias, bias_nc, scale_nc, shift_nc, mean, rstd, ctx.num_groups, ctx.silu, ctx.backend
     )
     given = (x, weight, bias, bias_nc, scale_nc, shift_nc)
@@ -159,6 +167,21 @@ def _backward(ctx, grad_y, grad_mean, grad_rstd):
 
 
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GroupNormSiluFunction(torch.autograd.Function):
+    """The custom op's autograd (same setup_context and backward) as a plain autograd.Function, for
+    eager calls that need gradients: see _common.eager_autograd_ok."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _group_norm_silu_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_rstd):
+        return _backward(ctx, grad_y, grad_mean, grad_rstd)
 
 
 @torch.compiler.assume_constant_result
@@ -257,6 +280,11 @@ def group_norm_silu(
     if name == "triton" and x.dtype == torch.float64:
         raise TypeError("the triton backend does not take float64: use backend='cpp' or 'reference'")
     tensors = (x, weight, bias, bias_nc, scale_nc, shift_nc, residual)
-    op = _group_norm_silu_impl if direct_call_ok(*tensors) else _group_norm_silu_op  # no autograd: skip dispatch
+    if direct_call_ok(*tensors):  # no autograd: skip dispatch
+        op = _group_norm_silu_impl
+    elif eager_autograd_ok(*tensors):
+        op = _GroupNormSiluFunction.apply
+    else:
+        op = _group_norm_silu_op
     y, _, _ = op(*tensors, num_groups, float(eps), silu, name)
     return y
