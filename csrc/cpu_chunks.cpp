@@ -82,6 +82,63 @@ void step_chunk_f32(const StepChunkParams& p, int64_t len, float* __restrict__ o
   }
 }
 
+namespace {
+
+template <bool kDDIM, bool kGuided, bool kClip, bool kNoise>
+inline __attribute__((always_inline)) void step_eps_loop(const StepChunkParams& p, int64_t len,
+                                                         const float* __restrict__ out,
+                                                         const float* __restrict__ cond,
+                                                         const float* __restrict__ x, const float* __restrict__ z,
+                                                         float* __restrict__ prev, float* __restrict__ x0) {
+  const StepCoefs<float>& k = p.k;
+  const float s = p.guidance_scale, r = p.clip_range;
+  for (int64_t i = 0; i < len; ++i) {
+    float o = out[i];
+    if constexpr (kGuided) o = o + s * (cond[i] - o);
+    float x0v = (x[i] - k.sqrt_1m_a_t * o) / k.sqrt_a_t;
+    if constexpr (kClip) x0v = clampf(x0v, -r, r);
+    x0[i] = x0v;
+    float pv;
+    if constexpr (kDDIM) {
+      pv = k.sqrt_a_prev * x0v + k.dir_coef * o;
+    } else {
+      pv = k.coef_x0 * x0v + k.coef_xt * x[i];
+    }
+    if constexpr (kNoise) pv = pv + k.std * z[i];
+    prev[i] = pv;
+  }
+}
+
+template <bool kDDIM, bool kGuided, bool kClip>
+inline __attribute__((always_inline)) void step_eps_noise(const StepChunkParams& p, int64_t len, const float* out,
+                                                          const float* cond, const float* x, const float* z,
+                                                          float* prev, float* x0) {
+  if (p.k.noisy && z) step_eps_loop<kDDIM, kGuided, kClip, true>(p, len, out, cond, x, z, prev, x0);
+  else step_eps_loop<kDDIM, kGuided, kClip, false>(p, len, out, cond, x, z, prev, x0);
+}
+
+template <bool kDDIM, bool kGuided>
+inline __attribute__((always_inline)) void step_eps_clip(const StepChunkParams& p, int64_t len, const float* out,
+                                                         const float* cond, const float* x, const float* z,
+                                                         float* prev, float* x0) {
+  if (p.clip == kClip) step_eps_noise<kDDIM, kGuided, true>(p, len, out, cond, x, z, prev, x0);
+  else step_eps_noise<kDDIM, kGuided, false>(p, len, out, cond, x, z, prev, x0);
+}
+
+}  // namespace
+
+DDPM_CLONES
+void step_chunk_eps_f32(const StepChunkParams& p, int64_t len, const float* out, const float* cond,
+                        const float* x, const float* z, float* prev, float* x0) {
+  if (p.kind == kDDIM) {
+    if (p.guided) step_eps_clip<true, true>(p, len, out, cond, x, z, prev, x0);
+    else step_eps_clip<true, false>(p, len, out, cond, x, z, prev, x0);
+  } else {
+    if (p.guided) step_eps_clip<false, true>(p, len, out, cond, x, z, prev, x0);
+    else step_eps_clip<false, false>(p, len, out, cond, x, z, prev, x0);
+  }
+}
+
 DDPM_CLONES
 void q_sample_chunk_f32(float sa, float s1a, int target_kind, int64_t len, const float* __restrict__ x0,
                         const float* __restrict__ z, float* __restrict__ x_t, float* __restrict__ target) {

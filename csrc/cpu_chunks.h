@@ -73,6 +73,18 @@ struct StepChunkParams {
 void step_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const float* cond, const float* var,
                     const float* x, const float* z, float* prev, float* x0);
 
+// The common configurations, which step_chunk_eps_f32 runs in one loop: eps prediction, fixed
+// variance, no clipping or a clip range, no clipped-model-output DDIM.
+inline bool eps_fast_ok(const StepChunkParams& p) {
+  return p.pred == kPredEps && p.var != kLearned && p.var != kLearnedRange && p.clip != kThreshold &&
+         !(p.kind == kDDIM && p.use_clipped_model_output);
+}
+
+// step_chunk_f32 for eps_fast_ok configurations: same formulas and order, but every stage stays
+// in registers (step_chunk_f32 makes ~6 passes over L1 buffers). out and cond are only read.
+void step_chunk_eps_f32(const StepChunkParams& p, int64_t len, const float* out, const float* cond,
+                        const float* x, const float* z, float* prev, float* x0);
+
 // |x0| only (phase 1 of dynamic thresholding).
 void abs_x0_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const float* cond, const float* x,
                       float* abs_x0);
