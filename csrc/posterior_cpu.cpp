@@ -85,35 +85,10 @@ void posterior_rows_f32(const PosteriorArgs& a) {
       for (int64_t s0 = 0; s0 < a.S; s0 += kChunk) {
         const int64_t len = std::min(kChunk, a.S - s0);
         const int64_t m0 = a.model_output.at(n, c, s0), ms = a.model_output.ss;
-        if (eps_fast) {
-          // the fused loop only reads the model output: float stride-1 rows are used in place
-          const float* o = row_in(mo + m0, ms, len, out);
-          const float* cd = a.guidance ? row_in(mo + m0 + a.mo_half, ms, len, cond) : nullptr;
-          const float* x = row_in(sample + a.sample.at(n, c, s0), a.sample.ss, len, xb);
-          const float* zp = nullptr;
-          if (need_noise && noise) {
-            zp = row_in(noise + a.noise.at(n, c, s0), a.noise.ss, len, z);
-          } else if (need_noise) {
-            philox_randn_fill(seed, static_cast<uint64_t>(row * a.S + s0), len, z);
-            if constexpr (!std::is_same_v<X, float>) {
-              for (int64_t i = 0; i < len; ++i) z[i] = static_cast<float>(static_cast<X>(z[i]));  // as if stored
-            }
-            zp = z;
-          }
-          X* prev_dst = prev + a.prev.at(n, c, s0);
-          float* pv = row_out(prev_dst, a.prev.ss, p);
-          X* x0_dst = pred_x0 ? pred_x0 + a.pred_x0.at(n, c, s0) : nullptr;
-          float* x0v = pred_x0 ? row_out(x0_dst, a.pred_x0.ss, x0) : x0;
-          step_chunk_eps_f32(params, len, o, cd, x, zp, pv, x0v);
-          row_out_done(pv, len, prev_dst, a.prev.ss);
-          if (pred_x0) row_out_done(x0v, len, x0_dst, a.pred_x0.ss);
-          continue;
-        }
-        load_row(mo + m0, ms, len, out);  // a copy: guidance combines into it in place
-        if (a.guidance) load_row(mo + m0 + a.mo_half, ms, len, cond);
-        if (a.has_variance) load_row(mo + m0 + var_offset, ms, len, var);
         const float* x = row_in(sample + a.sample.at(n, c, s0), a.sample.ss, len, xb);
         if (abs_x0) {
+          load_row(mo + m0, ms, len, out);  // copies: guidance combines into out in place
+          if (a.guidance) load_row(mo + m0 + a.mo_half, ms, len, cond);
           float* dst = abs_x0 + a.abs_x0.at(n, c, s0);
           float* ab = row_out(dst, a.abs_x0.ss, p);
           abs_x0_chunk_f32(params, len, out, cond, x, ab);
@@ -134,7 +109,17 @@ void posterior_rows_f32(const PosteriorArgs& a) {
         float* pv = row_out(prev_dst, a.prev.ss, p);
         X* x0_dst = pred_x0 ? pred_x0 + a.pred_x0.at(n, c, s0) : nullptr;
         float* x0v = pred_x0 ? row_out(x0_dst, a.pred_x0.ss, x0) : x0;
-        step_chunk_f32(params, len, out, cond, var, x, zp, pv, x0v);
+        if (eps_fast) {
+          // the fused loop only reads the model output: float stride-1 rows are used in place
+          const float* o = row_in(mo + m0, ms, len, out);
+          const float* cd = a.guidance ? row_in(mo + m0 + a.mo_half, ms, len, cond) : nullptr;
+          step_chunk_eps_f32(params, len, o, cd, x, zp, pv, x0v);
+        } else {
+          load_row(mo + m0, ms, len, out);  // copies: guidance combines into out in place
+          if (a.guidance) load_row(mo + m0 + a.mo_half, ms, len, cond);
+          if (a.has_variance) load_row(mo + m0 + var_offset, ms, len, var);
+          step_chunk_f32(params, len, out, cond, var, x, zp, pv, x0v);
+        }
         row_out_done(pv, len, prev_dst, a.prev.ss);
         if (pred_x0) row_out_done(x0v, len, x0_dst, a.pred_x0.ss);
       }
