@@ -348,6 +348,59 @@ DDPM_AVX2 inline __m256 add4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d));
 }
 
+// Sum of body(j) over j = 0, 8, 16, ... < k (k a multiple of 32) in four accumulators, one double
+// partial per kSumChunk elements. Body: a functor with a DDPM_AVX2 operator() (lambdas would not
+// inherit the target).
+template <typename Body>
+DDPM_AVX2 inline double sum4(int64_t k, const Body& body) {
+  double total = 0;
+  for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
+    const int64_t end = std::min(k, i0 + kSumChunk);
+    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = i0; i < end; i += 32) {
+      for (int u = 0; u < 4; ++u) s[u] = _mm256_add_ps(s[u], body(i + 8 * u));
+    }
+    total += hsum8(add4(s[0], s[1], s[2], s[3]));
+  }
+  return total;
+}
+
+// h = src + add, stored to buf; sums h.
+struct LoadSumBody {
+  const float *src;
+  float* buf;
+  __m256 add;
+  DDPM_AVX2 __m256 operator()(int64_t j) const {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + j), add);
+    _mm256_storeu_ps(buf + j, v);
+    return v;
+  }
+};
+
+// sums (h - mean)^2.
+struct SqDevBody {
+  const float* h;
+  __m256 mean;
+  DDPM_AVX2 __m256 operator()(int64_t j) const {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(h + j), mean);
+    return _mm256_mul_ps(d, d);
+  }
+};
+
+// dx = rstd (a g - m1 - xh m2) in the portable loop's order of operations, stored; sums dx.
+struct GradXBody {
+  const float *xh, *g;
+  float* out;
+  __m256 rstd, a, m1, m2;
+  DDPM_AVX2 __m256 operator()(int64_t j) const {
+    const __m256 inner = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(g + j)), m1),
+                                       _mm256_mul_ps(_mm256_loadu_ps(xh + j), m2));
+    const __m256 d = _mm256_mul_ps(rstd, inner);
+    _mm256_storeu_ps(out + j, d);
+    return d;
+  }
+};
+
 // Hand-written AVX2 loops for float tensors (other dtypes take the portable loops), over a
 // multiple-of-8 (SiLU loops) or -32 (sums) head of the row; each returns how many elements it did.
 //  - SiLU parts of Rows<float>::apply and ::grad_sums: GCC's auto-vectorised build of the same
@@ -361,39 +414,15 @@ struct VecAvx2 {
     if constexpr (!std::is_same_v<X, float>) {
       return 0;
     } else {
-      const __m256 vadd = _mm256_set1_ps(add);
       const int64_t k = len & ~int64_t(31);
-      for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
-        const int64_t end = std::min(k, i0 + kSumChunk);
-        __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t i = i0; i < end; i += 32) {
-          for (int u = 0; u < 4; ++u) {
-            const __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + i + 8 * u), vadd);
-            _mm256_storeu_ps(buf + i + 8 * u, v);
-            s[u] = _mm256_add_ps(s[u], v);
-          }
-        }
-        *total += hsum8(add4(s[0], s[1], s[2], s[3]));
-      }
+      *total = sum4(k, LoadSumBody{src, buf, _mm256_set1_ps(add)});
       return k;
     }
   }
 
   DDPM_AVX2 static int64_t sq_dev(const float* h, int64_t len, float mean, double* total) {
-    *total = 0;
-    const __m256 vm = _mm256_set1_ps(mean);
     const int64_t k = len & ~int64_t(31);
-    for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
-      const int64_t end = std::min(k, i0 + kSumChunk);
-      __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t i = i0; i < end; i += 32) {
-        for (int u = 0; u < 4; ++u) {
-          const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(h + i + 8 * u), vm);
-          s[u] = _mm256_fmadd_ps(d, d, s[u]);
-        }
-      }
-      *total += hsum8(add4(s[0], s[1], s[2], s[3]));
-    }
+    *total = sum4(k, SqDevBody{h, _mm256_set1_ps(mean)});
     return k;
   }
 
@@ -404,25 +433,9 @@ struct VecAvx2 {
     if constexpr (!std::is_same_v<X, float>) {
       return 0;
     } else {
-      const __m256 vr = _mm256_set1_ps(rstd), va = _mm256_set1_ps(a), vm1 = _mm256_set1_ps(m1),
-                   vm2 = _mm256_set1_ps(m2);
       const int64_t k = len & ~int64_t(31);
-      for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
-        const int64_t end = std::min(k, i0 + kSumChunk);
-        __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t i = i0; i < end; i += 32) {
-          for (int u = 0; u < 4; ++u) {
-            const int64_t j = i + 8 * u;
-            // rstd (a g - m1 - xh m2), in the portable loop's order of operations
-            const __m256 inner = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(va, _mm256_loadu_ps(g + j)), vm1),
-                                               _mm256_mul_ps(_mm256_loadu_ps(xh + j), vm2));
-            const __m256 d = _mm256_mul_ps(vr, inner);
-            _mm256_storeu_ps(out + j, d);
-            s[u] = _mm256_add_ps(s[u], d);
-          }
-        }
-        *total += hsum8(add4(s[0], s[1], s[2], s[3]));
-      }
+      *total = sum4(k, GradXBody{xh, g, out, _mm256_set1_ps(rstd), _mm256_set1_ps(a), _mm256_set1_ps(m1),
+                                 _mm256_set1_ps(m2)});
       return k;
     }
   }
