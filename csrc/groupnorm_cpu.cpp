@@ -1,15 +1,14 @@
 // GroupNorm + SiLU on the CPU, forward and backward, with the time embedding folded in:
 //   h = x + bias_nc;  n = GroupNorm(h) * w + b;  n = n (1 + scale_nc) + shift_nc;  y = SiLU(n) + residual.
-// Forward of channels_last inputs (channels contiguous): forward_cl_kernel, vectorised along C over
-// fixed chunks of pixels (see there). Otherwise one task per (n, group) (at::parallel_for). The
-// group's h is loaded once into a contiguous float buffer (double for double inputs; NCHW rows are
-// read in place; a channels_last backward gathers them),
-// its statistics are two passes over the buffer (mean, then squared deviations) with per-chunk
-// partials added in double, and the affine + SiLU (+ residual) loop writes the output rows in
-// x's dtype (channels_last: through the buffer). The loops are written to auto-vectorise; on
-// x86 CPUs with AVX2+FMA (checked at run time) an AVX2 build of them runs, with the SiLU loops of
-// float tensors in intrinsics. The backward recomputes x_hat from the saved mean/rstd and writes
-// dx plus per-(n, c) sums of g = dL/dn, g x_hat and dx, from which the op wrapper forms dweight,
+// Channels_last inputs (channels contiguous in x, y/dy, dx): forward_cl_kernel / backward_cl_kernel,
+// vectorised along C over fixed chunks of pixels (run_cl_passes). Otherwise one task per
+// (n, group) (at::parallel_for): NCHW rows are read in place (other strides are gathered into a
+// contiguous float buffer, double for double inputs), the statistics are two passes (mean, then
+// squared deviations) with per-chunk partials added in double, and the affine + SiLU (+ residual)
+// loop writes the output rows in x's dtype. The loops are written to auto-vectorise; on x86 CPUs
+// with AVX2+FMA (checked at run time) an AVX2 build of them runs, with the SiLU loops and the
+// float sums in intrinsics. The backward recomputes x_hat from the saved mean/rstd and writes dx
+// plus per-(n, c) sums of g = dL/dn, g x_hat and dx, from which the op wrapper forms dweight,
 // dbias (a deterministic sum over n), dscale, dshift and d bias_nc.
 #include <ATen/Parallel.h>
 
@@ -775,18 +774,63 @@ void forward_kernel(const GroupNormArgs& a) {
   });
 }
 
-// ---- forward for channels-contiguous layouts (channels_last), vectorised along C. Each image's
-// positions are cut into chunks of P pixels (P a function of C only); every pass computes
-// per-(n, chunk, c) partials, added afterwards in a fixed order, so the results do not depend on
-// the thread count. Pass 0: sums of h = x + bias_nc -> group means; pass 1: sums of (h - mean)^2
-// -> rstd (two-pass variance); pass 2: y = act((x + bias_nc - mean) a_c + b_c) (+ residual), with
-// a_c, b_c folding rstd, weight, bias, scale and shift. Batches of at least two images per thread
-// run one image per task (its passes then find it in cache); smaller ones split the chunks of
-// each pass across the threads.
+// ---- the channels_last kernels' schedule. Each image's positions are cut into K chunks of P
+// pixels (P a function of C only); a pass computes per-(n, chunk, c) partials that finish(pass, n)
+// adds in a fixed order, so results do not depend on the thread count. Batches of at least two
+// images per thread run one image per task, all passes in turn (its passes then find it in
+// cache); smaller ones split each pass's chunks across the threads and finish every image after
+// the pass. chunk(pass, n, k, scratch) and finish(pass, n, scratch) get a Scratch made by
+// make_scratch(per_image): one per task, or one for the sequential finishes.
+struct ClChunks {
+  int64_t P, K;
+};
+
+inline ClChunks cl_chunks(int64_t C, int64_t S) {
+  const int64_t P = std::clamp<int64_t>(8192 / C, 1, kSumChunk);
+  return {P, (S + P - 1) / P};
+}
+
+inline bool cl_image_per_task(int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  return N >= 2 * threads || N % threads == 0;
+}
+
+template <typename MakeScratch, typename Chunk, typename Finish>
+void run_cl_passes(int64_t N, int64_t S, int64_t C, ClChunks ch, int passes, const MakeScratch& make_scratch,
+                   const Chunk& chunk, const Finish& finish) {
+  if (cl_image_per_task(N)) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(S * C, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      auto scratch = make_scratch(true);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int pass = 0; pass < passes; ++pass) {
+          for (int64_t k = 0; k < ch.K; ++k) chunk(pass, n, k, scratch);
+          finish(pass, n, scratch);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, 32768 / (ch.P * C));
+  for (int pass = 0; pass < passes; ++pass) {
+    at::parallel_for(0, N * ch.K, grain, [&](int64_t begin, int64_t end) {
+      auto scratch = make_scratch(false);
+      for (int64_t i = begin; i < end; ++i) chunk(pass, i / ch.K, i % ch.K, scratch);
+    });
+    auto scratch = make_scratch(false);
+    for (int64_t n = 0; n < N; ++n) finish(pass, n, scratch);
+  }
+}
+
+// ---- forward for channels-contiguous layouts (channels_last), vectorised along C, on the
+// run_cl_passes schedule. Pass 0: sums of h = x + bias_nc -> group means; pass 1: sums of
+// (h - mean)^2 -> rstd (two-pass variance); pass 2: y = act((x + bias_nc - mean) a_c + b_c)
+// (+ residual), with a_c, b_c folding rstd, weight, bias, scale and shift.
 template <typename X, typename F, typename R>
 void forward_cl_kernel(const GroupNormArgs& a) {
   const int64_t N = a.N, C = a.C, G = a.G, S = a.S, cpg = C / G;
-  const int64_t P = std::clamp<int64_t>(8192 / C, 1, kSumChunk), K = (S + P - 1) / P;
+  const ClChunks ch = cl_chunks(C, S);
+  const int64_t P = ch.P, K = ch.K;
   const double M = static_cast<double>(cpg * S);
   const X* x = static_cast<const X*>(a.x.ptr);
   const X* res = static_cast<const X*>(a.res.ptr);
@@ -795,8 +839,14 @@ void forward_cl_kernel(const GroupNormArgs& a) {
   F* rstd_out = static_cast<F*>(a.rstd);
   std::vector<double> part(N * K * C);        // per-(n, chunk, c) partial sums of the current pass
   std::vector<F> d(N * C), ca(N * C), cb(N * C);  // per (n, c): bias_nc - mean, a_c, b_c
+  struct Scratch {
+    std::vector<F> acc;      // per-channel sums of a chunk
+    std::vector<double> tot;  // per-group totals of an image
+  };
+  auto make_scratch = [&](bool) { return Scratch{std::vector<F>(C), std::vector<double>(G)}; };
 
-  auto chunk = [&](int pass, int64_t n, int64_t k, F* acc) {
+  auto chunk = [&](int pass, int64_t n, int64_t k, Scratch& sc) {
+    F* acc = sc.acc.data();
     const int64_t s0 = k * P, cnt = std::min(P, S - s0);
     const X* src = x + a.x.at(n, 0, s0);
     double* out = part.data() + (n * K + k) * C;
@@ -812,16 +862,16 @@ void forward_cl_kernel(const GroupNormArgs& a) {
                   res ? res + a.res.at(n, 0, s0) : nullptr, a.res.ss, y + a.y.at(n, 0, s0), a.y.ss);
     }
   };
-  // The group totals of image n's partials (chunks in order, channels in order within each).
-  auto group_totals = [&](int64_t n, double* tot) {
+  // After passes 0 and 1: the group totals of image n's partials (chunks in order, channels in
+  // order within each) -> mean and d, then rstd and a_c, b_c.
+  auto finish = [&](int pass, int64_t n, Scratch& sc) {
+    if (pass == 2) return;
+    double* tot = sc.tot.data();
     std::fill(tot, tot + G, 0.0);
     for (int64_t k = 0; k < K; ++k) {
       const double* p = part.data() + (n * K + k) * C;
       for (int64_t c = 0; c < C; ++c) tot[c / cpg] += p[c];
     }
-  };
-  auto finish = [&](int pass, int64_t n, double* tot) {
-    group_totals(n, tot);
     if (pass == 0) {
       for (int64_t g = 0; g < G; ++g) mean_out[n * G + g] = static_cast<F>(tot[g] / M);
       for (int64_t c = 0; c < C; ++c)
@@ -839,33 +889,7 @@ void forward_cl_kernel(const GroupNormArgs& a) {
       cb[nc] = param<F>(a.b, c, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
     }
   };
-
-  const int64_t threads = at::get_num_threads();
-  if (N >= 2 * threads || N % threads == 0) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(S * C, 1));
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<F> acc(C);
-      std::vector<double> tot(G);
-      for (int64_t n = begin; n < end; ++n) {
-        for (int pass = 0; pass < 3; ++pass) {
-          for (int64_t k = 0; k < K; ++k) chunk(pass, n, k, acc.data());
-          if (pass < 2) finish(pass, n, tot.data());
-        }
-      }
-    });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, 32768 / (P * C));
-  for (int pass = 0; pass < 3; ++pass) {
-    at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
-      std::vector<F> acc(C);
-      for (int64_t i = begin; i < end; ++i) chunk(pass, i / K, i % K, acc.data());
-    });
-    if (pass < 2) {
-      std::vector<double> tot(G);
-      for (int64_t n = 0; n < N; ++n) finish(pass, n, tot.data());
-    }
-  }
+  run_cl_passes(N, S, C, ch, 3, make_scratch, chunk, finish);
 }
 
 // Channels contiguous in x, y and the residual, positions not (channels_last; or one position).
@@ -942,16 +966,16 @@ void backward_kernel(const GroupNormArgs& a) {
   });
 }
 
-// ---- backward for channels-contiguous layouts (channels_last), vectorised along C like
-// forward_cl_kernel (same pixel chunks, per-(n, chunk, c) partials added in a fixed order, same
-// choice between one image per task and chunks split across threads). Pass 0: g = dy act'(z),
-// stored in a float buffer (an image per task: per thread; else the whole batch), and the sums of
-// g and g x_hat -> sum_g, sum_gx and the group means m1, m2. Pass 1: dx from x, g, m1, m2, and
-// its sums (d bias_nc) when asked.
+// ---- backward for channels-contiguous layouts (channels_last), vectorised along C, on the
+// run_cl_passes schedule. Pass 0: g = dy act'(z), kept in a float buffer (one image per thread
+// when each task is an image; else the whole batch), and the sums of g and g x_hat -> sum_g,
+// sum_gx and the group means m1, m2. Pass 1: dx from x, g, m1, m2, and its sums (d bias_nc) when
+// asked.
 template <typename X, typename F, typename R>
 void backward_cl_kernel(const GroupNormArgs& a) {
   const int64_t N = a.N, C = a.C, G = a.G, S = a.S, cpg = C / G;
-  const int64_t P = std::clamp<int64_t>(8192 / C, 1, kSumChunk), K = (S + P - 1) / P;
+  const ClChunks ch = cl_chunks(C, S);
+  const int64_t P = ch.P, K = ch.K;
   const double M = static_cast<double>(cpg * S);
   const X* x = static_cast<const X*>(a.x.ptr);
   const X* dy = static_cast<const X*>(a.dy.ptr);
@@ -974,82 +998,69 @@ void backward_cl_kernel(const GroupNormArgs& a) {
     }
   }
   std::vector<double> part_g(N * K * C), part_gx(N * K * C);  // pass 1 reuses part_g for dx
+  // g of the whole batch when the chunks of one image are split across threads (else per thread)
+  std::vector<F> g_batch(cl_image_per_task(N) ? 0 : N * S * C);
+  struct Scratch {
+    std::vector<F> acc1, acc2, g_img;  // per-channel chunk sums; g of the task's image
+    std::vector<double> tg, tgx;       // per-channel totals of an image
+    F* g_batch;
+    int64_t image_size;
+    F* g(int64_t n) { return g_batch ? g_batch + n * image_size : g_img.data(); }
+  };
+  auto make_scratch = [&](bool per_image) {
+    return Scratch{std::vector<F>(C), std::vector<F>(C), std::vector<F>(per_image ? S * C : 0),
+                   std::vector<double>(C), std::vector<double>(C), per_image ? nullptr : g_batch.data(), S * C};
+  };
 
-  // g_img: image n's g, pixel s at g_img[s * C + c].
-  auto chunk = [&](int pass, int64_t n, int64_t k, F* g_img, F* acc1, F* acc2) {
+  // g of image n: pixel s at g[s * C + c].
+  auto chunk = [&](int pass, int64_t n, int64_t k, Scratch& sc) {
     const int64_t s0 = k * P, cnt = std::min(P, S - s0), o = n * C;
+    F* g = sc.g(n);
+    F *acc1 = sc.acc1.data(), *acc2 = sc.acc2.data();
     double* p1 = part_g.data() + (n * K + k) * C;
     std::fill(acc1, acc1 + C, F(0));
     if (pass == 0) {
       std::fill(acc2, acc2 + C, F(0));
       for (int64_t s = s0; s < s0 + cnt; ++s)
         R::grad_ch(x + a.x.at(n, 0, s), dy + a.dy.at(n, 0, s), C, d.data() + o, r.data() + o, A.data() + o,
-                   B.data() + o, a.silu, g_img + s * C, acc1, acc2);
+                   B.data() + o, a.silu, g + s * C, acc1, acc2);
       double* p2 = part_gx.data() + (n * K + k) * C;
       for (int64_t c = 0; c < C; ++c) p1[c] = acc1[c], p2[c] = acc2[c];
       return;
     }
     F* acc = dbias_nc ? acc1 : nullptr;
     for (int64_t s = s0; s < s0 + cnt; ++s)
-      R::dx_ch(x + a.x.at(n, 0, s), g_img + s * C, C, d.data() + o, r.data() + o, A.data() + o, m1.data() + o,
+      R::dx_ch(x + a.x.at(n, 0, s), g + s * C, C, d.data() + o, r.data() + o, A.data() + o, m1.data() + o,
                m2.data() + o, dx + a.dx.at(n, 0, s), acc);
     if (dbias_nc)
       for (int64_t c = 0; c < C; ++c) p1[c] = acc1[c];
   };
-  // Image n's totals per channel (chunks in order), then per group.
-  auto finish = [&](int pass, int64_t n) {
+  // Image n's totals per channel (chunks in order), then per group (channel by channel from the
+  // double totals, the NCHW kernel's order).
+  auto finish = [&](int pass, int64_t n, Scratch& sc) {
+    if (pass == 1 && !dbias_nc) return;
+    double *tg = sc.tg.data(), *tgx = sc.tgx.data();
     for (int64_t c = 0; c < C; ++c) {
-      double tg = 0, tgx = 0;
+      tg[c] = tgx[c] = 0;
       for (int64_t k = 0; k < K; ++k) {
-        tg += part_g[(n * K + k) * C + c];
-        if (pass == 0) tgx += part_gx[(n * K + k) * C + c];
+        tg[c] += part_g[(n * K + k) * C + c];
+        if (pass == 0) tgx[c] += part_gx[(n * K + k) * C + c];
       }
-      if (pass == 1) {
-        dbias_nc[n * C + c] = static_cast<F>(tg);
-        continue;
-      }
-      sum_g[n * C + c] = static_cast<F>(tg), sum_gx[n * C + c] = static_cast<F>(tgx);
     }
-    if (pass == 1) return;
+    if (pass == 1) {
+      for (int64_t c = 0; c < C; ++c) dbias_nc[n * C + c] = static_cast<F>(tg[c]);
+      return;
+    }
+    for (int64_t c = 0; c < C; ++c)
+      sum_g[n * C + c] = static_cast<F>(tg[c]), sum_gx[n * C + c] = static_cast<F>(tgx[c]);
     for (int64_t g = 0; g < G; ++g) {
-      double t1 = 0, t2 = 0;  // in the NCHW kernel's order: channel by channel, from the double totals
-      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-        double tg = 0, tgx = 0;
-        for (int64_t k = 0; k < K; ++k) tg += part_g[(n * K + k) * C + c], tgx += part_gx[(n * K + k) * C + c];
-        t1 += A[n * C + c] * tg, t2 += A[n * C + c] * tgx;
-      }
+      double t1 = 0, t2 = 0;
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) t1 += A[n * C + c] * tg[c], t2 += A[n * C + c] * tgx[c];
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
         m1[n * C + c] = static_cast<F>(t1 / M), m2[n * C + c] = static_cast<F>(t2 / M);
     }
   };
-
-  const int64_t threads = at::get_num_threads();
-  if (N >= 2 * threads || N % threads == 0) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(S * C, 1));
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<F> acc1(C), acc2(C), g_img(S * C);
-      for (int64_t n = begin; n < end; ++n) {
-        for (int pass = 0; pass < 2; ++pass) {
-          for (int64_t k = 0; k < K; ++k) chunk(pass, n, k, g_img.data(), acc1.data(), acc2.data());
-          if (pass == 0 || dbias_nc) finish(pass, n);
-        }
-      }
-    });
-    return;
-  }
-  std::vector<F> g_all(N * S * C);
-  const int64_t grain = std::max<int64_t>(1, 32768 / (P * C));
-  for (int pass = 0; pass < 2; ++pass) {
-    at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
-      std::vector<F> acc1(C), acc2(C);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / K;
-        chunk(pass, n, i % K, g_all.data() + n * S * C, acc1.data(), acc2.data());
-      }
-    });
-    if (pass == 0 || dbias_nc)
-      for (int64_t n = 0; n < N; ++n) finish(pass, n);
-  }
+  run_cl_passes(N, S, C, ch, 2, make_scratch, chunk, finish);
 }
 
 // Channels contiguous in x, dy and dx, positions not (channels_last; or one position).
