@@ -90,15 +90,19 @@ def _record(roofline, preset: str, batch: int) -> None:
         info.update({"images_per_s": batch / stats.stats.median, "batch": batch, "preset": preset})
 
 
-@pytest.mark.parametrize("preset, batch, impl", PARAMS)
-def test_unet_forward(roofline, preset, batch, impl):
-    roofline.benchmark.group = f"unet-forward-{preset}-b{batch}-{'bf16' if ON_CUDA else 'fp32'}"
+def _case(roofline, preset: str, batch: int, impl: str, train: bool):
+    """The benchmark group, and (module, callable model, x, t, noise, flops) for one case."""
+    mode = "train-step" if train else "forward"
+    roofline.benchmark.group = f"unet-{mode}-{preset}-b{batch}-{'bf16' if ON_CUDA else 'fp32'}"
     ours, theirs = _models(preset)
     base = ours if impl.startswith("ddpm_fast") else theirs
-    base.eval()
-    model = _compiled(base, impl)
-    x, t, _ = _inputs(ours, batch)
-    flops = _flops(preset, batch, train=False)
+    base.train(train)
+    return base, _compiled(base, impl), *_inputs(ours, batch), _flops(preset, batch, train=train)
+
+
+@pytest.mark.parametrize("preset, batch, impl", PARAMS)
+def test_unet_forward(roofline, preset, batch, impl):
+    _, model, x, t, _, flops = _case(roofline, preset, batch, impl, train=False)
 
     def fn():
         with torch.no_grad():
@@ -110,13 +114,7 @@ def test_unet_forward(roofline, preset, batch, impl):
 
 @pytest.mark.parametrize("preset, batch, impl", STEP_PARAMS)
 def test_unet_train_step(roofline, preset, batch, impl):
-    roofline.benchmark.group = f"unet-train-step-{preset}-b{batch}-{'bf16' if ON_CUDA else 'fp32'}"
-    ours, theirs = _models(preset)
-    base = ours if impl.startswith("ddpm_fast") else theirs
-    base.train()
-    model = _compiled(base, impl)
-    x, t, noise = _inputs(ours, batch)
-    flops = _flops(preset, batch, train=True)
+    base, model, x, t, noise, flops = _case(roofline, preset, batch, impl, train=True)
     # separate optimizer state per case; fused AdamW where the device has it
     opt = torch.optim.AdamW(base.parameters(), lr=1e-5, fused=ON_CUDA)
 
