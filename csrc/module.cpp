@@ -21,6 +21,8 @@ TORCH_LIBRARY(ddpm_fast_C, m) {
       "Tensor? noise, Tensor? seed, Tensor? thresh_scale, Tensor(a!) prev, Tensor(b!)? pred_x0, "
       "Tensor(c!)? abs_x0, float final_alpha_cumprod, float guidance_scale, float clip_range, float eta, "
       "int kind, int pred, int var, int clip, bool guidance, bool use_clipped_model_output) -> ()");
+  // Values at ascending ranks r and r + 1 of each row of |x| (dynamic thresholding's quantile).
+  m.def("abs_order_stats(Tensor x, int rank) -> (Tensor, Tensor)");
   m.def(
       "group_norm_silu_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? bias_nc, Tensor? scale_nc, "
       "Tensor? shift_nc, Tensor? residual, int num_groups, float eps, bool silu, Tensor(a!) y, Tensor(b!) mean, "

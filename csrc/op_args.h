@@ -13,9 +13,12 @@ inline Table table_arg(const at::Tensor& ref, const at::Tensor& t, const char* n
   return Table{t.data_ptr(), t.scalar_type() == at::kDouble};
 }
 
+// Same (N, C, S) as ref (one may be a 3-D view of the other's shape), same device and dtype.
 inline void check_like(const at::Tensor& ref, const at::Tensor& t, const char* name, bool same_dtype = true) {
   check_same_device(ref, t, name);
-  TORCH_CHECK(t.sizes() == ref.sizes(), "ddpm_fast: ", name, " has shape ", t.sizes(), ", expected ", ref.sizes());
+  TORCH_CHECK(t.dim() >= 2 && t.size(0) == ref.size(0) && t.size(1) == ref.size(1) &&
+                  spatial_numel(t) == spatial_numel(ref),
+              "ddpm_fast: ", name, " has shape ", t.sizes(), ", expected ", ref.sizes());
   TORCH_CHECK(!same_dtype || t.scalar_type() == ref.scalar_type(), "ddpm_fast: ", name, " has dtype ",
               t.scalar_type(), ", expected ", ref.scalar_type());
 }
@@ -33,11 +36,11 @@ inline QSampleArgs make_q_sample_args(const at::Tensor& x0, const at::Tensor& t,
                                       const std::optional<at::Tensor>& noise_out,
                                       const std::optional<at::Tensor>& target, int64_t target_kind) {
   TORCH_CHECK(is_float_type(x0.scalar_type()), "ddpm_fast: q_sample needs a floating-point x0");
-  TORCH_CHECK(x0.dim() == 3, "ddpm_fast: q_sample kernels take (N, C, S) views");
+  TORCH_CHECK(x0.dim() >= 2, "ddpm_fast: q_sample kernels take (N, C, ...) tensors");
   TORCH_CHECK(noise.has_value() != seed.has_value(), "ddpm_fast: pass exactly one of noise and seed");
   TORCH_CHECK(target_kind >= kTargetNone && target_kind <= kTargetV, "ddpm_fast: bad target kind");
   QSampleArgs a;
-  a.N = x0.size(0), a.C = x0.size(1), a.S = x0.size(2);
+  a.N = x0.size(0), a.C = x0.size(1), a.S = spatial_numel(x0);
   check_index_tensor(x0, t, "t", a.N);
   a.sqrt_ab = table_arg(x0, sqrt_ab, "sqrt_alphas_cumprod");
   a.sqrt_1mab = table_arg(x0, sqrt_1mab, "sqrt_one_minus_alphas_cumprod");
@@ -64,15 +67,15 @@ inline PosteriorArgs make_posterior_args(
     double eta, int64_t kind, int64_t pred, int64_t var, int64_t clip, bool guidance, bool use_clipped_model_output) {
   TORCH_CHECK(is_float_type(sample.scalar_type()) && is_float_type(model_output.scalar_type()),
               "ddpm_fast: posterior_step needs floating-point model_output and sample");
-  TORCH_CHECK(sample.dim() == 3 && model_output.dim() == 3, "ddpm_fast: posterior kernels take (N, C, S) views");
+  TORCH_CHECK(sample.dim() >= 2 && model_output.dim() >= 2, "ddpm_fast: posterior kernels take (N, C, ...) tensors");
   PosteriorArgs a;
-  a.N = sample.size(0), a.C = sample.size(1), a.S = sample.size(2);
+  a.N = sample.size(0), a.C = sample.size(1), a.S = spatial_numel(sample);
   check_same_device(sample, model_output, "model_output");
   TORCH_CHECK(model_output.size(0) == (guidance ? 2 : 1) * a.N, "ddpm_fast: model_output batch ",
               model_output.size(0), " does not fit sample batch ", a.N, guidance ? " with guidance" : "");
   TORCH_CHECK(model_output.size(1) == a.C || model_output.size(1) == 2 * a.C,
               "ddpm_fast: model_output must have C or 2C channels");
-  TORCH_CHECK(model_output.size(2) == a.S, "ddpm_fast: model_output and sample differ in spatial size");
+  TORCH_CHECK(spatial_numel(model_output) == a.S, "ddpm_fast: model_output and sample differ in spatial size");
   a.has_variance = model_output.size(1) == 2 * a.C;
   TORCH_CHECK(!(var == kLearned || var == kLearnedRange) || a.has_variance || kind == kDDIM,
               "ddpm_fast: learned variance needs 2C model output channels");

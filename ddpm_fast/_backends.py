@@ -108,7 +108,10 @@ _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "refer
 @torch.compiler.assume_constant_result  # a fact of this process: compiled graphs embed the choice
 def select_backend(requested: str | None, device: torch.device) -> str:
     """The backend that runs an op on ``device``: ``requested`` if it can, else an error."""
-    return _select_backend(requested, device.type, triton_interpreting())
+    # Only a requested 'triton' on CPU depends on the interpreter flag; reading the environment
+    # costs more than the rest of the choice, so other calls skip it.
+    interpreting = requested == "triton" and triton_interpreting()
+    return _select_backend(requested, device.type, interpreting)
 
 
 @cache

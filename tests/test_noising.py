@@ -93,7 +93,7 @@ def test_dtypes_and_targets(backend, device, schedule, dtype, target):
     check_given_noise(backend, x0, t, schedule, noise, target)
 
 
-SHAPES = [(1, 3, 8, 8), (5, 3, 7, 9), (2, 4, 33, 1), (3, 16)]
+SHAPES = [(1, 3, 8, 8), (5, 3, 7, 9), (2, 4, 33, 1), (3, 16), (2, 3, 2, 3, 5)]
 LAYOUTS = ("contiguous", "channels_last", "sliced")
 
 
@@ -541,6 +541,25 @@ def test_bad_inputs(schedule):
         q_sample(x0, t, schedule, target="score")
     with pytest.raises(ValueError, match="unknown backend"):
         q_sample(x0, t, schedule, backend="metal")
+
+
+@pytest.mark.skipif(not ddpm_fast.backends()["cpp"][0], reason="needs the C++ extension")
+def test_kernel_boundary_merges_trailing_dims(schedule):
+    """The private op reads (N, C, ...) tensors whose dims after the second merge (any rank, any
+    of them a 3-D view of the same (N, C, S)), and refuses one whose dims do not."""
+    kernel = torch.ops.ddpm_fast_C.q_sample
+    sqrt_ab = schedule.kernel_table("sqrt_alphas_cumprod")
+    sqrt_1mab = schedule.kernel_table("sqrt_one_minus_alphas_cumprod")
+    x0, noise = make_inputs((2, 3, 2, 3, 5), torch.float32, "cpu", seed=4)
+    t = timesteps(2, "cpu", seed=5)
+    want = reference.q_sample(x0, t, schedule, noise)
+    x_t = torch.empty(2, 3, 30)  # a 3-D output for 5-D inputs
+    kernel(x0, t, sqrt_ab, sqrt_1mab, noise.view(2, 3, 30), None, x_t, None, None, 0)
+    assert_close_fp32(x_t.view_as(x0), want)
+    with pytest.raises(RuntimeError, match="do not merge"):
+        kernel(x0, t, sqrt_ab, sqrt_1mab, lay_out(noise, "sliced"), None, x_t, None, None, 0)
+    with pytest.raises(RuntimeError, match="noise has shape"):
+        kernel(x0, t, sqrt_ab, sqrt_1mab, noise[:, :, :1], None, x_t, None, None, 0)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")

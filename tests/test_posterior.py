@@ -21,7 +21,7 @@ from conftest import (
 import ddpm_fast
 from ddpm_fast import StepConfig, posterior_step, reference
 from ddpm_fast.ops import no_value_checks
-from ddpm_fast.ops.posterior import quantile_scale
+from ddpm_fast.ops.posterior import quantile_scale, topk_order_stats
 from ddpm_fast.schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule
 
 # (t, prev_t) per sample: the last step, a respaced step to the end, respaced steps t -> t - 20.
@@ -389,6 +389,7 @@ LAYOUTS = {
     "batch1": ((1, 3, 8, 8), None),
     "odd": ((3, 5, 7, 11), None),
     "2d": ((4, 10), None),
+    "5d": ((2, 3, 2, 3, 4), None),
     "channels_last": ((2, 3, 5, 7), "channels_last"),
     "mo_channels_last": ((2, 3, 5, 7), "mo_channels_last"),
     "mo_channel_slice": ((3, 3, 4, 5), "mo_channel_slice"),
@@ -561,6 +562,61 @@ def test_quantile_scale_matches_torch_quantile(ratio, numel):
     want = torch.quantile(x, ratio, dim=1).clamp(min=1.0, max=max_value)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert got[1] == 1.0
+
+
+def order_stat_rows() -> torch.Tensor:
+    """Rows that stress a select on float bits: ties across the rank, zeros and -0.0, one bin
+    holding everything, inf, tiny and huge magnitudes, a lone large value."""
+    g = torch.Generator().manual_seed(14)
+    m = 203
+    rows = [
+        (torch.randn(m, generator=g) * 2).abs(),
+        torch.full((m,), 0.75),
+        torch.randint(0, 4, (m,), generator=g).float() * 0.5,
+        1.0 + torch.rand(m, generator=g) * 1e-3,  # one histogram bin
+        torch.where(torch.rand(m, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0)),
+        torch.cat([torch.zeros(m - 1), torch.tensor([float("inf")])]),
+        torch.rand(m, generator=g) * 1e-38,  # subnormals
+        torch.rand(m, generator=g) * 1e30,
+        torch.cat([torch.rand(m - 1, generator=g), torch.tensor([7.0])]),
+    ]
+    return torch.stack(rows)
+
+
+def kernel_order_stats(flat: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.ddpm_fast_C.abs_order_stats(flat, lo)
+
+
+ORDER_STAT_IMPLS = [pytest.param(topk_order_stats, id="topk")]
+if "cpp" in FAST_BACKENDS:
+    ORDER_STAT_IMPLS.append(pytest.param(kernel_order_stats, id="radix-cpp"))
+
+
+@pytest.mark.parametrize("impl", ORDER_STAT_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_adjacent_order_stats(impl, dtype):
+    """Both order-statistic paths (radix select on CPU, top-k elsewhere) give the sorted row's
+    values at ranks lo and lo + 1 (lo again at the end), at every rank."""
+    rows = order_stat_rows().to(dtype)
+    ordered = rows.sort(dim=1).values
+    m = rows.shape[1]
+    for lo in (0, 1, 50, 101, 102, 150, 201, 202):
+        got_lo, got_hi = impl(rows, lo)
+        assert torch.equal(got_lo, ordered[:, lo]), lo
+        assert torch.equal(got_hi, ordered[:, min(lo + 1, m - 1)]), lo
+    one = rows[:, :1].contiguous()  # one element: both ranks are it
+    assert all(torch.equal(v, one[:, 0]) for v in impl(one, 0))
+
+
+@pytest.mark.skipif("cpp" not in FAST_BACKENDS, reason="needs the C++ extension")
+def test_order_stats_kernel_refuses_bad_input():
+    x = torch.rand(2, 5)
+    with pytest.raises(RuntimeError, match="rank"):
+        kernel_order_stats(x, 5)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        kernel_order_stats(x.half(), 1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel_order_stats(x.t(), 1)
 
 
 def threshold_params():

@@ -23,10 +23,13 @@ def no_value_checks() -> Iterator[None]:
         _value_checks = old
 
 
-def value_checks_enabled() -> bool:
-    """Data-reading checks run in eager mode only: never while compiling or capturing a graph."""
+def value_checks_enabled(device: torch.device | None = None) -> bool:
+    """Data-reading checks run in eager mode only: never while compiling or capturing a graph.
+    With a CPU ``device`` the capture query is skipped (it costs more than the check)."""
     if not _value_checks or torch.compiler.is_compiling():
         return False
+    if device is not None and device.type == "cpu":
+        return True
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
@@ -87,13 +90,15 @@ def timesteps_arg(
         t = t.expand(n)
     if t.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) (one timestep per sample), got {tuple(t.shape)}")
-    t = t.to(torch.int64).contiguous()
-    if value_checks_enabled():
+    if t.dtype != torch.int64 or not t.is_contiguous():
+        t = t.to(torch.int64).contiguous()
+    if n and value_checks_enabled(device):
+        # One reduction and one read (one host sync on CUDA): a small call's wrapper time was
+        # mostly this check when it took four ops.
         low = -1 if allow_minus_one else 0
-        if bool(((t < low) | (t >= num_train_timesteps)).any()):
-            raise ValueError(
-                f"{name} must lie in [{low}, {num_train_timesteps - 1}], got {t.min().item()}..{t.max().item()}"
-            )
+        t_min, t_max = (int(v) for v in torch.aminmax(t))
+        if t_min < low or t_max >= num_train_timesteps:
+            raise ValueError(f"{name} must lie in [{low}, {num_train_timesteps - 1}], got {t_min}..{t_max}")
     return t
 
 
@@ -107,10 +112,20 @@ def as_3d(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(n, c, -1)
 
 
+def kernel_view(x: torch.Tensor) -> torch.Tensor:
+    """x as the C++/CUDA kernels take it: x itself where its dims after the second merge into
+    one (contiguous and channels_last do; the kernels merge them), else as_3d(x)."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return as_3d(x)
+
+
 def new_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised tensor with x's shape and memory format (channels_last stays so)."""
     out = torch.empty_like(x, dtype=dtype)
-    return out if _views_3d(out) else torch.empty(x.shape, dtype=out.dtype, device=x.device)
+    if out.is_contiguous() or _views_3d(out):  # the first test is the cheap common case
+        return out
+    return torch.empty(x.shape, dtype=out.dtype, device=x.device)
 
 
 def _views_3d(x: torch.Tensor) -> bool:
@@ -136,4 +151,4 @@ def noise_arg(noise: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(like.shape)}")
     if noise.device != like.device:
         raise ValueError(f"noise is on {noise.device}, expected {like.device}")
-    return noise.to(like.dtype)
+    return noise if noise.dtype == like.dtype else noise.to(like.dtype)

@@ -8,7 +8,16 @@ import torch
 from .. import reference
 from .._backends import load_extension, select_backend
 from ..schedule import PREDICTION_TYPES, Schedule, normalize_choice
-from ._common import as_3d, check_float, direct_call_ok, new_like, noise_arg, seed_from, timesteps_arg
+from ._common import (
+    as_3d,
+    check_float,
+    direct_call_ok,
+    kernel_view,
+    new_like,
+    noise_arg,
+    seed_from,
+    timesteps_arg,
+)
 
 # Kernel codes of the training target (csrc/kernel_args.h TargetKind).
 TARGET_KINDS = {None: 0, "epsilon": 1, "sample": 2, "v_prediction": 3}
@@ -27,17 +36,26 @@ def _q_sample_impl(
     x_t = new_like(x0)
     noise_out = new_like(x0) if noise is None else x0.new_empty(0)
     target = new_like(x0) if target_kind else x0.new_empty(0)
-    views = [as_3d(x0), as_3d(noise) if noise is not None else None, as_3d(x_t)]
-    noise_view = as_3d(noise_out) if noise is None else None
-    target_view = as_3d(target) if target_kind else None
+    noise_out_arg = noise_out if noise is None else None
+    target_arg = target if target_kind else None
     if backend == "triton":
         from ..kernels.triton_noising import q_sample_triton
 
-        q_sample_triton(views[0], t, sqrt_ab, sqrt_1mab, views[1], seed, views[2], noise_view, target_view, target_kind)
-    else:  # cpp and cuda: the _C op, routed by device
+        x3, z3, xt3, zo3, tg3 = (None if v is None else as_3d(v) for v in (x0, noise, x_t, noise_out_arg, target_arg))
+        q_sample_triton(x3, t, sqrt_ab, sqrt_1mab, z3, seed, xt3, zo3, tg3, target_kind)
+    else:  # cpp and cuda: the _C op, routed by device; it reads (N, C, ...) tensors in place
         load_extension()
         torch.ops.ddpm_fast_C.q_sample(
-            views[0], t, sqrt_ab, sqrt_1mab, views[1], seed, views[2], noise_view, target_view, target_kind
+            kernel_view(x0),
+            t,
+            sqrt_ab,
+            sqrt_1mab,
+            None if noise is None else kernel_view(noise),
+            seed,
+            x_t,
+            noise_out_arg,
+            target_arg,
+            target_kind,
         )
     return x_t, noise_out, target
 

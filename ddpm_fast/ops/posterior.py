@@ -10,7 +10,16 @@ import torch
 from .. import reference
 from .._backends import load_extension, select_backend
 from ..schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule, StepConfig
-from ._common import as_3d, check_float, direct_call_ok, new_like, noise_arg, seed_from, timesteps_arg
+from ._common import (
+    as_3d,
+    check_float,
+    direct_call_ok,
+    kernel_view,
+    new_like,
+    noise_arg,
+    seed_from,
+    timesteps_arg,
+)
 
 # Kernel codes (csrc/kernel_args.h).
 KINDS = {"ddpm": 0, "ddim": 1}
@@ -21,21 +30,34 @@ CLIP_NONE, CLIP, THRESHOLD = 0, 1, 2
 
 def quantile_scale(abs_x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Per-sample clamp(quantile_ratio(|x0|), 1, max) as torch.quantile (linear) computes it,
-    from the two order statistics around the rank. One top-k from whichever end is nearer
-    (k ~ 0.5% of the elements at diffusers' ratio 0.995): a radix select, far cheaper than
-    the full sort torch.quantile does, and kthvalue, which runs one block per sample on CUDA."""
+    from the two order statistics around the rank (far cheaper than the full sort that
+    torch.quantile does)."""
     flat = abs_x0.reshape(abs_x0.shape[0], -1)
     m = flat.shape[1]
     pos = ratio * (m - 1)
     lo = int(pos)  # ascending ranks lo and hi = lo + 1 (or lo at the top)
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64) and load_extension() is not None:
+        v_lo, v_hi = torch.ops.ddpm_fast_C.abs_order_stats(flat.contiguous(), lo)  # a radix select per row
+    else:
+        v_lo, v_hi = topk_order_stats(flat, lo)
+    return torch.lerp(v_lo, v_hi, pos - lo).clamp(min=1.0, max=max_value).contiguous()
+
+
+def topk_order_stats(flat: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's values at ascending ranks lo and lo + 1 (lo again at the top), from one top-k
+    at whichever end is nearer (k ~ 0.5% of the elements at diffusers' ratio 0.995). On CUDA
+    that beats kthvalue, which runs one block per sample."""
+    m = flat.shape[1]
     hi = min(lo + 1, m - 1)
     if m - lo <= hi + 1:
         top = torch.topk(flat, m - lo, dim=1, largest=True, sorted=True).values  # descending
-        v_lo, v_hi = top[:, -1], top[:, -2] if hi > lo else top[:, -1]
-    else:
-        bottom = torch.topk(flat, hi + 1, dim=1, largest=False, sorted=True).values  # ascending
-        v_lo, v_hi = bottom[:, lo], bottom[:, hi]
-    return torch.lerp(v_lo, v_hi, pos - lo).clamp(min=1.0, max=max_value).contiguous()
+        return top[:, -1], (top[:, -2] if hi > lo else top[:, -1])
+    bottom = torch.topk(flat, hi + 1, dim=1, largest=False, sorted=True).values  # ascending
+    return bottom[:, lo], bottom[:, hi]
+
+
+def _as_is(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _posterior_impl(
@@ -60,13 +82,16 @@ def _posterior_impl(
     return_x0: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
+    if backend == "triton":  # its launchers take (N, C, S) views
         from ..kernels.triton_posterior import posterior_step_triton as launch
-    else:  # cpp and cuda: the _C op, routed by device
+
+        in_view = out_view = as_3d
+    else:  # cpp and cuda: the _C op, routed by device; it reads (N, C, ...) tensors in place
         load_extension()
         launch = torch.ops.ddpm_fast_C.posterior_step
-    mo3, x3 = as_3d(model_output), as_3d(sample)
-    z3 = as_3d(noise) if noise is not None else None
+        in_view, out_view = kernel_view, _as_is
+    mo3, x3 = in_view(model_output), in_view(sample)
+    z3 = in_view(noise) if noise is not None else None
     guided = guidance_scale is not None
     g = 1.0 if guidance_scale is None else guidance_scale
     stat_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
@@ -105,8 +130,8 @@ def _posterior_impl(
         z3,
         seed,
         scale,
-        as_3d(prev),
-        as_3d(x0) if return_x0 else None,
+        out_view(prev),
+        out_view(x0) if return_x0 else None,
         None,
         final_alpha_cumprod,
         g,
