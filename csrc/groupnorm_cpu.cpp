@@ -1106,9 +1106,12 @@ const void* param_ptr(const at::Tensor& x, const std::optional<at::Tensor>& p, a
   return p->const_data_ptr();
 }
 
+// Same dtype and (N, C, S) as x (either may be a 3-D view of the other's shape).
 void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
   check_same_device(x, t, name);
-  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), "ddpm_fast: ", name, " must be a ",
+  const bool same_shape = t.dim() >= 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1) &&
+                          spatial_numel(t) == spatial_numel(x);
+  TORCH_CHECK(same_shape && t.scalar_type() == x.scalar_type(), "ddpm_fast: ", name, " must be a ",
               x.scalar_type(), " tensor of shape ", x.sizes(), ", got ", t.scalar_type(), " ", t.sizes());
 }
 
@@ -1125,9 +1128,9 @@ GroupNormArgs make_args(const at::Tensor& x, const std::optional<at::Tensor>& we
                         const std::optional<at::Tensor>& scale_nc, const std::optional<at::Tensor>& shift_nc,
                         int64_t num_groups, bool silu) {
   TORCH_CHECK(is_float_type(x.scalar_type()), "ddpm_fast: group_norm_silu needs a floating-point x");
-  TORCH_CHECK(x.dim() == 3, "ddpm_fast: group_norm_silu kernels take (N, C, S) views");
+  TORCH_CHECK(x.dim() >= 2, "ddpm_fast: group_norm_silu kernels take (N, C, ...) tensors");
   GroupNormArgs a;
-  a.N = x.size(0), a.C = x.size(1), a.S = x.size(2), a.G = num_groups;
+  a.N = x.size(0), a.C = x.size(1), a.S = spatial_numel(x), a.G = num_groups;
   TORCH_CHECK(a.G > 0 && a.C % a.G == 0, "ddpm_fast: ", a.C, " channels do not split into ", a.G, " groups");
   const at::ScalarType st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   a.w = param_ptr(x, weight, st, {a.C}, "weight");

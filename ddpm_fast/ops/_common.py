@@ -120,6 +120,17 @@ def kernel_view(x: torch.Tensor) -> torch.Tensor:
     return as_3d(x)
 
 
+def _as_is(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def kernel_views(backend: str):
+    """(input view, output view) for a backend's launchers: the Triton ones take (N, C, S) views;
+    the C++/CUDA kernels take (N, C, ...) tensors as they are (outputs come from new_like, and
+    inputs whose trailing dims do not merge are copied)."""
+    return (as_3d, as_3d) if backend == "triton" else (kernel_view, _as_is)
+
+
 def new_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised tensor with x's shape and memory format (channels_last stays so)."""
     out = torch.empty_like(x, dtype=dtype)

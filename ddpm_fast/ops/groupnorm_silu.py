@@ -20,7 +20,7 @@ import torch
 
 from .. import reference
 from .._backends import load_extension, select_backend
-from ._common import as_3d, check_float, direct_call_ok, eager_autograd_ok, new_like
+from ._common import check_float, direct_call_ok, eager_autograd_ok, kernel_views, new_like
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -71,8 +71,9 @@ def _group_norm_silu_impl(
     rstd = torch.empty_like(mean) if x.numel() else torch.zeros_like(mean)
     if x.numel():
         params = _params(stat, weight, bias, bias_nc, scale_nc, shift_nc)
-        res = as_3d(residual) if residual is not None else None
-        _fwd_launcher(backend)(as_3d(x), *params, res, num_groups, eps, silu, as_3d(y), mean, rstd)
+        in_view, out_view = kernel_views(backend)
+        res = in_view(residual) if residual is not None else None
+        _fwd_launcher(backend)(in_view(x), *params, res, num_groups, eps, silu, out_view(y), mean, rstd)
     return y, mean, rstd
 
 
@@ -110,8 +111,11 @@ def _backward_impl(
     grad_bnc = torch.zeros_like(sum_g) if bias_nc is not None else None
     if x.numel():
         launch = _bwd_launcher(backend)
-        dy = as_3d(grad_y.to(x.dtype))
-        launch(dy, as_3d(x), w, b, bnc, sc, sh, mean, rstd, num_groups, silu, as_3d(grad_x), sum_g, sum_gx, grad_bnc)
+        in_view, out_view = kernel_views(backend)
+        dy = in_view(grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype))
+        launch(
+            dy, in_view(x), w, b, bnc, sc, sh, mean, rstd, num_groups, silu, out_view(grad_x), sum_g, sum_gx, grad_bnc
+        )
     else:
         grad_x.zero_()
     # n = (x_hat w + b)(1 + scale) + shift: per (n, c), dL/dw = (1 + scale) sum g x_hat, dL/db =

@@ -9,10 +9,9 @@ from .. import reference
 from .._backends import load_extension, select_backend
 from ..schedule import PREDICTION_TYPES, Schedule, normalize_choice
 from ._common import (
-    as_3d,
     check_float,
     direct_call_ok,
-    kernel_view,
+    kernel_views,
     new_like,
     noise_arg,
     seed_from,
@@ -36,27 +35,16 @@ def _q_sample_impl(
     x_t = new_like(x0)
     noise_out = new_like(x0) if noise is None else x0.new_empty(0)
     target = new_like(x0) if target_kind else x0.new_empty(0)
-    noise_out_arg = noise_out if noise is None else None
-    target_arg = target if target_kind else None
+    in_view, out_view = kernel_views(backend)
+    x0_v, noise_v, x_t_v = in_view(x0), (None if noise is None else in_view(noise)), out_view(x_t)
+    noise_out_v = out_view(noise_out) if noise is None else None
+    target_v = out_view(target) if target_kind else None
     if backend == "triton":
-        from ..kernels.triton_noising import q_sample_triton
-
-        x3, z3, xt3, zo3, tg3 = (None if v is None else as_3d(v) for v in (x0, noise, x_t, noise_out_arg, target_arg))
-        q_sample_triton(x3, t, sqrt_ab, sqrt_1mab, z3, seed, xt3, zo3, tg3, target_kind)
-    else:  # cpp and cuda: the _C op, routed by device; it reads (N, C, ...) tensors in place
+        from ..kernels.triton_noising import q_sample_triton as launch
+    else:  # cpp and cuda: the _C op, routed by device
         load_extension()
-        torch.ops.ddpm_fast_C.q_sample(
-            kernel_view(x0),
-            t,
-            sqrt_ab,
-            sqrt_1mab,
-            None if noise is None else kernel_view(noise),
-            seed,
-            x_t,
-            noise_out_arg,
-            target_arg,
-            target_kind,
-        )
+        launch = torch.ops.ddpm_fast_C.q_sample
+    launch(x0_v, t, sqrt_ab, sqrt_1mab, noise_v, seed, x_t_v, noise_out_v, target_v, target_kind)
     return x_t, noise_out, target
 
 

@@ -11,10 +11,9 @@ from .. import reference
 from .._backends import load_extension, select_backend
 from ..schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule, StepConfig
 from ._common import (
-    as_3d,
     check_float,
     direct_call_ok,
-    kernel_view,
+    kernel_views,
     new_like,
     noise_arg,
     seed_from,
@@ -56,10 +55,6 @@ def topk_order_stats(flat: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.T
     return bottom[:, lo], bottom[:, hi]
 
 
-def _as_is(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def _posterior_impl(
     model_output: torch.Tensor,
     sample: torch.Tensor,
@@ -82,14 +77,12 @@ def _posterior_impl(
     return_x0: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":  # its launchers take (N, C, S) views
+    if backend == "triton":
         from ..kernels.triton_posterior import posterior_step_triton as launch
-
-        in_view = out_view = as_3d
-    else:  # cpp and cuda: the _C op, routed by device; it reads (N, C, ...) tensors in place
+    else:  # cpp and cuda: the _C op, routed by device
         load_extension()
         launch = torch.ops.ddpm_fast_C.posterior_step
-        in_view, out_view = kernel_view, _as_is
+    in_view, out_view = kernel_views(backend)
     mo3, x3 = in_view(model_output), in_view(sample)
     z3 = in_view(noise) if noise is not None else None
     guided = guidance_scale is not None
