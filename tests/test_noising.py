@@ -186,14 +186,15 @@ def test_other_schedules(backend, device):
 NOISE_BACKENDS = ["reference", *FAST_BACKENDS]
 
 
-# rows of 35 and 117 elements: Philox blocks of 4 straddle rows, and a row spans several CPU steps
-@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (3, 2, 9, 13)], ids=str)
+# rows of 35 and 117 elements: Philox blocks of 4 straddle rows, and a row spans several CPU steps;
+# rows of 20 and 1280 (a multiple of 4: Triton draws 4 normals a Philox call, over two tiles)
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (3, 2, 9, 13), (2, 3, 4, 5), (1, 2, 32, 40)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", NOISE_BACKENDS)
 def test_in_kernel_noise_is_philox(schedule, backend, dtype, shape):
     device = backend_device(backend)
     x0, _ = make_inputs(shape, dtype, device, seed=8)
-    t = timesteps(3, device)
+    t = timesteps(shape[0], device)
     g = torch.Generator().manual_seed(1234)
     seed = seed_of(g)
     x_t, noise, tgt = q_sample(x0, t, schedule, generator=g, target="v_prediction", backend=backend)

@@ -449,15 +449,16 @@ NOISE_CONFIGS = {
 }
 
 
+# rows of 15 elements (Philox blocks straddle rows) and of 32 (Triton draws 4 normals a call)
+@pytest.mark.parametrize("shape", [(5, 2, 3, 5), (3, 2, 4, 8)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(NOISE_CONFIGS))
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
-def test_in_kernel_noise(schedule, backend, name, dtype):
+def test_in_kernel_noise(schedule, backend, name, dtype, shape):
     device = backend_device(backend)
     config, guidance = NOISE_CONFIGS[name]
-    shape = (5, 2, 3, 5)
     mo, sample, _ = make_step_inputs(shape, config, guidance is not None, device, dtype, seed=9)
-    t, prev_t = step_timesteps(5, device)
+    t, prev_t = step_timesteps(shape[0], device)
     g = torch.Generator().manual_seed(31337)
     seed = seed_of(g)
     prev, x0 = posterior_step(
@@ -478,10 +479,11 @@ def test_in_kernel_noise(schedule, backend, name, dtype):
     assert_close_to_reference(x0, r_x0, e_x0)
     if dtype == torch.float16 or (dtype == torch.bfloat16 and not is_slow(backend)):
         assert_mostly_identical(prev, r_prev)
-    # the noise was really added: without it the result differs (sigma is ~0 on steps to the end)
+    # the noise was really added: without it the result differs (sigma is ~0 on steps to the end,
+    # and bf16's 8-bit mantissa rounds a small sigma z away more often)
     (m_prev, _), _ = reference_step(mo, sample, t, prev_t, schedule, config, torch.zeros_like(noise), guidance)
     noisy = ((t > 0) & (prev_t >= 0)).cpu()
-    assert (prev.cpu()[noisy] != m_prev[noisy]).float().mean() > 0.9
+    assert (prev.cpu()[noisy] != m_prev[noisy]).float().mean() > (0.8 if dtype == torch.bfloat16 else 0.9)
     # the same generator state gives the same result; the generator advanced by one draw
     again = posterior_step(
         mo,

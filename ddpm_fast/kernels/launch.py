@@ -64,3 +64,36 @@ def philox_normal(seed, element):
     u = tl.maximum(tl.uint_to_uniform_float(tl.where(lane < 2, w0, w2)), 1.0e-7)
     theta = 6.283185307179586 * tl.uint_to_uniform_float(tl.where(lane < 2, w1, w3))
     return tl.sqrt(-2.0 * tl.log(u)) * cos_or_sin(theta, lane % 2 == 1)
+
+
+@triton.jit
+def philox_normals(seed, first, BLOCK: tl.constexpr):
+    """philox_normal of elements first .. first + BLOCK - 1 in order, ``first`` a multiple of 4:
+    one Philox call for each 4 elements (its 4 lanes) instead of one per element. Same
+    arithmetic as philox_normal, so the same bits."""
+    w0, w1, w2, w3 = tl.randint4x(seed, first // 4 + tl.arange(0, BLOCK // 4).to(tl.int64))
+    r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(tl.uint_to_uniform_float(w0), 1.0e-7)))
+    r23 = tl.sqrt(-2.0 * tl.log(tl.maximum(tl.uint_to_uniform_float(w2), 1.0e-7)))
+    theta01 = 6.283185307179586 * tl.uint_to_uniform_float(w1)
+    theta23 = 6.283185307179586 * tl.uint_to_uniform_float(w3)
+    lane0, lane1 = r01 * cos_or_sin(theta01, False), r01 * cos_or_sin(theta01, True)
+    lane2, lane3 = r23 * cos_or_sin(theta23, False), r23 * cos_or_sin(theta23, True)
+    # join(join(a, c), join(b, d))[j, k, m] is lane 2k + m of quad j: row-major, lanes in order
+    return tl.reshape(tl.join(tl.join(lane0, lane2), tl.join(lane1, lane3)), [BLOCK])
+
+
+@triton.jit
+def tile_noise(seed, row, S, s, BLOCK: tl.constexpr, QUAD: tl.constexpr):
+    """The noise of a row_index tile (elements row * S + s). QUAD (S % 4 == 0, so every tile
+    starts on a Philox block): philox_normals, one Philox call per 4 elements; else one per
+    element. Both give the same bits."""
+    if QUAD:
+        z = philox_normals(seed, row * S + tl.program_id(1).to(tl.int64) * BLOCK, BLOCK)
+    else:
+        z = philox_normal(seed, row * S + s)
+    return z
+
+
+def quad_noise(row_len: int) -> bool:
+    """tile_noise's QUAD for rows of this length."""
+    return row_len % 4 == 0

@@ -1,6 +1,6 @@
 """Triton q_sample: one pass over x0 (and the given noise) writing x_t, the drawn noise and the
 training target. One program covers BLOCK elements of one (n, c) row of the (N, C, S) view;
-noise element i (logical NCHW index) is lane i % 4 of tl.randn4x(seed, i // 4) (launch.philox_normal),
+noise element i (logical NCHW index) is lane i % 4 of tl.randn4x(seed, i // 4) (launch.tile_noise),
 as in the C++/CUDA kernels."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import elementwise_config, philox_normal, row_index
+from .launch import elementwise_config, quad_noise, row_index, tile_noise
 
 
 @triton.jit
@@ -43,6 +43,7 @@ def q_sample_kernel(
     g_ss,
     HAS_NOISE: tl.constexpr,
     TARGET: tl.constexpr,
+    QUAD_NOISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row, n, c, s, mask = row_index(C, S, BLOCK)
@@ -54,7 +55,7 @@ def q_sample_kernel(
         z = tl.load(noise_ptr + n * z_sn + c * z_sc + s * z_ss, mask=mask).to(tl.float32)
     else:
         seed = tl.load(seed_ptr)
-        drawn = philox_normal(seed, row * S + s).to(noise_out_ptr.dtype.element_ty)  # round to the stored dtype
+        drawn = tile_noise(seed, row, S, s, BLOCK, QUAD_NOISE).to(noise_out_ptr.dtype.element_ty)  # as stored
         tl.store(noise_out_ptr + n * zo_sn + c * zo_sc + s * zo_ss, drawn, mask=mask)
         z = drawn.to(tl.float32)
     out_ty = xt_ptr.dtype.element_ty
@@ -111,6 +112,7 @@ def q_sample_triton(
         *g.stride(),
         HAS_NOISE=noise is not None,
         TARGET=target_kind,
+        QUAD_NOISE=noise is None and quad_noise(s),
         BLOCK=block,
         num_warps=num_warps,
     )

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import elementwise_config, philox_normal, row_index
+from .launch import elementwise_config, quad_noise, row_index, tile_noise
 
 # Codes shared with csrc/kernel_args.h (constexpr globals: the compiler reads them in kernels).
 DDPM, DDIM = tl.constexpr(0), tl.constexpr(1)
@@ -70,6 +70,7 @@ def posterior_kernel(
     DRAW_NOISE: tl.constexpr,
     WRITE_X0: tl.constexpr,
     PHASE1: tl.constexpr,
+    QUAD_NOISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row, n, c, s, mask = row_index(C, S, BLOCK)
@@ -149,7 +150,7 @@ def posterior_kernel(
             prev = tl.where(noisy, mean + std * z, mean)
         elif DRAW_NOISE:
             seed = tl.load(seed_ptr)
-            z = philox_normal(seed, row * S + s).to(out_ty).to(tl.float32)  # as if stored, then read
+            z = tile_noise(seed, row, S, s, BLOCK, QUAD_NOISE).to(out_ty).to(tl.float32)  # as if stored, then read
             prev = tl.where(noisy, mean + std * z, mean)
         else:
             prev = mean
@@ -229,6 +230,7 @@ def posterior_step_triton(
         DRAW_NOISE=noise is None and seed is not None,
         WRITE_X0=pred_x0 is not None,
         PHASE1=abs_x0 is not None,
+        QUAD_NOISE=noise is None and seed is not None and quad_noise(s),
         BLOCK=block,
         num_warps=num_warps,
     )
