@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "kernel_args.h"
+#include "philox.h"
 
 namespace ddpm_fast {
 
@@ -42,5 +43,21 @@ void dispatch_dtype(DType d, Fn&& fn) {
 constexpr int kThreads = 256;
 constexpr int kPerThread = 4;
 constexpr int64_t kTile = kThreads * kPerThread;
+
+// Which elements of its tile thread `tid` handles. Given noise: i * kThreads + tid, so that each
+// load instruction of a warp reads consecutive elements. Drawn noise on rows whose length is a
+// multiple of 4: the 4 consecutive elements 4 tid + i, whose normals are the 4 lanes of one
+// Philox block (one Philox call, not 4 calls using one lane each).
+__device__ __forceinline__ int64_t tile_element(int i, bool quad) {
+  return quad ? static_cast<int64_t>(threadIdx.x) * kPerThread + i : static_cast<int64_t>(i) * kThreads + threadIdx.x;
+}
+
+// The normals of this thread's elements in a quad tile (see tile_element): Philox block
+// (row * S + s0) / 4 + tid; nothing past the end of the row.
+__device__ __forceinline__ void tile_normals(uint64_t seed, int64_t row, int64_t S, int64_t s0, float out[kPerThread]) {
+  static_assert(kPerThread == 4, "one Philox block per thread");
+  const int64_t first = s0 + static_cast<int64_t>(threadIdx.x) * kPerThread;
+  if (first < S) philox_randn4(seed, static_cast<uint64_t>(row * S + first) / 4, out);
+}
 
 }  // namespace ddpm_fast

@@ -18,15 +18,18 @@ __global__ void q_sample_kernel(QSampleArgs a, int64_t tiles_per_row) {
   const uint64_t seed = a.seed ? static_cast<uint64_t>(*a.seed) : 0;
   const X* x0 = static_cast<const X*>(a.x0.ptr);
   const X* noise = static_cast<const X*>(a.noise.ptr);
+  const bool quad = !noise && a.S % 4 == 0;
+  float drawn[kPerThread];
+  if (quad) tile_normals(seed, row, a.S, s0, drawn);
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
-    const int64_t s = s0 + i * kThreads + threadIdx.x;
+    const int64_t s = s0 + tile_element(i, quad);
     if (s >= a.S) break;
     F z;
     if (noise) {
       z = load_as<F>(noise, a.noise.at(n, c, s));
     } else {
-      z = F(round_to<X>(philox_randn(seed, static_cast<uint64_t>(row * a.S + s))));
+      z = F(round_to<X>(quad ? drawn[i] : philox_randn(seed, static_cast<uint64_t>(row * a.S + s))));
       if (a.noise_out.ptr) store(static_cast<X*>(a.noise_out.ptr), a.noise_out.at(n, c, s), z);
     }
     F tgt;

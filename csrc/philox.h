@@ -58,10 +58,20 @@ DDPM_HD void philox_randn4(uint64_t seed, uint64_t block, float out[4]) {
   philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   const float r01 = box_muller_radius(c0), theta01 = box_muller_angle(c1);
   const float r23 = box_muller_radius(c2), theta23 = box_muller_angle(c3);
+#if defined(__CUDA_ARCH__)
+  float s01, c01, s23, c23;  // sincosf, as philox_randn: the same bits from either
+  sincosf(theta01, &s01, &c01);
+  sincosf(theta23, &s23, &c23);
+  out[0] = r01 * c01;
+  out[1] = r01 * s01;
+  out[2] = r23 * c23;
+  out[3] = r23 * s23;
+#else
   out[0] = r01 * cosf(theta01);
   out[1] = r01 * sinf(theta01);
   out[2] = r23 * cosf(theta23);
   out[3] = r23 * sinf(theta23);
+#endif
 }
 
 // One standard normal: element `element` of the stream `seed` (one thread per element on CUDA:

@@ -20,9 +20,12 @@ __global__ void posterior_kernel(PosteriorArgs a, int64_t tiles_per_row) {
   const int64_t var_offset = a.mo_var + (a.guidance ? a.mo_half : 0);
   const M* mo = static_cast<const M*>(a.model_output.ptr);
   const X* sample = static_cast<const X*>(a.sample.ptr);
+  const bool quad = k.noisy && !a.noise.ptr && !a.abs_x0.ptr && a.S % 4 == 0;
+  float drawn[kPerThread];
+  if (quad) tile_normals(seed, row, a.S, s0, drawn);
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
-    const int64_t s = s0 + i * kThreads + threadIdx.x;
+    const int64_t s = s0 + tile_element(i, quad);
     if (s >= a.S) break;
     const int64_t m = a.model_output.at(n, c, s);
     F out = load_as<F>(mo, m);
@@ -37,7 +40,7 @@ __global__ void posterior_kernel(PosteriorArgs a, int64_t tiles_per_row) {
     F z = F(0);
     if (k.noisy) {
       z = a.noise.ptr ? load_as<F>(static_cast<const X*>(a.noise.ptr), a.noise.at(n, c, s))
-                      : F(round_to<X>(philox_randn(seed, static_cast<uint64_t>(row * a.S + s))));
+                      : F(round_to<X>(quad ? drawn[i] : philox_randn(seed, static_cast<uint64_t>(row * a.S + s))));
     }
     F x0;
     const F p = step_element<F>(a, k, out, variance, x, z, ts, &x0);
