@@ -8,15 +8,7 @@ import torch
 from .. import reference
 from .._backends import load_extension, select_backend
 from ..schedule import PREDICTION_TYPES, Schedule, normalize_choice
-from ._common import (
-    check_float,
-    direct_call_ok,
-    kernel_views,
-    new_like,
-    noise_arg,
-    seed_from,
-    timesteps_arg,
-)
+from ._common import check_float, direct_call_ok, kernel_views, new_like, noise_arg, seed_from, timesteps_arg
 
 # Kernel codes of the training target (csrc/kernel_args.h TargetKind).
 TARGET_KINDS = {None: 0, "epsilon": 1, "sample": 2, "v_prediction": 3}

@@ -10,15 +10,7 @@ import torch
 from .. import reference
 from .._backends import load_extension, select_backend
 from ..schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule, StepConfig
-from ._common import (
-    check_float,
-    direct_call_ok,
-    kernel_views,
-    new_like,
-    noise_arg,
-    seed_from,
-    timesteps_arg,
-)
+from ._common import check_float, direct_call_ok, kernel_views, new_like, noise_arg, seed_from, timesteps_arg
 
 # Kernel codes (csrc/kernel_args.h).
 KINDS = {"ddpm": 0, "ddim": 1}
