@@ -119,7 +119,9 @@ def predict_eps(
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Imagen's dynamic thresholding: s = clamp(quantile_ratio(|x_0|), 1, max); x_0 <- clamp(x_0, -s, s) / s."""
-    flat = x0.reshape(x0.shape[0], -1)
+    if x0.numel() == 0:  # no sample, or samples without elements: nothing to threshold
+        return x0
+    flat = x0.flatten(1)
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
 

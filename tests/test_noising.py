@@ -141,6 +141,17 @@ def test_shapes_and_layouts(schedule, backend, shape, layout, target):
     assert torch.equal(x_t.cpu(), x_tc.cpu())
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4), (2, 0, 4, 4)], ids=str)
+def test_empty_inputs(backend, device, schedule, shape):
+    """No sample, or samples without elements: empty results, given or drawn noise, any target."""
+    x0 = torch.empty(shape, device=device)
+    t = torch.full((shape[0],), 5, device=device)
+    for noise in (None, torch.empty(shape, device=device)):
+        g = torch.Generator().manual_seed(0) if noise is None else None
+        x_t, z, tgt = q_sample(x0, t, schedule, noise=noise, generator=g, target="v_prediction", backend=backend)
+        assert x_t.shape == z.shape == tgt.shape == shape
+
+
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
 def test_low_precision_channels_last(backend, device, schedule, dtype):
     x0, noise = make_inputs((2, 3, 4, 5), dtype, device, seed=3)

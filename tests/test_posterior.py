@@ -538,6 +538,22 @@ def test_ddim_eta0_needs_no_generator(backend, device, schedule):
     assert_close_to_reference(a, r, e)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4), (2, 0, 4, 4)], ids=str)
+@pytest.mark.parametrize("clip", CLIPS)
+def test_empty_inputs(backend, device, schedule, shape, clip):
+    """No sample, or samples without elements: empty results, drawn or given noise (a per-sample
+    quantile of nothing leaves the scale at 1)."""
+    config = make_config("ddpm", "epsilon", "fixed_small", clip)
+    x = torch.empty(shape, device=device)
+    t = torch.full((shape[0],), 5, device=device)
+    for noise in (None, torch.empty(shape, device=device)):
+        g = torch.Generator().manual_seed(0) if noise is None else None
+        prev, x0 = posterior_step(
+            x, x, t, t - 1, schedule, config, noise=noise, generator=g, return_pred_x0=True, backend=backend
+        )
+        assert prev.shape == shape and x0.shape == shape
+
+
 @pytest.mark.parametrize("var", ["fixed_small", "learned_range"])
 def test_ddpm_last_step_adds_no_noise(backend, device, schedule, var):
     config = make_config("ddpm", "epsilon", var, "clip")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -106,10 +107,11 @@ def as_3d(x: torch.Tensor) -> torch.Tensor:
     """An (N, C, S) view of x without copying when the trailing dims merge (NCHW and
     channels_last both do); otherwise a contiguous copy."""
     n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])  # not -1: that cannot be inferred when n * c is 0
     try:
-        return x.view(n, c, -1)
+        return x.view(n, c, s)
     except RuntimeError:
-        return x.contiguous().view(n, c, -1)
+        return x.contiguous().view(n, c, s)
 
 
 def kernel_view(x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +143,7 @@ def new_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def _views_3d(x: torch.Tensor) -> bool:
     try:
-        x.view(*x.shape[:2], -1)
+        x.view(*x.shape[:2], math.prod(x.shape[2:]))
         return True
     except RuntimeError:
         return False

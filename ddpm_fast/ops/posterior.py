@@ -23,8 +23,10 @@ def quantile_scale(abs_x0: torch.Tensor, ratio: float, max_value: float) -> torc
     """Per-sample clamp(quantile_ratio(|x0|), 1, max) as torch.quantile (linear) computes it,
     from the two order statistics around the rank (far cheaper than the full sort that
     torch.quantile does)."""
-    flat = abs_x0.reshape(abs_x0.shape[0], -1)
+    flat = abs_x0.flatten(1)
     m = flat.shape[1]
+    if flat.numel() == 0:  # no sample, or samples without elements: a scale of 1 changes nothing
+        return torch.ones(flat.shape[0], dtype=flat.dtype, device=flat.device)
     pos = ratio * (m - 1)
     lo = int(pos)  # ascending ranks lo and hi = lo + 1 (or lo at the top)
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64) and load_extension() is not None:
