@@ -57,14 +57,19 @@ void q_sample_rows_f32(const QSampleArgs& a) {
   X* target = static_cast<X*>(a.target.ptr);
   const uint64_t seed = a.seed ? static_cast<uint64_t>(*a.seed) : 0;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.S, 1));
+  // Given fp32 noise and stride-1 rows, every row is read and written in place: one loop over
+  // the whole row (chunks exist to keep gathered or drawn values in L1).
+  const bool in_place = std::is_same_v<X, float> && noise && a.x0.ss == 1 && a.noise.ss == 1 && a.x_t.ss == 1 &&
+                        (!target || a.target.ss == 1);
+  const int64_t step = in_place ? std::max<int64_t>(a.S, 1) : kChunk;
   at::parallel_for(0, a.N * a.C, grain, [&](int64_t begin, int64_t end) {
     float xb[kChunk], zb[kChunk], xb_out[kChunk], tb[kChunk];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / a.C, c = row % a.C;
       const int64_t t = a.t[n] < 0 ? 0 : (a.t[n] >= a.T ? a.T - 1 : a.t[n]);
       const float sa = a.sqrt_ab.get<float>(t), s1a = a.sqrt_1mab.get<float>(t);
-      for (int64_t s0 = 0; s0 < a.S; s0 += kChunk) {
-        const int64_t len = std::min(kChunk, a.S - s0);
+      for (int64_t s0 = 0; s0 < a.S; s0 += step) {
+        const int64_t len = std::min(step, a.S - s0);
         const float* xin = row_in(x0 + a.x0.at(n, c, s0), a.x0.ss, len, xb);
         const float* z;
         if (noise) {
