@@ -1,8 +1,22 @@
-// Stand-in __half (stores a float: the emulation checks indexing, not fp16 rounding).
+// Stand-in __half: IEEE half storage (GCC's _Float16), round-to-nearest-even conversions as
+// __float2half_rn does.
 #pragma once
+#include <cstdint>
+#include <cstring>
+
 #include "cuda_runtime.h"
+
 struct __half {
-  float v;
+  uint16_t bits;
 };
-inline float __half2float(__half h) { return h.v; }
-inline __half __float2half_rn(float f) { return __half{f}; }
+inline float __half2float(__half h) {
+  _Float16 v;
+  std::memcpy(&v, &h.bits, sizeof(v));
+  return static_cast<float>(v);
+}
+inline __half __float2half_rn(float f) {
+  const _Float16 v = static_cast<_Float16>(f);
+  __half h;
+  std::memcpy(&h.bits, &v, sizeof(v));
+  return h;
+}
