@@ -84,19 +84,20 @@ void step_chunk_f32(const StepChunkParams& p, int64_t len, float* __restrict__ o
 
 namespace {
 
-template <bool kDDIM, bool kGuided, bool kClip, bool kNoise>
+template <bool kDDIM, bool kGuided, int kClipMode, bool kNoise>
 inline __attribute__((always_inline)) void step_eps_loop(const StepChunkParams& p, int64_t len,
                                                          const float* __restrict__ out,
                                                          const float* __restrict__ cond,
                                                          const float* __restrict__ x, const float* __restrict__ z,
                                                          float* __restrict__ prev, float* __restrict__ x0) {
   const StepCoefs<float>& k = p.k;
-  const float s = p.guidance_scale, r = p.clip_range;
+  const float s = p.guidance_scale, r = p.clip_range, ts = p.thresh;
   for (int64_t i = 0; i < len; ++i) {
     float o = out[i];
     if constexpr (kGuided) o = o + s * (cond[i] - o);
     float x0v = (x[i] - k.sqrt_1m_a_t * o) / k.sqrt_a_t;
-    if constexpr (kClip) x0v = clampf(x0v, -r, r);
+    if constexpr (kClipMode == kClip) x0v = clampf(x0v, -r, r);
+    if constexpr (kClipMode == kThreshold) x0v = clampf(x0v, -ts, ts) / ts;
     x0[i] = x0v;
     float pv;
     if constexpr (kDDIM) {
@@ -109,20 +110,21 @@ inline __attribute__((always_inline)) void step_eps_loop(const StepChunkParams& 
   }
 }
 
-template <bool kDDIM, bool kGuided, bool kClip>
+template <bool kDDIM, bool kGuided, int kClipMode>
 inline __attribute__((always_inline)) void step_eps_noise(const StepChunkParams& p, int64_t len, const float* out,
                                                           const float* cond, const float* x, const float* z,
                                                           float* prev, float* x0) {
-  if (p.k.noisy && z) step_eps_loop<kDDIM, kGuided, kClip, true>(p, len, out, cond, x, z, prev, x0);
-  else step_eps_loop<kDDIM, kGuided, kClip, false>(p, len, out, cond, x, z, prev, x0);
+  if (p.k.noisy && z) step_eps_loop<kDDIM, kGuided, kClipMode, true>(p, len, out, cond, x, z, prev, x0);
+  else step_eps_loop<kDDIM, kGuided, kClipMode, false>(p, len, out, cond, x, z, prev, x0);
 }
 
 template <bool kDDIM, bool kGuided>
 inline __attribute__((always_inline)) void step_eps_clip(const StepChunkParams& p, int64_t len, const float* out,
                                                          const float* cond, const float* x, const float* z,
                                                          float* prev, float* x0) {
-  if (p.clip == kClip) step_eps_noise<kDDIM, kGuided, true>(p, len, out, cond, x, z, prev, x0);
-  else step_eps_noise<kDDIM, kGuided, false>(p, len, out, cond, x, z, prev, x0);
+  if (p.clip == kClip) step_eps_noise<kDDIM, kGuided, kClip>(p, len, out, cond, x, z, prev, x0);
+  else if (p.clip == kThreshold) step_eps_noise<kDDIM, kGuided, kThreshold>(p, len, out, cond, x, z, prev, x0);
+  else step_eps_noise<kDDIM, kGuided, kClipNone>(p, len, out, cond, x, z, prev, x0);
 }
 
 }  // namespace

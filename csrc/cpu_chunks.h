@@ -74,9 +74,10 @@ void step_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const flo
                     const float* x, const float* z, float* prev, float* x0);
 
 // The common configurations, which step_chunk_eps_f32 runs in one loop: eps prediction, fixed
-// variance, no clipping or a clip range, no clipped-model-output DDIM.
+// variance, any clipping (none, a range, or dynamic thresholding's phase 2 with its scale), no
+// clipped-model-output DDIM.
 inline bool eps_fast_ok(const StepChunkParams& p) {
-  return p.pred == kPredEps && p.var != kLearned && p.var != kLearnedRange && p.clip != kThreshold &&
+  return p.pred == kPredEps && p.var != kLearned && p.var != kLearnedRange &&
          !(p.kind == kDDIM && p.use_clipped_model_output);
 }
 
