@@ -3,13 +3,10 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda_launch.h"
 #include "op_args.h"
 
 namespace ddpm_fast {
-
-cudaError_t launch_q_sample_cuda(const QSampleArgs& a, DType x_dtype, cudaStream_t stream);
-cudaError_t launch_posterior_cuda(const PosteriorArgs& a, DType mo_dtype, DType x_dtype, cudaStream_t stream);
-
 namespace {
 
 void check_launch(cudaError_t err, const char* what) {

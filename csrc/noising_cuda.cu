@@ -1,6 +1,7 @@
 // Forward noising q_sample on CUDA: one pass, noise drawn in-kernel with Philox when asked.
 #include <cuda_runtime.h>
 
+#include "cuda_launch.h"
 #include "cuda_types.cuh"
 #include "noising_math.h"
 #include "philox.h"

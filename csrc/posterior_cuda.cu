@@ -2,6 +2,7 @@
 // runs phase 1 of dynamic thresholding (|x0| only). The arithmetic is step_math.h's.
 #include <cuda_runtime.h>
 
+#include "cuda_launch.h"
 #include "cuda_types.cuh"
 #include "philox.h"
 #include "step_math.h"

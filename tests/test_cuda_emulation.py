@@ -31,7 +31,7 @@ from test_posterior import (
     DTYPE_CONFIGS,
     DTYPE_PAIRS,
     GUIDANCE,
-    channel_slice,
+    apply_layout,
     check_step,
     make_config,
     make_step_inputs,
@@ -188,17 +188,7 @@ def test_posterior_step_every_configuration(on_emulated_cuda, schedule, pred, va
 def test_posterior_step_layouts_and_drawn_noise(on_emulated_cuda, schedule, layout):
     config = make_config("ddpm", "v_prediction", "learned_range", "threshold")
     shape = (3, 3, 5, 7) if layout == "odd" else (3, 3, 4, 8)
-    mo, sample, noise = make_step_inputs(shape, config, True, "cpu", seed=22)
-    if layout == "channels_last":
-        mo, sample, noise = (x.contiguous(memory_format=torch.channels_last) for x in (mo, sample, noise))
-    elif layout == "mo_channels_last":
-        mo = mo.contiguous(memory_format=torch.channels_last)
-    elif layout == "mo_channel_slice":
-        mo = channel_slice(mo)
-    elif layout == "sample_slice":
-        sample, noise = lay_out(sample, "sliced"), lay_out(noise, "sliced")
-    elif layout == "expanded_sample":  # one sample broadcast over the batch (stride 0)
-        sample = sample[:1].expand(shape)
+    mo, sample, noise = apply_layout(layout, *make_step_inputs(shape, config, True, "cpu", seed=22))
     t, prev_t = step_timesteps(shape[0], "cpu", rotate=2)
     check_step("cuda", mo, sample, t, prev_t, schedule, config, noise, 2.0)
     # drawn in-kernel: the reference's Philox normals, up to the host's sin/cos/log

@@ -385,6 +385,21 @@ def spatial_slice(x: torch.Tensor) -> torch.Tensor:
     return big[:, :, ::2]
 
 
+def apply_layout(layout: str | None, mo, sample, noise):
+    """(model_output, sample, noise) with the same values in one of LAYOUTS' memory layouts."""
+    if layout == "channels_last":
+        return tuple(x.contiguous(memory_format=torch.channels_last) for x in (mo, sample, noise))
+    if layout == "mo_channels_last":
+        return mo.contiguous(memory_format=torch.channels_last), sample, noise
+    if layout == "mo_channel_slice":
+        return channel_slice(mo), sample, noise
+    if layout == "sample_slice":
+        return mo, spatial_slice(sample), spatial_slice(noise)
+    if layout == "expanded_sample":  # one sample broadcast over the batch (stride 0)
+        return mo, sample[:1].expand(sample.shape), noise
+    return mo, sample, noise
+
+
 LAYOUTS = {
     "batch1": ((1, 3, 8, 8), None),
     "odd": ((3, 5, 7, 11), None),
@@ -424,16 +439,7 @@ def test_shapes_and_layouts(schedule, backend, name, config_index):
         return_pred_x0=True,
         backend=backend,
     )
-    if layout == "channels_last":
-        mo, sample, noise = (x.contiguous(memory_format=torch.channels_last) for x in (mo, sample, noise))
-    elif layout == "mo_channels_last":
-        mo = mo.contiguous(memory_format=torch.channels_last)
-    elif layout == "mo_channel_slice":
-        mo = channel_slice(mo)
-    elif layout == "sample_slice":
-        sample, noise = spatial_slice(sample), spatial_slice(noise)
-    elif layout == "expanded_sample":  # one sample broadcast over the batch (stride 0)
-        sample = sample[:1].expand(shape)
+    mo, sample, noise = apply_layout(layout, mo, sample, noise)
     t, prev_t = step_timesteps(shape[0], device, rotate=2)
     prev, x0 = check_step(backend, mo, sample, t, prev_t, schedule, config, noise, guidance)
     if layout in ("channels_last", "mo_channels_last", "mo_channel_slice", "sample_slice"):

@@ -3,12 +3,8 @@
 // against the reference on every step configuration, as the GPU test suite would.
 #include <cstdint>
 
+#include "cuda_launch.h"
 #include "kernel_args.h"
-
-namespace ddpm_fast {
-cudaError_t launch_q_sample_cuda(const QSampleArgs& a, DType x_dtype, cudaStream_t stream);
-cudaError_t launch_posterior_cuda(const PosteriorArgs& a, DType mo_dtype, DType x_dtype, cudaStream_t stream);
-}  // namespace ddpm_fast
 
 using namespace ddpm_fast;
 
