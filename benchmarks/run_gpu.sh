@@ -27,7 +27,8 @@ python3 -m ddpm_fast check 2>&1 | tee "$OUT/check.txt"
 log "tests"
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
 # -v: one line per test as it ends, so a timeout still leaves the names of the failures.
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/ -v -rfE $xdist -p no:cacheprovider >"$OUT/tests.log" 2>&1
+# TESTS picks files (e.g. the ops an issue is about first), default the whole suite.
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest ${TESTS:-tests/} -v -rfE $xdist -p no:cacheprovider >"$OUT/tests.log" 2>&1
 echo "tests exit code $?"; grep -E " (FAILED|ERROR) |^(FAILED|ERROR) " "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
 
 # One pytest per op family, each writing its own JSON, so a timeout keeps what finished.
