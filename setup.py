@@ -65,6 +65,14 @@ def _want_cuda(torch) -> tuple[bool, str]:
     return True, f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc is at {nvcc}"
 
 
+def _abi_args(torch) -> list[str]:
+    """Build with the std::string ABI of the torch that runs the extension. A mismatch is silent
+    until a std::string crosses into torch: a TORCH_CHECK with a formatted message then
+    segfaulted (seen with a GPU machine's torch 2.11) instead of raising."""
+    abi = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    return [] if abi is None else [f"-DCMAKE_CXX_FLAGS=-D_GLIBCXX_USE_CXX11_ABI={int(abi)}"]
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -94,6 +102,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DDDPM_FAST_TORCH_VERSION={torch.__version__}",
+            *_abi_args(torch),
             f"-DDDPM_FAST_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
         ]
         if with_cuda:
