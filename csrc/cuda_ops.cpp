@@ -10,7 +10,7 @@ namespace ddpm_fast {
 namespace {
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "ddpm_fast: ", what, " kernel launch failed: ", cudaGetErrorString(err));
+  DDPM_CHECK(err == cudaSuccess, "ddpm_fast: ", what, " kernel launch failed: ", cudaGetErrorString(err));
 }
 
 void q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab,
@@ -36,7 +36,7 @@ void posterior_step_cuda(const at::Tensor& model_output, const at::Tensor& sampl
                                               thresh_scale, prev, pred_x0, abs_x0, final_alpha_cumprod,
                                               guidance_scale, clip_range, eta, kind, pred, var, clip, guidance,
                                               use_clipped_model_output);
-  TORCH_CHECK(noise.has_value() || seed.has_value() || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
+  DDPM_CHECK(noise.has_value() || seed.has_value() || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
               "ddpm_fast: this step adds noise: pass noise or a seed");
   check_launch(launch_posterior_cuda(a, dtype_code(model_output.scalar_type()), dtype_code(sample.scalar_type()),
                                      at::cuda::getCurrentCUDAStream()),

@@ -1100,7 +1100,7 @@ const void* param_ptr(const at::Tensor& x, const std::optional<at::Tensor>& p, a
                       std::initializer_list<int64_t> shape, const char* name) {
   if (!p.has_value()) return nullptr;
   check_same_device(x, *p, name);
-  TORCH_CHECK(p->scalar_type() == st && p->is_contiguous() && p->sizes() == at::IntArrayRef(shape), "ddpm_fast: ",
+  DDPM_CHECK(p->scalar_type() == st && p->is_contiguous() && p->sizes() == at::IntArrayRef(shape), "ddpm_fast: ",
               name, " must be a contiguous ", st, " tensor of shape ", at::IntArrayRef(shape), ", got ",
               p->scalar_type(), " ", p->sizes());
   return p->const_data_ptr();
@@ -1111,14 +1111,14 @@ void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
   check_same_device(x, t, name);
   const bool same_shape = t.dim() >= 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1) &&
                           spatial_numel(t) == spatial_numel(x);
-  TORCH_CHECK(same_shape && t.scalar_type() == x.scalar_type(), "ddpm_fast: ", name, " must be a ",
+  DDPM_CHECK(same_shape && t.scalar_type() == x.scalar_type(), "ddpm_fast: ", name, " must be a ",
               x.scalar_type(), " tensor of shape ", x.sizes(), ", got ", t.scalar_type(), " ", t.sizes());
 }
 
 void* stat_ptr(const at::Tensor& x, const at::Tensor& t, at::ScalarType st, int64_t rows, int64_t cols,
                const char* name) {
   check_same_device(x, t, name);
-  TORCH_CHECK(t.scalar_type() == st && t.is_contiguous() && t.numel() == rows * cols, "ddpm_fast: ", name,
+  DDPM_CHECK(t.scalar_type() == st && t.is_contiguous() && t.numel() == rows * cols, "ddpm_fast: ", name,
               " must be a contiguous ", st, " tensor of ", rows, " x ", cols, " elements");
   return t.data_ptr();
 }
@@ -1127,11 +1127,11 @@ GroupNormArgs make_args(const at::Tensor& x, const std::optional<at::Tensor>& we
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias_nc,
                         const std::optional<at::Tensor>& scale_nc, const std::optional<at::Tensor>& shift_nc,
                         int64_t num_groups, bool silu) {
-  TORCH_CHECK(is_float_type(x.scalar_type()), "ddpm_fast: group_norm_silu needs a floating-point x");
-  TORCH_CHECK(x.dim() >= 2, "ddpm_fast: group_norm_silu kernels take (N, C, ...) tensors");
+  DDPM_CHECK(is_float_type(x.scalar_type()), "ddpm_fast: group_norm_silu needs a floating-point x");
+  DDPM_CHECK(x.dim() >= 2, "ddpm_fast: group_norm_silu kernels take (N, C, ...) tensors");
   GroupNormArgs a;
   a.N = x.size(0), a.C = x.size(1), a.S = spatial_numel(x), a.G = num_groups;
-  TORCH_CHECK(a.G > 0 && a.C % a.G == 0, "ddpm_fast: ", a.C, " channels do not split into ", a.G, " groups");
+  DDPM_CHECK(a.G > 0 && a.C % a.G == 0, "ddpm_fast: ", a.C, " channels do not split into ", a.G, " groups");
   const at::ScalarType st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   a.w = param_ptr(x, weight, st, {a.C}, "weight");
   a.b = param_ptr(x, bias, st, {a.C}, "bias");

@@ -138,7 +138,7 @@ void posterior_step_cpu(const at::Tensor& model_output, const at::Tensor& sample
                                               thresh_scale, prev, pred_x0, abs_x0, final_alpha_cumprod,
                                               guidance_scale, clip_range, eta, kind, pred, var, clip, guidance,
                                               use_clipped_model_output);
-  TORCH_CHECK(noise.has_value() || seed.has_value() || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
+  DDPM_CHECK(noise.has_value() || seed.has_value() || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
               "ddpm_fast: this step adds noise: pass noise or a seed");
   dispatch_float(sample.scalar_type(), [&](auto xtag) {
     using X = decltype(xtag);

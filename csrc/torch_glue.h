@@ -3,7 +3,21 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include "kernel_args.h"
+
+// TORCH_CHECK, with the message formatted here and handed to torch as a C string. On a GPU
+// machine's torch 2.11 a TORCH_CHECK whose message had arguments (built into a std::string on
+// this side, then passed into libc10) segfaulted instead of raising, while literal messages
+// (passed as const char*) raised; this takes the path that works on both.
+#define DDPM_CHECK(cond, ...)                                     \
+  do {                                                            \
+    if (C10_UNLIKELY(!(cond))) {                                  \
+      const std::string ddpm_check_message_ = ::c10::str(__VA_ARGS__); \
+      TORCH_CHECK(false, ddpm_check_message_.c_str());            \
+    }                                                             \
+  } while (0)
 
 namespace ddpm_fast {
 
@@ -11,7 +25,7 @@ namespace ddpm_fast {
 // one strided dim, as they do for NCHW, channels_last and any 3-D view. Taking the tensors
 // as they are spares the Python wrappers a view per tensor (~3 us each on a small call).
 inline View3 view3(const at::Tensor& t) {
-  TORCH_CHECK(t.dim() >= 2, "ddpm_fast: kernels take (N, C, ...) tensors, got ", t.dim(), " dims");
+  DDPM_CHECK(t.dim() >= 2, "ddpm_fast: kernels take (N, C, ...) tensors, got ", t.dim(), " dims");
   int64_t inner_stride = 1, extent = 1;
   bool found = false;
   for (int64_t d = t.dim() - 1; d >= 2; --d) {
@@ -20,7 +34,7 @@ inline View3 view3(const at::Tensor& t) {
       inner_stride = t.stride(d), extent = t.size(d), found = true;
       continue;
     }
-    TORCH_CHECK(t.stride(d) == inner_stride * extent,
+    DDPM_CHECK(t.stride(d) == inner_stride * extent,
                 "ddpm_fast: the dims after the second do not merge into one; pass a (N, C, S) view");
     extent *= t.size(d);
   }
@@ -37,18 +51,18 @@ inline int64_t spatial_numel(const at::Tensor& t) {
 inline View3 view3(const std::optional<at::Tensor>& t) { return t.has_value() ? view3(*t) : View3{}; }
 
 inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "ddpm_fast: ", name, " is on ", t.device(), ", expected ", ref.device());
+  DDPM_CHECK(t.device() == ref.device(), "ddpm_fast: ", name, " is on ", t.device(), ", expected ", ref.device());
 }
 
 inline void check_index_tensor(const at::Tensor& ref, const at::Tensor& t, const char* name, int64_t n) {
   check_same_device(ref, t, name);
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == n && t.is_contiguous(),
+  DDPM_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == n && t.is_contiguous(),
               "ddpm_fast: ", name, " must be a contiguous int64 tensor of shape (", n, ")");
 }
 
 inline void check_table(const at::Tensor& ref, const at::Tensor& t, const char* name) {
   check_same_device(ref, t, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous(),
+  DDPM_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous(),
               "ddpm_fast: ", name, " must be a contiguous float32 table");
 }
 
@@ -68,7 +82,7 @@ void dispatch_float(at::ScalarType st, Fn&& fn) {
     case at::kDouble: fn(double{}); break;
     case at::kHalf: fn(at::Half{}); break;
     case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "ddpm_fast: unsupported dtype ", st);
+    default: DDPM_CHECK(false, "ddpm_fast: unsupported dtype ", st);
   }
 }
 
@@ -79,7 +93,7 @@ inline DType dtype_code(at::ScalarType st) {
     case at::kDouble: return kF64;
     case at::kHalf: return kF16;
     case at::kBFloat16: return kBF16;
-    default: TORCH_CHECK(false, "ddpm_fast: unsupported dtype ", st);
+    default: DDPM_CHECK(false, "ddpm_fast: unsupported dtype ", st);
   }
 }
 
