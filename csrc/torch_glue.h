@@ -4,19 +4,46 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <type_traits>
 
 #include "kernel_args.h"
 
-// TORCH_CHECK, with the message formatted here and handed to torch as a C string. On a GPU
-// machine's torch 2.11 a TORCH_CHECK whose message had arguments (built into a std::string on
-// this side, then passed into libc10) segfaulted instead of raising, while literal messages
-// (passed as const char*) raised; this takes the path that works on both.
-#define DDPM_CHECK(cond, ...)                                     \
-  do {                                                            \
-    if (C10_UNLIKELY(!(cond))) {                                  \
-      const std::string ddpm_check_message_ = ::c10::str(__VA_ARGS__); \
-      TORCH_CHECK(false, ddpm_check_message_.c_str());            \
-    }                                                             \
+namespace ddpm_fast::detail {
+
+// Error messages built without iostreams: on a GPU machine's torch 2.11 (installed in its own
+// environment) a TORCH_CHECK whose message had non-string arguments segfaulted instead of
+// raising, while messages of literals raised. Those arguments go through c10::str's
+// std::ostringstream; these appends use only std::string and std::to_string.
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
+inline void append(std::string& s, at::IntArrayRef v) {
+  s += '[';
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  s += ']';
+}
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+
+}  // namespace ddpm_fast::detail
+
+// TORCH_CHECK with the message built by detail::message and handed to torch as a C string.
+#define DDPM_CHECK(cond, ...)                                                            \
+  do {                                                                                   \
+    if (C10_UNLIKELY(!(cond))) {                                                         \
+      const std::string ddpm_check_message_ = ::ddpm_fast::detail::message(__VA_ARGS__); \
+      TORCH_CHECK(false, ddpm_check_message_.c_str());                                   \
+    }                                                                                    \
   } while (0)
 
 namespace ddpm_fast {
