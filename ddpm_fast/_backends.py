@@ -136,3 +136,24 @@ def _select_backend(requested: str | None, device_type: str, interpreting: bool)
     if requested == "triton" and device_type == "cpu" and not interpreting:
         raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
     return requested
+
+
+# On CUDA, the elementwise ops (q_sample, posterior_step) below this many elements are bound by
+# their launch: a call of the CUDA C++ kernels costs ~40-60 us, of Triton's Python launcher
+# ~140-180 us (H100, torch 2.11, triton 3.6: benchmarks/results/h100-2026-11-26-*.json), while
+# at 50M elements Triton's kernels run at ~100% of copy bandwidth and the CUDA C++ ones at 55-70%.
+ELEMENTWISE_CUDA_CPP_BELOW = 1 << 24
+
+
+@torch.compiler.assume_constant_result
+def _cuda_cpp_available() -> bool:
+    return _backends(False)["cuda"][0]
+
+
+def elementwise_backend(requested: str | None, device: torch.device, numel: int) -> str:
+    """select_backend for q_sample and posterior_step: by default on CUDA, the CUDA C++ kernels
+    for launch-bound sizes and Triton above (see ELEMENTWISE_CUDA_CPP_BELOW)."""
+    name = select_backend(requested, device)
+    if requested is None and name == "triton" and device.type == "cuda" and numel < ELEMENTWISE_CUDA_CPP_BELOW:
+        return "cuda" if _cuda_cpp_available() else name
+    return name

@@ -53,6 +53,20 @@ def test_unknown_and_unavailable_backends_are_clear_errors():
             _backends.select_backend("cuda", torch.device("cpu"))
 
 
+def test_elementwise_default_on_cuda_follows_the_size(monkeypatch):
+    """q_sample/posterior_step on CUDA by default: the CUDA C++ kernels while a call is bound by
+    its launch, Triton above; an explicit backend stands; CPU choices are untouched."""
+    monkeypatch.setattr(_backends, "select_backend", lambda requested, device: requested or "triton")
+    monkeypatch.setattr(_backends, "_cuda_cpp_available", lambda: True)
+    cuda, below = torch.device("cuda"), _backends.ELEMENTWISE_CUDA_CPP_BELOW
+    assert _backends.elementwise_backend(None, cuda, 256 * 3 * 32 * 32) == "cuda"
+    assert _backends.elementwise_backend(None, cuda, below) == "triton"
+    assert _backends.elementwise_backend("triton", cuda, 10) == "triton"
+    assert _backends.elementwise_backend(None, torch.device("cpu"), 10) == "triton"  # select_backend's choice
+    monkeypatch.setattr(_backends, "_cuda_cpp_available", lambda: False)  # _C built without CUDA
+    assert _backends.elementwise_backend(None, cuda, 10) == "triton"
+
+
 def test_isolated_build_stops_with_a_message(tmp_path):
     """setup.py run by an interpreter that cannot import torch (as in pip's isolated build)."""
     script = (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backends import load_extension, select_backend
+from .._backends import elementwise_backend, load_extension
 from ..schedule import PREDICTION_TYPES, Schedule, normalize_choice
 from ._common import check_float, direct_call_ok, kernel_views, new_like, noise_arg, seed_from, timesteps_arg
 
@@ -106,7 +106,7 @@ def q_sample(
     target_name = None if target is None else normalize_choice("target", target, PREDICTION_TYPES)
     t = timesteps_arg(t, x0.shape[0], x0.device, "t", schedule.num_train_timesteps)
     table_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    name = select_backend(backend, x0.device)
+    name = elementwise_backend(backend, x0.device, x0.numel())
     if noise is not None:
         noise = noise_arg(noise, x0)
     if name == "reference":

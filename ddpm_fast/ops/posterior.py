@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backends import load_extension, select_backend
+from .._backends import elementwise_backend, load_extension
 from ..schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule, StepConfig
 from ._common import check_float, direct_call_ok, kernel_views, new_like, noise_arg, seed_from, timesteps_arg
 
@@ -227,7 +227,7 @@ def posterior_step(
     prev_t = timesteps_arg(prev_t, n, sample.device, "prev_t", T, allow_minus_one=True)
     if noise is not None:
         noise = noise_arg(noise, sample)
-    name = select_backend(backend, sample.device)
+    name = elementwise_backend(backend, sample.device, sample.numel())
     adds_noise = config.kind == "ddpm" or config.eta > 0
 
     if name == "reference":
