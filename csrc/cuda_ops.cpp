@@ -37,7 +37,7 @@ void posterior_step_cuda(const at::Tensor& model_output, const at::Tensor& sampl
                                               guidance_scale, clip_range, eta, kind, pred, var, clip, guidance,
                                               use_clipped_model_output);
   DDPM_CHECK(noise.has_value() || seed.has_value() || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
-              "ddpm_fast: this step adds noise: pass noise or a seed");
+             "ddpm_fast: this step adds noise: pass noise or a seed");
   check_launch(launch_posterior_cuda(a, dtype_code(model_output.scalar_type()), dtype_code(sample.scalar_type()),
                                      at::cuda::getCurrentCUDAStream()),
                "posterior_step");

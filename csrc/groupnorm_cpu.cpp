@@ -1101,25 +1101,23 @@ const void* param_ptr(const at::Tensor& x, const std::optional<at::Tensor>& p, a
   if (!p.has_value()) return nullptr;
   check_same_device(x, *p, name);
   DDPM_CHECK(p->scalar_type() == st && p->is_contiguous() && p->sizes() == at::IntArrayRef(shape), "ddpm_fast: ",
-              name, " must be a contiguous ", st, " tensor of shape ", at::IntArrayRef(shape), ", got ",
-              p->scalar_type(), " ", p->sizes());
+             name, " must be a contiguous ", st, " tensor of shape ", at::IntArrayRef(shape), ", got ",
+             p->scalar_type(), " ", p->sizes());
   return p->const_data_ptr();
 }
 
 // Same dtype and (N, C, S) as x (either may be a 3-D view of the other's shape).
 void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
   check_same_device(x, t, name);
-  const bool same_shape = t.dim() >= 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1) &&
-                          spatial_numel(t) == spatial_numel(x);
-  DDPM_CHECK(same_shape && t.scalar_type() == x.scalar_type(), "ddpm_fast: ", name, " must be a ",
-              x.scalar_type(), " tensor of shape ", x.sizes(), ", got ", t.scalar_type(), " ", t.sizes());
+  DDPM_CHECK(same_ncs(t, x) && t.scalar_type() == x.scalar_type(), "ddpm_fast: ", name, " must be a ",
+             x.scalar_type(), " tensor of shape ", x.sizes(), ", got ", t.scalar_type(), " ", t.sizes());
 }
 
 void* stat_ptr(const at::Tensor& x, const at::Tensor& t, at::ScalarType st, int64_t rows, int64_t cols,
                const char* name) {
   check_same_device(x, t, name);
   DDPM_CHECK(t.scalar_type() == st && t.is_contiguous() && t.numel() == rows * cols, "ddpm_fast: ", name,
-              " must be a contiguous ", st, " tensor of ", rows, " x ", cols, " elements");
+             " must be a contiguous ", st, " tensor of ", rows, " x ", cols, " elements");
   return t.data_ptr();
 }
 

@@ -9,18 +9,16 @@ namespace ddpm_fast {
 inline Table table_arg(const at::Tensor& ref, const at::Tensor& t, const char* name) {
   check_same_device(ref, t, name);
   DDPM_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) && t.dim() == 1 && t.is_contiguous(),
-              "ddpm_fast: ", name, " must be a contiguous float32/float64 table");
+             "ddpm_fast: ", name, " must be a contiguous float32/float64 table");
   return Table{t.data_ptr(), t.scalar_type() == at::kDouble};
 }
 
 // Same (N, C, S) as ref (one may be a 3-D view of the other's shape), same device and dtype.
 inline void check_like(const at::Tensor& ref, const at::Tensor& t, const char* name, bool same_dtype = true) {
   check_same_device(ref, t, name);
-  DDPM_CHECK(t.dim() >= 2 && t.size(0) == ref.size(0) && t.size(1) == ref.size(1) &&
-                  spatial_numel(t) == spatial_numel(ref),
-              "ddpm_fast: ", name, " has shape ", t.sizes(), ", expected ", ref.sizes());
+  DDPM_CHECK(same_ncs(t, ref), "ddpm_fast: ", name, " has shape ", t.sizes(), ", expected ", ref.sizes());
   DDPM_CHECK(!same_dtype || t.scalar_type() == ref.scalar_type(), "ddpm_fast: ", name, " has dtype ",
-              t.scalar_type(), ", expected ", ref.scalar_type());
+             t.scalar_type(), ", expected ", ref.scalar_type());
 }
 
 inline const int64_t* seed_arg(const at::Tensor& ref, const std::optional<at::Tensor>& seed) {
@@ -66,19 +64,19 @@ inline PosteriorArgs make_posterior_args(
     const std::optional<at::Tensor>& abs_x0, double final_alpha_cumprod, double guidance_scale, double clip_range,
     double eta, int64_t kind, int64_t pred, int64_t var, int64_t clip, bool guidance, bool use_clipped_model_output) {
   DDPM_CHECK(is_float_type(sample.scalar_type()) && is_float_type(model_output.scalar_type()),
-              "ddpm_fast: posterior_step needs floating-point model_output and sample");
+             "ddpm_fast: posterior_step needs floating-point model_output and sample");
   DDPM_CHECK(sample.dim() >= 2 && model_output.dim() >= 2, "ddpm_fast: posterior kernels take (N, C, ...) tensors");
   PosteriorArgs a;
   a.N = sample.size(0), a.C = sample.size(1), a.S = spatial_numel(sample);
   check_same_device(sample, model_output, "model_output");
   DDPM_CHECK(model_output.size(0) == (guidance ? 2 : 1) * a.N, "ddpm_fast: model_output batch ",
-              model_output.size(0), " does not fit sample batch ", a.N, guidance ? " with guidance" : "");
+             model_output.size(0), " does not fit sample batch ", a.N, guidance ? " with guidance" : "");
   DDPM_CHECK(model_output.size(1) == a.C || model_output.size(1) == 2 * a.C,
-              "ddpm_fast: model_output must have C or 2C channels");
+             "ddpm_fast: model_output must have C or 2C channels");
   DDPM_CHECK(spatial_numel(model_output) == a.S, "ddpm_fast: model_output and sample differ in spatial size");
   a.has_variance = model_output.size(1) == 2 * a.C;
   DDPM_CHECK(!(var == kLearned || var == kLearnedRange) || a.has_variance || kind == kDDIM,
-              "ddpm_fast: learned variance needs 2C model output channels");
+             "ddpm_fast: learned variance needs 2C model output channels");
   check_index_tensor(sample, t, "t", a.N);
   check_index_tensor(sample, prev_t, "prev_t", a.N);
   a.alphas_cumprod = table_arg(sample, alphas_cumprod, "alphas_cumprod");
@@ -94,10 +92,10 @@ inline PosteriorArgs make_posterior_args(
   if (thresh_scale.has_value()) {
     check_same_device(sample, *thresh_scale, "thresh_scale");
     DDPM_CHECK(thresh_scale->scalar_type() == stats && thresh_scale->numel() == a.N && thresh_scale->is_contiguous(),
-                "ddpm_fast: thresh_scale must be a contiguous ", stats, " tensor of N values");
+               "ddpm_fast: thresh_scale must be a contiguous ", stats, " tensor of N values");
   }
   DDPM_CHECK(clip != kThreshold || abs_x0.has_value() || thresh_scale.has_value(),
-              "ddpm_fast: thresholding needs the per-sample scale (phase 2) or the abs_x0 buffer (phase 1)");
+             "ddpm_fast: thresholding needs the per-sample scale (phase 2) or the abs_x0 buffer (phase 1)");
   a.model_output = view3(model_output), a.sample = view3(sample), a.noise = view3(noise), a.prev = view3(prev),
   a.pred_x0 = view3(pred_x0), a.abs_x0 = view3(abs_x0);
   a.mo_half = a.N * model_output.stride(0);

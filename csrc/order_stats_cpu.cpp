@@ -91,7 +91,7 @@ void adjacent_order_stats_row(const F* x, int64_t m, int64_t rank, std::vector<K
 std::tuple<at::Tensor, at::Tensor> abs_order_stats_cpu(const at::Tensor& x, int64_t rank) {
   DDPM_CHECK(x.dim() == 2 && x.is_contiguous(), "ddpm_fast: abs_order_stats takes a contiguous (N, M) tensor");
   DDPM_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "ddpm_fast: abs_order_stats takes float32 or float64, got ", x.scalar_type());
+             "ddpm_fast: abs_order_stats takes float32 or float64, got ", x.scalar_type());
   const int64_t n = x.size(0), m = x.size(1);
   DDPM_CHECK(m > 0 && rank >= 0 && rank < m, "ddpm_fast: abs_order_stats rank ", rank, " outside a row of ", m);
   at::Tensor lo = at::empty({n}, x.options()), hi = at::empty({n}, x.options());

@@ -139,7 +139,7 @@ void posterior_step_cpu(const at::Tensor& model_output, const at::Tensor& sample
                                               guidance_scale, clip_range, eta, kind, pred, var, clip, guidance,
                                               use_clipped_model_output);
   DDPM_CHECK(noise.has_value() || seed.has_value() || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
-              "ddpm_fast: this step adds noise: pass noise or a seed");
+             "ddpm_fast: this step adds noise: pass noise or a seed");
   dispatch_float(sample.scalar_type(), [&](auto xtag) {
     using X = decltype(xtag);
     dispatch_float(model_output.scalar_type(), [&](auto mtag) {

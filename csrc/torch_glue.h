@@ -62,7 +62,7 @@ inline View3 view3(const at::Tensor& t) {
       continue;
     }
     DDPM_CHECK(t.stride(d) == inner_stride * extent,
-                "ddpm_fast: the dims after the second do not merge into one; pass a (N, C, S) view");
+               "ddpm_fast: the dims after the second do not merge into one; pass a (N, C, S) view");
     extent *= t.size(d);
   }
   return View3{t.data_ptr(), t.stride(0), t.stride(1), inner_stride};
@@ -75,6 +75,12 @@ inline int64_t spatial_numel(const at::Tensor& t) {
   return s;
 }
 
+// Whether a and b have the same (N, C, S) (either may be a 3-D view of the other's shape).
+inline bool same_ncs(const at::Tensor& a, const at::Tensor& b) {
+  return a.dim() >= 2 && b.dim() >= 2 && a.size(0) == b.size(0) && a.size(1) == b.size(1) &&
+         spatial_numel(a) == spatial_numel(b);
+}
+
 inline View3 view3(const std::optional<at::Tensor>& t) { return t.has_value() ? view3(*t) : View3{}; }
 
 inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
@@ -84,13 +90,7 @@ inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const 
 inline void check_index_tensor(const at::Tensor& ref, const at::Tensor& t, const char* name, int64_t n) {
   check_same_device(ref, t, name);
   DDPM_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == n && t.is_contiguous(),
-              "ddpm_fast: ", name, " must be a contiguous int64 tensor of shape (", n, ")");
-}
-
-inline void check_table(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  check_same_device(ref, t, name);
-  DDPM_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous(),
-              "ddpm_fast: ", name, " must be a contiguous float32 table");
+             "ddpm_fast: ", name, " must be a contiguous int64 tensor of shape (", n, ")");
 }
 
 inline bool is_float_type(at::ScalarType s) {
