@@ -63,6 +63,14 @@ def device(backend) -> torch.device:
 
 
 @pytest.fixture(scope="session")
+def diffusers():
+    """diffusers, the oracle of the equivalence tests: a test that takes this fixture skips where
+    diffusers is missing (the GPU machines without the wheels of benchmarks/fetch_gpu_wheels.sh),
+    and only that test."""
+    return pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="session")
 def schedule() -> Schedule:
     """diffusers' default DDPM schedule: linear betas 1e-4..0.02, T = 1000, on the CPU."""
     return Schedule.from_config()

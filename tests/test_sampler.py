@@ -1,8 +1,13 @@
 """sample(): equivalence with diffusers' DDPMPipeline / DDIMPipeline and scheduler loops (torch
 noise), a guided run against a loop over ddpm_fast.reference, the kernel-noise contract,
-determinism, chunking, SDEdit, output types and input errors. CUDA-graph tests run on a GPU only."""
+determinism, chunking, SDEdit, output types and input errors. CUDA-graph tests run on a GPU only.
+
+Only the equivalence tests need diffusers (the ``diffusers`` fixture); the others sample a tiny
+ddpm_fast.UNet or toy models, so they also run where diffusers is missing (the GPU machines)."""
 
 import copy
+import functools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,9 +17,7 @@ from conftest import FAST_BACKENDS, HAS_CUDA, assert_close_to_reference, is_slow
 import ddpm_fast
 from ddpm_fast import Schedule, SchedulerConfig, StepConfig, posterior_step, reference, sample
 from ddpm_fast import sampler as ddpm_sampler
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from ddpm_fast.unet_diffusers import config_from_diffusers
 
 # The images are in [-1, 1]; diffusers' fp32 coefficient table differs from our float64-built one
 # by up to ~5e-5 relative near t = T (DESIGN.md), which the loop carries into the images.
@@ -30,28 +33,45 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_unet(seed=0, **kw) -> UNet2DModel:
-    torch.manual_seed(seed)
-    config = dict(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    unet = UNet2DModel(**{**config, **kw}).eval()
+# One tiny architecture in diffusers' terms (UNet2DModel's arguments), built as either model; both
+# take the same overrides (num_class_embeds = classes + the null label).
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+)
+
+
+def _damp_output(unet: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():  # an untrained U-Net's large random eps makes DDIM's ODE chaotic (1e-7 in x_T -> 0.2)
         unet.conv_out.weight.mul_(0.1)
         unet.conv_out.bias.mul_(0.1)
     return unet
 
 
+def tiny_unet(seed=0, **kw) -> ddpm_fast.UNet:
+    torch.manual_seed(seed)
+    return _damp_output(ddpm_fast.UNet(config_from_diffusers({**TINY_UNET, **kw})).eval())
+
+
+def tiny_diffusers_unet(diffusers, seed=0, **kw):
+    torch.manual_seed(seed)
+    return _damp_output(diffusers.UNet2DModel(**{**TINY_UNET, **kw}).eval())
+
+
 @pytest.fixture(scope="module")
-def unet() -> UNet2DModel:
+def unet() -> ddpm_fast.UNet:
     return tiny_unet()
+
+
+@pytest.fixture(scope="module")
+def diffusers_unet(diffusers):
+    return tiny_diffusers_unet(diffusers)
 
 
 def toy(x, t):
@@ -74,9 +94,10 @@ def diffusers_loop(model, scheduler, x, generator, timesteps, **step_kw):
 
 
 # ---------------------------------------------------------------- diffusers equivalence
-def test_ddpm_pipeline(unet):
-    scheduler = DDPMScheduler(num_train_timesteps=60)
-    pipe = DDPMPipeline(unet, scheduler)
+def test_ddpm_pipeline(diffusers, diffusers_unet):
+    unet = diffusers_unet
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=60)
+    pipe = diffusers.DDPMPipeline(unet, scheduler)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(batch_size=3, generator=gen(3), num_inference_steps=60, output_type="np").images
     ours = sample(
@@ -98,9 +119,9 @@ def test_ddpm_pipeline(unet):
     np.testing.assert_array_equal(again, ours)
 
 
-def test_ddpm_1000_steps_toy_model():
+def test_ddpm_1000_steps_toy_model(diffusers):
     """The full 1000-step DDPM loop from a fixed x_T against DDPMScheduler's."""
-    scheduler = DDPMScheduler()
+    scheduler = diffusers.DDPMScheduler()
     scheduler.set_timesteps(1000)
     x_T = torch.randn(2, 3, 4, 4, generator=gen(1))
     ref = diffusers_loop(toy, scheduler, x_T, gen(2), scheduler.timesteps)
@@ -112,9 +133,10 @@ def test_ddpm_1000_steps_toy_model():
 
 @pytest.mark.parametrize("steps", [10, 50])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_pipeline(unet, steps, eta):
-    scheduler = DDIMScheduler()
-    pipe = DDIMPipeline(unet, scheduler)
+def test_ddim_pipeline(diffusers, diffusers_unet, steps, eta):
+    unet = diffusers_unet
+    scheduler = diffusers.DDIMScheduler()
+    pipe = diffusers.DDIMPipeline(unet, scheduler)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(batch_size=2, generator=gen(5), eta=eta, num_inference_steps=steps, output_type="pt").images
     ours = sample(
@@ -134,35 +156,36 @@ def test_ddim_pipeline(unet, steps, eta):
     else:
         # 50 deterministic steps amplify rounding ~500x here: both fp32 loops are held to the
         # float64 loop (our float64 table, model in float64) by the tolerance rule instead.
-        truth = float64_ddim_loop(unet, torch.randn(2, 3, 8, 8, generator=gen(5)), steps)
+        truth = float64_ddim_loop(diffusers, unet, torch.randn(2, 3, 8, 8, generator=gen(5)), steps)
         assert_close_to_reference(ours, ref, (truth / 2 + 0.5).clamp(0, 1))
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-3)
 
 
-def float64_ddim_loop(unet, x_T, steps):
-    scheduler = DDIMScheduler()
+def float64_ddim_loop(diffusers, unet, x_T, steps):
+    scheduler = diffusers.DDIMScheduler()
     scheduler.set_timesteps(steps)
     scheduler.alphas_cumprod = Schedule.from_config().alphas_cumprod
     scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
     return diffusers_loop(copy.deepcopy(unet).double(), scheduler, x_T.double(), None, scheduler.timesteps)
 
 
-def test_ddim_default_steps_and_options(unet):
+def test_ddim_default_steps_and_options(diffusers, diffusers_unet):
     """DDIM defaults to 50 steps; trailing spacing, set_alpha_to_one=False, v-prediction and
     use_clipped_model_output against DDIMScheduler's loop."""
     config = dict(timestep_spacing="trailing", set_alpha_to_one=False, prediction_type="v_prediction")
-    scheduler = DDIMScheduler(**config)
+    scheduler = diffusers.DDIMScheduler(**config)
     scheduler.set_timesteps(50)
     x_T = torch.randn(2, 3, 8, 8, generator=gen(8))
     kw = dict(eta=0.5, use_clipped_model_output=True)
-    ref = diffusers_loop(unet, scheduler, x_T, gen(9), scheduler.timesteps, **kw)
-    ours = sample(unet, x_T=x_T, scheduler=scheduler, noise="torch", generator=gen(9), progress=False, **kw)
+    ref = diffusers_loop(diffusers_unet, scheduler, x_T, gen(9), scheduler.timesteps, **kw)
+    ours = sample(diffusers_unet, x_T=x_T, scheduler=scheduler, noise="torch", generator=gen(9), progress=False, **kw)
     torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
 
 
-def test_custom_timesteps(unet):
+def test_custom_timesteps(diffusers, diffusers_unet):
+    unet = diffusers_unet
     custom = [90, 71, 50, 33, 20, 9, 4, 1]  # ends at t = 1: DDPM's last step also adds noise
-    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample_range=0.5)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample_range=0.5)
     scheduler.set_timesteps(timesteps=custom)
     x_T = torch.randn(2, 3, 8, 8, generator=gen(4))
     ref = diffusers_loop(unet, scheduler, x_T, gen(6), scheduler.timesteps)
@@ -171,7 +194,7 @@ def test_custom_timesteps(unet):
 
 
 @pytest.mark.parametrize("variance_type", ["learned_range", "fixed_large"])
-def test_variance_types_toy_model(variance_type):
+def test_variance_types_toy_model(diffusers, variance_type):
     """A learned-variance model (2C output channels) and fixed_large, against DDPMScheduler's loop."""
     learned = variance_type.startswith("learned")
 
@@ -179,7 +202,9 @@ def test_variance_types_toy_model(variance_type):
         eps = toy(x, t)
         return torch.cat([eps, torch.tanh(x)], dim=1) if learned else eps
 
-    scheduler = DDPMScheduler(num_train_timesteps=200, variance_type=variance_type, beta_schedule="squaredcos_cap_v2")
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=200, variance_type=variance_type, beta_schedule="squaredcos_cap_v2"
+    )
     scheduler.set_timesteps(40)
     x_T = torch.randn(2, 2, 3, 5, generator=gen(11))
     ref = diffusers_loop(model, scheduler, x_T, gen(12), scheduler.timesteps)
@@ -303,7 +328,6 @@ def test_guidance_reads_the_model_null_label():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not hasattr(ddpm_fast, "UNet"), reason="ddpm_fast.UNet is not there yet")
 def test_guided_with_our_unet():
     """ddpm_fast.UNet: image shape and null label read from the model, guidance in one batched call."""
     from ddpm_fast.unet import preset_config
@@ -403,9 +427,10 @@ def test_chunks_split_one_generator(unet):
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_sdedit(unet, kind):
+def test_sdedit(diffusers, diffusers_unet, kind):
     """image + strength: noise the image to the first kept timestep (diffusers' img2img), run the rest."""
-    scheduler = DDPMScheduler(num_train_timesteps=200) if kind == "ddpm" else DDIMScheduler(num_train_timesteps=200)
+    unet = diffusers_unet
+    scheduler = (diffusers.DDPMScheduler if kind == "ddpm" else diffusers.DDIMScheduler)(num_train_timesteps=200)
     scheduler.set_timesteps(20)
     t_start = 20 - int(20 * 0.6)
     image = torch.rand(2, 3, 8, 8, generator=gen(30)) * 2 - 1
@@ -458,7 +483,7 @@ def test_output_types():
 
 
 def test_model_forms_callback_and_progress(unet, capsys):
-    """A model returning .sample, a tuple or a tensor; the shape from the model's config; the
+    """A model returning a tensor, a tuple or .sample; the shape from the model's config; the
     callback's (step, t, x_t); no output with progress=False, a bar otherwise."""
     seen = []
     kw = dict(scheduler="ddim", num_inference_steps=5, generator=gen(0))
@@ -467,11 +492,12 @@ def test_model_forms_callback_and_progress(unet, capsys):
     assert [s[:2] for s in seen] == [(i, t) for i, t in enumerate(range(800, -1, -200))]
     torch.testing.assert_close(seen[-1][2], a, rtol=0, atol=0)
     assert capsys.readouterr().err == ""
-    b = sample(
-        lambda x, t: unet(x, t, return_dict=False), shape=(3, 8, 8), progress=True, **{**kw, "generator": gen(0)}
-    )
+    b = sample(lambda x, t: (unet(x, t),), shape=(3, 8, 8), progress=True, **{**kw, "generator": gen(0)})
     torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert "sampling" in capsys.readouterr().err
+    kw["generator"] = gen(0)
+    c = sample(lambda x, t: SimpleNamespace(sample=unet(x, t)), shape=(3, 8, 8), progress=False, **kw)
+    torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
 def test_bf16_autocast_on_cpu(unet):
@@ -512,8 +538,6 @@ def test_bad_inputs(unet):
         sample(unet, class_labels=[1], guidance_scale=2.0, progress=False)
     with pytest.raises(ValueError, match="not class-conditional"):
         sample(toy, class_labels=[1], **kw)
-    with pytest.raises(ValueError, match="null .*class label"):
-        sample(tiny_unet(num_class_embeds=3), class_labels=[1], guidance_scale=2.0, progress=False)
     with pytest.raises(ValueError, match="guidance_scale needs class_labels"):
         sample(LabelledToy(), guidance_scale=2.0, **kw)
     with pytest.raises(ValueError, match="one label per image"):
@@ -530,8 +554,6 @@ def test_bad_inputs(unet):
         sample(toy, generator=0, **kw)
     with pytest.raises(ValueError, match="unknown scheduler 'euler'; valid: ddpm, ddim"):
         sample(toy, scheduler="euler", **kw)
-    with pytest.raises(TypeError, match="DDPMScheduler/DDIMScheduler, got EulerDiscreteScheduler"):
-        sample(toy, scheduler=diffusers.EulerDiscreteScheduler(), **kw)
     with pytest.raises(ValueError, match="unknown noise 'numpy'"):
         sample(toy, noise="numpy", **kw)
     with pytest.raises(ValueError, match="unknown output_type 'jpeg'"):
@@ -556,6 +578,15 @@ def test_bad_inputs(unet):
         sample(lambda x, t: "image", **kw)
     with pytest.raises(ValueError, match="rescale_betas_zero_snr gives alpha_bar_T = 0"):
         sample(toy, scheduler_config=dict(rescale_betas_zero_snr=True), **kw)
+
+
+def test_bad_diffusers_inputs(diffusers):
+    """A diffusers scheduler that is not DDPM/DDIM; a class-conditional diffusers model has no null label."""
+    with pytest.raises(TypeError, match="DDPMScheduler/DDIMScheduler, got EulerDiscreteScheduler"):
+        sample(toy, scheduler=diffusers.EulerDiscreteScheduler(), shape=(3, 4, 4), progress=False)
+    conditional = tiny_diffusers_unet(diffusers, num_class_embeds=3)
+    with pytest.raises(ValueError, match="null .*class label"):
+        sample(conditional, class_labels=[1], guidance_scale=2.0, progress=False)
 
 
 # ---------------------------------------------------------------- CUDA graphs
@@ -615,12 +646,21 @@ def spy_captures(monkeypatch) -> list:
     return captured
 
 
+@pytest.fixture(params=["ddpm_fast", "diffusers"])
+def make_unet(request):
+    """tiny_unet or tiny_diffusers_unet: the GPU tests sample both, sample() being a drop-in for
+    diffusers' models too (that case skips where diffusers is missing)."""
+    if request.param == "diffusers":
+        return functools.partial(tiny_diffusers_unet, request.getfixturevalue("diffusers"))
+    return tiny_unet
+
+
 @cuda_only
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_cuda_graph_equals_eager(monkeypatch, kind):
+def test_cuda_graph_equals_eager(monkeypatch, make_unet, kind):
     """Kernel noise: the captured loop replays exactly the eager loop (same keys, same kernels)."""
     captured = spy_captures(monkeypatch)
-    unet = tiny_unet(num_class_embeds=4).cuda()
+    unet = make_unet(num_class_embeds=4).cuda()
     kw = dict(
         batch_size=5,
         scheduler=kind,
@@ -645,31 +685,31 @@ def test_cuda_graph_equals_eager(monkeypatch, kind):
 
 
 @cuda_only
-def test_cuda_graph_torch_noise(monkeypatch):
+def test_cuda_graph_torch_noise(monkeypatch, make_unet):
     """Torch noise from a CUDA generator is drawn inside the graph as eagerly; a CPU generator runs
     uncaptured and matches the same loop on the CPU."""
     captured = spy_captures(monkeypatch)
-    unet = tiny_unet().cuda()
+    unet = make_unet().cuda()
     kw = dict(batch_size=3, num_inference_steps=20, noise="torch", progress=False, dtype=torch.float32)
-    scheduler = DDPMScheduler(num_train_timesteps=20)
+    kw.update(scheduler="ddpm", scheduler_config=dict(num_train_timesteps=20))
     g = lambda: torch.Generator("cuda").manual_seed(1)  # noqa: E731
-    graphed = sample(unet, scheduler=scheduler, generator=g(), cuda_graph=True, **kw)
+    graphed = sample(unet, generator=g(), cuda_graph=True, **kw)
     assert len(captured) == 1
-    eager = sample(unet, scheduler=scheduler, generator=g(), cuda_graph=False, **kw)
+    eager = sample(unet, generator=g(), cuda_graph=False, **kw)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
-    on_cpu = sample(unet.cpu(), scheduler=scheduler, generator=gen(1), **kw)
-    cpu_gen = sample(unet.cuda(), scheduler=scheduler, generator=gen(1), **kw)
+    on_cpu = sample(unet.cpu(), generator=gen(1), **kw)
+    cpu_gen = sample(unet.cuda(), generator=gen(1), **kw)
     assert len(captured) == 1  # CPU-generator draws run uncaptured
     torch.testing.assert_close(cpu_gen.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
 
 
 @cuda_only
-def test_cuda_bf16_default_and_generator_device():
-    unet = tiny_unet().cuda()
+def test_cuda_bf16_default_and_generator_device(make_unet):
+    unet = make_unet().cuda()
     out = sample(unet, batch_size=4, scheduler="ddim", num_inference_steps=10, progress=False)
     assert out.device.type == "cuda" and out.dtype == torch.float32 and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="generator is on cuda"):
-        sample(tiny_unet(), generator=torch.Generator("cuda"), progress=False)
+        sample(make_unet(), generator=torch.Generator("cuda"), progress=False)
 
 
 def test_exported():

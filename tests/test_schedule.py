@@ -1,6 +1,7 @@
 """Tests for ddpm_fast.schedule: beta schedules, the coefficient table, timestep selection, configs.
 
-diffusers is a test-only dependency: the tests that compare with it skip when it is missing.
+diffusers is a test-only dependency: the tests that compare with it take the ``diffusers`` fixture
+(conftest.py) and skip when it is missing.
 """
 
 import dataclasses
@@ -24,11 +25,6 @@ from ddpm_fast.schedule import (
 )
 
 T = 1000
-
-
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip("diffusers")
 
 
 def schedule_kwargs(beta_schedule, zero_snr=False):

@@ -2,7 +2,8 @@
 full DDPM-CIFAR10 config, weights round trips (diffusers objects and folders, our checkpoints), the fused
 ops against the reference ops (forward and gradients, fp32 and bf16 autocast), preset parameter counts,
 torch.compile(fullgraph=True) forward and backward, variants (class labels, learned variance, scale-shift)
-and bad configs or inputs."""
+and bad configs or inputs. Only the tests that build diffusers models take the ``diffusers`` fixture (they
+skip where it is missing); diffusers' configs are plain dicts, converted without it."""
 
 import json
 import logging
@@ -15,8 +16,6 @@ from ddpm_fast import UNet, UNetConfig
 from ddpm_fast.unet import PRESETS
 from ddpm_fast.unet_diffusers import config_from_diffusers, config_to_diffusers
 
-diffusers = pytest.importorskip("diffusers")
-UNet2DModel = diffusers.UNet2DModel
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # attention_head_dim=None warns on every block
 
 DDPM_CIFAR10 = dict(  # google/ddpm-cifar10-32's config.json
@@ -79,9 +78,10 @@ def perturb_(module: torch.nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
-def make_diffusers(config: dict, seed: int = 0) -> UNet2DModel:
+def make_diffusers(diffusers, config: dict, seed: int = 0):
+    """A diffusers UNet2DModel of ``config`` with perturbed weights, in eval mode."""
     torch.manual_seed(seed)
-    model = UNet2DModel(**config).eval()
+    model = diffusers.UNet2DModel(**config).eval()
     perturb_(model, seed + 1)
     return model
 
@@ -107,9 +107,9 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 # ------------------------------------------------------------------ equivalence with diffusers
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_matches_diffusers_small(variant):
+def test_matches_diffusers_small(diffusers, variant):
     cfg = VARIANTS[variant]
-    theirs = make_diffusers(cfg)
+    theirs = make_diffusers(diffusers, cfg)
     ours = UNet.from_diffusers(theirs).eval()
     classes = "num_class_embeds" in cfg
     x, t, labels = inputs(cfg, classes=classes)
@@ -132,10 +132,10 @@ def test_matches_diffusers_small(variant):
             assert (list(got_value) if isinstance(got_value, tuple) else got_value) == want_value, key
 
 
-def test_matches_diffusers_cifar10():
+def test_matches_diffusers_cifar10(diffusers):
     """The full google/ddpm-cifar10-32 architecture (35.7M parameters, one head, middle attention at
     4x4, GroupNorm over 384/512-channel skip concatenations, (0, 1, 0, 1) downsampling pad)."""
-    theirs = make_diffusers(DDPM_CIFAR10, seed=3)
+    theirs = make_diffusers(diffusers, DDPM_CIFAR10, seed=3)
     ours = UNet.from_diffusers(theirs).eval()
     assert ours.config == UNet.from_preset("cifar10", dropout=0.1).config
     assert sum(p.numel() for p in ours.parameters()) == 35_746_307
@@ -148,8 +148,8 @@ def test_matches_diffusers_cifar10():
     assert_same_state(ours.to_diffusers().state_dict(), theirs.state_dict())
 
 
-def test_from_diffusers_folder(tmp_path):
-    theirs = make_diffusers(SMALL, seed=5)
+def test_from_diffusers_folder(diffusers, tmp_path):
+    theirs = make_diffusers(diffusers, SMALL, seed=5)
     theirs.save_pretrained(tmp_path / "pipe" / "unet")
     x, t, _ = inputs(SMALL, seed=6)
     with torch.no_grad():
@@ -220,7 +220,8 @@ def test_fused_ops_match_reference_ops(variant):
         fast = UNet.from_preset("tiny", sample_size=16, in_channels=1, num_classes=None)
         labels = None
     else:
-        fast = UNet.from_diffusers(make_diffusers(VARIANTS["scale_shift_classes"], seed=7))
+        torch.manual_seed(7)
+        fast = UNet(config_from_diffusers(VARIANTS["scale_shift_classes"]))
         labels = torch.tensor([0, 4, 2])
     perturb_(fast, 8)
     fast.train()  # dropout is 0: train mode only exercises the training paths
@@ -258,16 +259,18 @@ def test_fused_ops_match_reference_ops(variant):
 
 
 # ------------------------------------------------------------------ presets and configs
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta_preset(name: str) -> UNet:
+    with torch.device("meta"):
+        return UNet.from_preset(name)
+
+
 def test_preset_parameter_counts():
-    """cifar10 has exactly the 35,746,307 parameters of google/ddpm-cifar10-32, and every preset as
-    many as the diffusers UNet2DModel of its exported config (both built on the meta device)."""
-    counts = {}
-    for name in PRESETS:
-        with torch.device("meta"):
-            ours = UNet.from_preset(name)
-            theirs = UNet2DModel(**config_to_diffusers(ours.config))
-        counts[name] = sum(p.numel() for p in ours.parameters())
-        assert counts[name] == sum(p.numel() for p in theirs.parameters()), name
+    """cifar10 has exactly the 35,746,307 parameters of google/ddpm-cifar10-32 (built on the meta device)."""
+    counts = {name: parameter_count(meta_preset(name)) for name in PRESETS}
     assert counts["cifar10"] == 35_746_307
     assert counts["celebahq256"] == counts["lsun256"] > 100e6
     assert counts["tiny"] < 2e6
@@ -280,6 +283,15 @@ def test_preset_parameter_counts():
     )
     big = PRESETS["celebahq256"]
     assert (big["channel_mult"], big["attention_resolutions"]) == ((1, 1, 2, 2, 4, 4), (16,))
+
+
+def test_preset_parameter_counts_match_diffusers(diffusers):
+    """Every preset has as many parameters as the diffusers UNet2DModel of its exported config."""
+    for name in PRESETS:
+        ours = meta_preset(name)
+        with torch.device("meta"):
+            theirs = diffusers.UNet2DModel(**config_to_diffusers(ours.config))
+        assert parameter_count(ours) == parameter_count(theirs), name
 
 
 def test_tiny_demo_overrides():
