@@ -1,7 +1,7 @@
 """ddpm_fast: fused kernels, a U-Net, a trainer and a drop-in sampler for DDPM/DDIM."""
 
 from ._backends import backends
-from .checkpoint import export_pipeline, load_for_sampling
+from .checkpoint import CheckpointError, export_pipeline, load_for_sampling
 from .ops import attention, attention_block, group_norm_silu, posterior_step, q_sample
 from .sampler import sample
 from .schedule import Schedule, SchedulerConfig, StepConfig
@@ -10,6 +10,7 @@ from .unet import UNet, UNetConfig
 
 __version__ = "0.1.0"
 __all__ = [
+    "CheckpointError",
     "Schedule",
     "SchedulerConfig",
     "StepConfig",

@@ -6,12 +6,19 @@ Layout of ``<run>/checkpoints/step_XXXXXXXX/``:
 - ``config.json``: the U-Net config; ``scheduler_config.json``: diffusers' scheduler config;
   ``train_config.json``: the trainer's config;
 - ``training_state.pt``: step, optimizer, grad scaler, EMA counter, RNG states (torch CPU and
-  CUDA) and the data loader's position (``torch.load(weights_only=True)`` reads it).
+  CUDA) and the data loader's position (``torch.load(weights_only=True)`` reads it);
+- ``manifest.json``: the sha256 and size of each file above, written last.
 
 ``<run>/checkpoints/latest`` names the newest complete checkpoint. A save writes a hidden
 temporary directory, fsyncs every file and the directory, renames it into place, then replaces
 ``latest`` (write + fsync + ``os.replace``): a crash at any point leaves the previous checkpoint
 and pointer intact.
+
+Loading checks every file it reads against the manifest, so a file damaged after the save (a bad
+disk, a copy cut short) raises a ``CheckpointError`` naming it. Resuming a run (``load_for_resume``
+on a run or checkpoints directory) then warns and falls back to the newest intact older checkpoint;
+a step directory named explicitly is loaded or refused, never replaced by another. Checkpoints
+written before manifests existed still load: their files are only checked by parsing them.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +37,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ._fileio import OLD_PREFIX, TMP_PREFIX, atomic_directory, fsync_path
+from ._fileio import (
+    OLD_PREFIX,
+    TMP_PREFIX,
+    CheckpointError,
+    atomic_directory,
+    fsync_path,
+    read_manifest,
+    read_verified,
+)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -46,6 +62,10 @@ FILES = (
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def _step_of(step_dir: Path) -> int:
+    return int(_STEP_DIR.match(step_dir.name).group(1))
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -114,8 +134,7 @@ def _clean(root: Path, keep_last: int | None) -> None:
     if keep_last is None:
         return
     latest = (root / LATEST).read_text().strip()
-    steps = sorted(list_checkpoints(root), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-    for old in steps[:-keep_last]:
+    for old in list_checkpoints(root)[:-keep_last]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -126,7 +145,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -137,7 +156,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     for root in (path / CHECKPOINTS, path):
         pointer = root / LATEST
         if pointer.is_file():
-            step = root / pointer.read_text().strip()
+            step = root / pointer.read_text(errors="replace").strip()
             if not (step / "ema.safetensors").is_file():
                 raise FileNotFoundError(f"{pointer} names {step.name}, which is missing or incomplete")
             return step
@@ -163,39 +182,82 @@ class Checkpoint:
     training_state: dict | None
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+def read_json(path: Path, manifest: dict[str, dict] | None = None) -> dict:
+    """A JSON file, checked against ``manifest`` when given (damage raises ``CheckpointError``)."""
+    return read_verified(path, manifest, lambda p: json.loads(p.read_text()))
+
+
+def _read_safetensors(path: Path, manifest: dict[str, dict] | None) -> dict[str, torch.Tensor]:
+    return read_verified(path, manifest, lambda p: load_file(str(p)))
+
+
+def _read_training_state(path: Path, manifest: dict[str, dict] | None) -> dict:
+    return read_verified(path, manifest, lambda p: torch.load(p, map_location="cpu", weights_only=True))
 
 
 def load_checkpoint(path: str | os.PathLike, *, training_state: bool = True, weights: bool = True) -> Checkpoint:
     """Load a checkpoint (see ``resolve_checkpoint`` for the paths it takes).
 
     ``training_state=False`` skips the optimizer/RNG file and ``weights=False`` the non-EMA
-    weights (sampling needs only the EMA weights and the configs).
+    weights (sampling needs only the EMA weights and the configs); only the files read are checked.
+    A damaged file raises ``CheckpointError`` naming it.
     """
     step_dir = resolve_checkpoint(path)
     missing = [n for n in FILES if not (step_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {step_dir} is incomplete: missing {', '.join(missing)}")
-    state = (
-        torch.load(step_dir / "training_state.pt", map_location="cpu", weights_only=True) if training_state else None
-    )
-    scheduler_config = {k: v for k, v in read_json(step_dir / "scheduler_config.json").items() if not k.startswith("_")}
+    manifest = read_manifest(step_dir)
+    state = _read_training_state(step_dir / "training_state.pt", manifest) if training_state else None
+    scheduler_config = read_json(step_dir / "scheduler_config.json", manifest)
     match = _STEP_DIR.match(step_dir.name)
     step = int(match.group(1)) if match else (state["step"] if state else -1)
     return Checkpoint(
         path=step_dir,
         step=step,
-        model_state=load_file(str(step_dir / "model.safetensors")) if weights else {},
-        ema_state=load_file(str(step_dir / "ema.safetensors")),
-        model_config=read_json(step_dir / "config.json"),
-        scheduler_config=scheduler_config,
-        train_config=read_json(step_dir / "train_config.json"),
+        model_state=_read_safetensors(step_dir / "model.safetensors", manifest) if weights else {},
+        ema_state=_read_safetensors(step_dir / "ema.safetensors", manifest),
+        model_config=read_json(step_dir / "config.json", manifest),
+        scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
+        train_config=read_json(step_dir / "train_config.json", manifest),
         training_state=state,
     )
+
+
+def load_for_resume(path: str | os.PathLike) -> Checkpoint:
+    """The checkpoint a run resumes from. A run or checkpoints directory: the one ``latest`` names,
+    or, when that one is damaged or incomplete, the newest intact older one (with a warning naming
+    the damaged files; ``CheckpointError`` naming them all when no checkpoint is intact). A step
+    directory: that checkpoint (``load_checkpoint``: damage is an error)."""
+    path = Path(path)
+    root = next((r for r in (path / CHECKPOINTS, path) if list_checkpoints(r)), None)
+    if root is None:
+        return load_checkpoint(path)
+    problems = []
+    for step_dir in _resume_candidates(root):
+        try:
+            loaded = load_checkpoint(step_dir)
+        except (CheckpointError, FileNotFoundError) as e:  # FileNotFoundError: one of its files is missing
+            problems.append(str(e))
+            continue
+        if problems:
+            warnings.warn(
+                f"resuming from {step_dir}: the newer checkpoints are damaged:\n  " + "\n  ".join(problems),
+                stacklevel=2,
+            )
+        return loaded
+    raise CheckpointError(f"no intact checkpoint in {root}:\n  " + "\n  ".join(problems), root)
+
+
+def _resume_candidates(root: Path) -> list[Path]:
+    """The checkpoint ``latest`` names, then the older ones, newest first. Directories newer than
+    ``latest`` are left out: a resume from an older step re-trains them and they are stale."""
+    steps = list_checkpoints(root)
+    pointer = root / LATEST
+    latest = root / pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    if latest not in steps:
+        warnings.warn(f"{pointer} is missing or names no checkpoint; trying the newest one", stacklevel=3)
+        return steps[::-1]
+    return [latest] + [p for p in steps[::-1] if _step_of(p) < _step_of(latest)]
 
 
 def load_for_sampling(

@@ -435,8 +435,9 @@ class Trainer:
         return path
 
     def resume(self, path: str | os.PathLike) -> None:
-        """Load weights, EMA, optimizer, scaler, RNG and data position from a checkpoint."""
-        loaded = ckpt.load_checkpoint(path)
+        """Load weights, EMA, optimizer, scaler, RNG and data position from a checkpoint: a step
+        directory, or a run (checkpoints) directory's newest intact one (``ckpt.load_for_resume``)."""
+        loaded = ckpt.load_for_resume(path)
         diffs = _config_differences(loaded.train_config, self.config.to_dict())
         if loaded.model_config != self.model_config_dict():
             diffs.append("the U-Net config differs")

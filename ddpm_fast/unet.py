@@ -15,8 +15,9 @@ projections run in bf16 and the norm statistics and softmax in fp32 (inside the 
 fastest here, ``"reference"`` = ``ddpm_fast.reference``'s plain PyTorch (the tests' oracle).
 
 Checkpoints: ``model.save(dir)`` writes ``config.json`` and ``model.safetensors`` (the config also in
-the safetensors metadata); ``UNet.load(dir or file)``. diffusers ``UNet2DModel`` weights go both
-ways through ``UNet.from_diffusers`` / ``model.to_diffusers()`` (``ddpm_fast.unet_diffusers``).
+the safetensors metadata) and ``manifest.json`` (their sha256); ``UNet.load(dir or file)`` checks the
+files against it and names a damaged one in a ``CheckpointError``. diffusers ``UNet2DModel`` weights
+go both ways through ``UNet.from_diffusers`` / ``model.to_diffusers()`` (``ddpm_fast.unet_diffusers``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fileio import atomic_directory
+from ._fileio import CheckpointError, atomic_directory, read_manifest, read_verified
 from .ops import attention_block, group_norm_silu
 from .ops._common import value_checks_enabled
 
@@ -560,7 +561,8 @@ class UNet(nn.Module):
     def save(self, path_dir: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (config JSON also in its metadata) into
         ``path_dir`` atomically: a temporary sibling directory is written, fsynced and renamed into
-        place (an existing directory is swapped out and removed only after that)."""
+        place (an existing directory is swapped out and removed only after that). ``manifest.json``
+        beside them holds their sha256 and size, for ``load`` to check."""
         from safetensors.torch import save_file
 
         target = Path(path_dir)
@@ -576,7 +578,11 @@ class UNet(nn.Module):
     def load(
         cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu", backend: str | None = None
     ) -> UNet:
-        """A model saved by ``save``: its directory, or the .safetensors file (config from its metadata)."""
+        """A model saved by ``save``: its directory, or the .safetensors file (config from its metadata).
+
+        The files read are checked against the directory's ``manifest.json`` when there is one (models
+        saved before manifests existed load unchecked); a damaged file raises ``CheckpointError``.
+        """
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -586,16 +592,25 @@ class UNet(nn.Module):
             raise FileNotFoundError(
                 f"no U-Net checkpoint at {path} (expected a directory holding {WEIGHTS_NAME} or a .safetensors file)"
             )
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
+        manifest = read_manifest(file.parent)
+
+        def read_weights(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+            return load_file(str(p), device=str(map_location)), meta
+
+        weights, meta = read_verified(file, manifest, read_weights)
         if "config" in meta:
-            config_dict = json.loads(meta["config"])
+            try:
+                config_dict = json.loads(meta["config"])
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{file} is damaged: the config in its metadata is not JSON: {e}", file) from e
         elif (file.parent / CONFIG_NAME).is_file():
-            config_dict = json.loads((file.parent / CONFIG_NAME).read_text())
+            config_dict = read_verified(file.parent / CONFIG_NAME, manifest, lambda p: json.loads(p.read_text()))
         else:
             raise ValueError(f"{file} has no config in its metadata and there is no {CONFIG_NAME} beside it")
         model = cls(UNetConfig.from_dict(config_dict), backend=backend)
-        model.load_weights(load_file(str(file), device=str(map_location)))
+        model.load_weights(weights)
         return model.to(map_location)
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:

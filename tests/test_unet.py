@@ -386,7 +386,7 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         want = model(x, t, class_labels=labels)
     path = model.save(tmp_path / "ckpt")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
     assert UNetConfig.from_dict(json.loads((path / "config.json").read_text())) == model.config
     for source in (path, path / "model.safetensors"):
         loaded = UNet.load(source).eval()
