@@ -49,9 +49,11 @@ DDPM_HD StepCoefs<F> step_coefs(const PosteriorArgs& a, int64_t n) {
     k.dir_coef = F(0);
   } else {
     // Clamped at 0: a_t / a_prev can round above 1 when a_t ~ a_prev (diffusers gives NaN there).
-    const F variance = (one - a_prev) / (one - a_t) * (one - a_t / a_prev);
-    k.std = F(a.eta) * sqrt(variance > F(0) ? variance : F(0));
-    const F d = one - a_prev - k.std * k.std;
+    // The direction subtracts sigma^2 itself (not std * std): exactly 0 at a_t = 0, eta = 1.
+    const F ratio = (one - a_prev) / (one - a_t) * (one - a_t / a_prev);
+    const F variance = F(a.eta * a.eta) * (ratio > F(0) ? ratio : F(0));
+    k.std = sqrt(variance);
+    const F d = one - a_prev - variance;
     k.dir_coef = sqrt(d > F(0) ? d : F(0));
     k.noisy = a.eta > 0.0;
     k.coef_x0 = k.coef_xt = k.log_beta_tilde = k.log_beta = F(0);

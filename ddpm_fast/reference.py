@@ -223,9 +223,12 @@ def posterior_step(
         eps = predict_eps(out, x_t, a_t, config.prediction_type)
         if config.use_clipped_model_output:
             eps = (x_t - a_t**0.5 * x0) / (1 - a_t) ** 0.5
-        # clamped at 0: a_t / a_prev can round above 1 when a_t ~ a_prev (diffusers gives NaN there)
-        std = config.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0) ** 0.5
-        mean = a_prev**0.5 * x0 + (1 - a_prev - std**2).clamp(min=0) ** 0.5 * eps
+        # sigma^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev), clamped at 0: a_t / a_prev can round
+        # above 1 when a_t ~ a_prev (diffusers gives NaN there). The direction's variance subtracts sigma^2
+        # itself, not sqrt(sigma^2)^2, so at a_t = 0 with eta = 1 it cancels to exactly 0 on every CPU.
+        variance = config.eta**2 * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0)
+        std = variance**0.5
+        mean = a_prev**0.5 * x0 + (1 - a_prev - variance).clamp(min=0) ** 0.5 * eps
         needs_noise = lambda: config.eta > 0  # noqa: E731
 
     if noise is None:

@@ -107,14 +107,25 @@ def test_ema_matches_a_reference_loop():
 
 
 def test_fused_q_sample_trains_like_the_reference(tmp_path):
-    """Same noise (torch draws), same steps: the fused q_sample and the reference give the same
-    weights (up to fp32 rounding in x_t and the target)."""
-    runs = {}
+    """Same batch, same noise (torch draws): the fused q_sample and the reference give the same
+    first-step loss and gradients, up to fp32 rounding in x_t and the target. (Weights after a few
+    AdamW steps are not compared: Adam divides by sqrt(v), so where a gradient is ~0 a 1-ulp
+    difference in x_t becomes a whole learning-rate step, and which weights do so depends on the
+    CPU's vector ISA.)"""
+    losses, grads = {}, {}
     for backend in ("cpp", "reference"):
-        runs[backend] = train(config(tmp_path, backend, steps=3, noise="torch", q_sample_backend=backend))
-    fused, ref = runs["cpp"].model.state_dict(), runs["reference"].model.state_dict()
-    for k in fused:
-        torch.testing.assert_close(fused[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+        trainer = Trainer(config(tmp_path, backend, steps=1, noise="torch", q_sample_backend=backend))
+        x0, _ = next(iter(trainer.loader))
+        loss = trainer.loss_on(x0, None, micro=0)
+        loss.backward()
+        losses[backend] = loss.detach()
+        grads[backend] = {k: p.grad for k, p in trainer.model.named_parameters()}
+    torch.testing.assert_close(losses["cpp"], losses["reference"], rtol=1e-5, atol=0)
+    for k, ref in grads["reference"].items():
+        fused = grads["cpp"][k]
+        scale = ref.abs().max().item()
+        assert scale > 0, f"{k}: no gradient, the comparison would be empty"
+        torch.testing.assert_close(fused, ref, rtol=0, atol=1e-4 * scale, msg=k)
 
 
 def test_loss_is_the_reference_loss(tmp_path):

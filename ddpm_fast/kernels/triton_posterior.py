@@ -137,10 +137,12 @@ def posterior_kernel(
                 eps = sqrt_a_t * out + sqrt_1m_a_t * x
             if USE_CLIPPED:
                 eps = tl.div_rn(x - sqrt_a_t * x0, sqrt_1m_a_t)
-            # clamped at 0: a_t / a_prev can round above 1 when a_t ~ a_prev
-            variance = tl.div_rn(1.0 - a_prev, 1.0 - a_t) * (1.0 - tl.div_rn(a_t, a_prev))
-            std = eta * tl.sqrt_rn(tl.maximum(variance, 0.0))
-            dir_coef = tl.sqrt_rn(tl.maximum(1.0 - a_prev - std * std, 0.0))
+            # clamped at 0: a_t / a_prev can round above 1 when a_t ~ a_prev; the direction subtracts
+            # sigma^2 itself (exactly 0 at a_t = 0, eta = 1)
+            ratio = tl.div_rn(1.0 - a_prev, 1.0 - a_t) * (1.0 - tl.div_rn(a_t, a_prev))
+            variance = eta * eta * tl.maximum(ratio, 0.0)
+            std = tl.sqrt_rn(variance)
+            dir_coef = tl.sqrt_rn(tl.maximum(1.0 - a_prev - variance, 0.0))
             mean = tl.sqrt_rn(a_prev) * x0 + dir_coef * eps
             noisy = True  # std is 0 when eta is 0
 
