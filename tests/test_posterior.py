@@ -768,6 +768,25 @@ def test_zero_terminal_snr_rejects_epsilon():
             )
 
 
+def test_ddim_eta1_from_zero_terminal_snr_has_no_direction_term(backend, device):
+    """From a_bar_t = 0 with eta = 1, sigma^2 = 1 - a_bar_prev and the direction term's variance
+    1 - a_bar_prev - sigma^2 is exactly 0: prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) z on every
+    backend and CPU (a sqrt squared again left ~1e-3 of eps there on AVX-512)."""
+    sched = Schedule.from_config(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    ts = sched.timesteps(10)
+    prev = sched.previous_timesteps(ts, "ddim")
+    cfg = StepConfig.from_scheduler(sched.config, "ddim", eta=1.0)
+    g = torch.Generator().manual_seed(3)
+    mo, x, z = (torch.randn(2, 3, 8, 8, generator=g).mul(100 if i == 1 else 1) for i in range(3))  # eps ~ 100 x
+    t, p = ts[:1].expand(2).to(device), prev[:1].expand(2).to(device)
+    out, x0 = posterior_step(
+        mo.to(device), x.to(device), t, p, sched, cfg, noise=z.to(device), return_pred_x0=True, backend=backend
+    )
+    a_prev = sched.alphas_cumprod[prev[0]].item()
+    expected = a_prev**0.5 * x0.cpu() + (1 - a_prev) ** 0.5 * z
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")
 def test_other_device_inputs(schedule):
     x = torch.randn(2, 3, 4, 4, device="cuda")
