@@ -772,7 +772,9 @@ def test_ddim_eta1_from_zero_terminal_snr_has_no_direction_term(backend, device)
     """From a_bar_t = 0 with eta = 1, sigma^2 = 1 - a_bar_prev and the direction term's variance
     1 - a_bar_prev - sigma^2 is exactly 0: prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) z on every
     backend and CPU (a sqrt squared again left ~1e-3 of eps there on AVX-512)."""
-    sched = Schedule.from_config(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    sched = Schedule.from_config(
+        rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    )
     ts = sched.timesteps(10)
     prev = sched.previous_timesteps(ts, "ddim")
     cfg = StepConfig.from_scheduler(sched.config, "ddim", eta=1.0)
