@@ -2,6 +2,8 @@
 # One device-machine session: build the CUDA kernels, run the tests and the benchmarks, and
 # leave logs and the results JSON under $OUT (default ./gpu_out). Prepared ahead so that a
 # short GPU lease is spent measuring, not typing. Usage: DDPM_FAST_COMMIT=<sha> bash benchmarks/run_gpu.sh
+# WHEELS (default .whl, made beforehand by benchmarks/fetch_gpu_wheels.sh and carried along) holds
+# diffusers and pytorch-fid for the tests and benchmarks that compare with them; without it they skip.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -20,6 +22,22 @@ if ! DDPM_FAST_BUILD_CUDA=1 DDPM_FAST_CUDA_ARCH=90 python3 -m pip install -q --n
   DDPM_FAST_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e . >>"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
 fi
 grep -h "ddpm_fast: CUDA" "$OUT/build.log"
+
+log "test oracles from ${WHEELS:=.whl}"
+if [ -d "$WHEELS" ]; then
+  # Offline and resolving against what is installed: only missing or too-old dependencies come from
+  # the folder (it holds no torch); torch and numpy stay the machine's own. pytorch-fid without its
+  # dependencies: its torchvision would have to be built for this machine's torch.
+  python3 -m pip install -q --no-index --find-links "$WHEELS" diffusers >"$OUT/wheels.log" 2>&1 ||
+    tail -5 "$OUT/wheels.log"
+  python3 -m pip install -q --no-index --find-links "$WHEELS" --no-deps pytorch-fid >>"$OUT/wheels.log" 2>&1 ||
+    tail -5 "$OUT/wheels.log"
+  python3 -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 | tail -1 | tee -a "$OUT/machine.txt"
+else
+  echo "no $WHEELS folder (benchmarks/fetch_gpu_wheels.sh makes it): skipping the comparisons with diffusers" \
+    "(tests, and the diffusers cases of the unet, sampler and train benchmarks) and pytorch-fid's oracle test" |
+    tee -a "$OUT/machine.txt"
+fi
 
 log "self-check"
 python3 -m ddpm_fast check 2>&1 | tee "$OUT/check.txt"
