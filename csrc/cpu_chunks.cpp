@@ -1,21 +1,24 @@
-// The vectorised fp32 stages of cpu_chunks.h, cloned for AVX-512, AVX2 and baseline x86-64.
+// The vectorised fp32 stages of cpu_chunks.h, built for AVX-512, AVX2+FMA and baseline x86-64
+// (cpu_isa.h's DDPM_ISA_VARIANTS: the active ISA's build runs, so tests can run each).
 #include "cpu_chunks.h"
 
 #include <cmath>
 
-#define DDPM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#include "cpu_isa.h"
+
+#define DDPM_BODY static inline __attribute__((always_inline))
 
 namespace ddpm_fast {
 namespace {
 
-inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+DDPM_BODY float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // out <- uncond + s (cond - uncond)
-inline void guide(int64_t len, float* out, const float* cond, float s) {
+DDPM_BODY void guide(int64_t len, float* out, const float* cond, float s) {
   for (int64_t i = 0; i < len; ++i) out[i] = out[i] + s * (cond[i] - out[i]);
 }
 
-inline void predict_x0_loop(const StepChunkParams& p, int64_t len, const float* out, const float* x, float* x0) {
+DDPM_BODY void predict_x0_loop(const StepChunkParams& p, int64_t len, const float* out, const float* x, float* x0) {
   const float sa = p.k.sqrt_a_t, s1a = p.k.sqrt_1m_a_t;
   if (p.pred == kPredEps) {
     for (int64_t i = 0; i < len; ++i) x0[i] = (x[i] - s1a * out[i]) / sa;
@@ -28,18 +31,18 @@ inline void predict_x0_loop(const StepChunkParams& p, int64_t len, const float* 
 
 }  // namespace
 
-DDPM_CLONES
-void abs_x0_chunk_f32(const StepChunkParams& p, int64_t len, float* __restrict__ out, const float* __restrict__ cond,
-                      const float* __restrict__ x, float* __restrict__ abs_x0) {
+DDPM_BODY void abs_x0_chunk_f32_body(const StepChunkParams& p, int64_t len, float* __restrict__ out,
+                                     const float* __restrict__ cond, const float* __restrict__ x,
+                                     float* __restrict__ abs_x0) {
   if (p.guided) guide(len, out, cond, p.guidance_scale);
   predict_x0_loop(p, len, out, x, abs_x0);
   for (int64_t i = 0; i < len; ++i) abs_x0[i] = std::fabs(abs_x0[i]);
 }
 
-DDPM_CLONES
-void step_chunk_f32(const StepChunkParams& p, int64_t len, float* __restrict__ out, const float* __restrict__ cond,
-                    const float* __restrict__ var, const float* __restrict__ x, const float* __restrict__ z,
-                    float* __restrict__ prev, float* __restrict__ x0) {
+DDPM_BODY void step_chunk_f32_body(const StepChunkParams& p, int64_t len, float* __restrict__ out,
+                                   const float* __restrict__ cond, const float* __restrict__ var,
+                                   const float* __restrict__ x, const float* __restrict__ z, float* __restrict__ prev,
+                                   float* __restrict__ x0) {
   if (p.guided) guide(len, out, cond, p.guidance_scale);
   predict_x0_loop(p, len, out, x, x0);
   if (p.clip == kClip) {
@@ -129,9 +132,8 @@ inline __attribute__((always_inline)) void step_eps_clip(const StepChunkParams& 
 
 }  // namespace
 
-DDPM_CLONES
-void step_chunk_eps_f32(const StepChunkParams& p, int64_t len, const float* out, const float* cond,
-                        const float* x, const float* z, float* prev, float* x0) {
+DDPM_BODY void step_chunk_eps_f32_body(const StepChunkParams& p, int64_t len, const float* out, const float* cond,
+                                       const float* x, const float* z, float* prev, float* x0) {
   if (p.kind == kDDIM) {
     if (p.guided) step_eps_clip<true, true>(p, len, out, cond, x, z, prev, x0);
     else step_eps_clip<true, false>(p, len, out, cond, x, z, prev, x0);
@@ -141,9 +143,9 @@ void step_chunk_eps_f32(const StepChunkParams& p, int64_t len, const float* out,
   }
 }
 
-DDPM_CLONES
-void q_sample_chunk_f32(float sa, float s1a, int target_kind, int64_t len, const float* __restrict__ x0,
-                        const float* __restrict__ z, float* __restrict__ x_t, float* __restrict__ target) {
+DDPM_BODY void q_sample_chunk_f32_body(float sa, float s1a, int target_kind, int64_t len,
+                                       const float* __restrict__ x0, const float* __restrict__ z,
+                                       float* __restrict__ x_t, float* __restrict__ target) {
   for (int64_t i = 0; i < len; ++i) x_t[i] = sa * x0[i] + s1a * z[i];
   if (target_kind == kTargetEps) {
     for (int64_t i = 0; i < len; ++i) target[i] = z[i];
@@ -153,5 +155,24 @@ void q_sample_chunk_f32(float sa, float s1a, int target_kind, int64_t len, const
     for (int64_t i = 0; i < len; ++i) target[i] = sa * z[i] - s1a * x0[i];
   }
 }
+
+// The entry points of cpu_chunks.h: each body above, built per ISA.
+DDPM_ISA_VARIANTS(abs_x0_chunk_f32,
+                  (const StepChunkParams& p, int64_t len, float* __restrict__ out, const float* __restrict__ cond,
+                   const float* __restrict__ x, float* __restrict__ abs_x0),
+                  (p, len, out, cond, x, abs_x0))
+DDPM_ISA_VARIANTS(step_chunk_f32,
+                  (const StepChunkParams& p, int64_t len, float* __restrict__ out, const float* __restrict__ cond,
+                   const float* __restrict__ var, const float* __restrict__ x, const float* __restrict__ z,
+                   float* __restrict__ prev, float* __restrict__ x0),
+                  (p, len, out, cond, var, x, z, prev, x0))
+DDPM_ISA_VARIANTS(step_chunk_eps_f32,
+                  (const StepChunkParams& p, int64_t len, const float* out, const float* cond, const float* x,
+                   const float* z, float* prev, float* x0),
+                  (p, len, out, cond, x, z, prev, x0))
+DDPM_ISA_VARIANTS(q_sample_chunk_f32,
+                  (float sa, float s1a, int target_kind, int64_t len, const float* __restrict__ x0,
+                   const float* __restrict__ z, float* __restrict__ x_t, float* __restrict__ target),
+                  (sa, s1a, target_kind, len, x0, z, x_t, target))
 
 }  // namespace ddpm_fast

@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "cpu_isa.h"
 #include "philox_cpu.h"
 
 #ifndef DDPM_FAST_TORCH_VERSION
@@ -41,6 +42,26 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def(
+      "cpu_isa",
+      [] {
+        using namespace ddpm_fast;
+        return std::vector<std::string>{cpu_isa_name(cpu_isa()), cpu_isa_name(cpu_isa_detected())};
+      },
+      "[active, detected]: the vector ISA the CPU kernels run (avx512, avx2 or base) and the best this CPU has.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& cap) {
+        using namespace ddpm_fast;
+        CpuIsa isa;
+        if (!parse_cpu_isa(cap, &isa))
+          throw pybind11::value_error("set_cpu_isa: expected avx512, avx2 or base, got '" + cap + "'");
+        const std::string previous = cpu_isa_name(cpu_isa_cap());
+        set_cpu_isa_cap(isa);
+        return previous;
+      },
+      pybind11::arg("cap"),
+      "Cap the CPU kernels' vector ISA (as DDPM_FAST_CPU_ISA does at start-up); returns the previous cap.");
   // A test hook: the CPU kernels' bulk draw at any offset (reference.philox_randn's offset=).
   m.def(
       "philox_randn_fill",

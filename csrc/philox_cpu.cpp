@@ -14,6 +14,7 @@
 
 #include <algorithm>
 
+#include "cpu_isa.h"
 #include "philox.h"
 
 // libmvec's AVX2 logf (glibc >= 2.22, linked with -lmvec).
@@ -22,9 +23,10 @@ extern "C" __m256 _ZGVdN8v_logf(__m256 x);
 namespace ddpm_fast {
 namespace {
 
-// Whole blocks in one vectorisable loop; a partial block at either end lane by lane.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void fill_generic(uint64_t seed, uint64_t offset, int64_t count, float* out) {
+// Whole blocks in one vectorisable loop; a partial block at either end lane by lane. Built per
+// ISA (fill_generic below): libmvec's vector log/cos of each width agree within a few ulp.
+inline __attribute__((always_inline)) void fill_generic_body(uint64_t seed, uint64_t offset, int64_t count,
+                                                             float* out) {
   const int64_t head = std::min<int64_t>(count, (4 - static_cast<int64_t>(offset & 3)) & 3);
   for (int64_t i = 0; i < head; ++i) out[i] = philox_randn(seed, offset + static_cast<uint64_t>(i));
   const uint64_t first = (offset + static_cast<uint64_t>(head)) >> 2;
@@ -34,6 +36,9 @@ void fill_generic(uint64_t seed, uint64_t offset, int64_t count, float* out) {
   for (int64_t b = 0; b < blocks; ++b) philox_randn4(seed, first + static_cast<uint64_t>(b), dst + 4 * b);
   for (int64_t i = head + 4 * blocks; i < count; ++i) out[i] = philox_randn(seed, offset + static_cast<uint64_t>(i));
 }
+
+DDPM_ISA_VARIANTS(fill_generic, (uint64_t seed, uint64_t offset, int64_t count, float* out),
+                  (seed, offset, count, out))
 
 // High and low 32 bits of a * b per 32-bit lane; b_odd holds b's odd lanes moved to the even.
 __attribute__((target("avx2"))) inline void mul_hi_lo(__m256i a, __m256i b, __m256i b_odd, __m256i* hi,
@@ -176,15 +181,10 @@ __attribute__((target("avx2,fma"))) void fill_avx2(uint64_t seed, uint64_t offse
   }
 }
 
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
 }  // namespace
 
 void philox_randn_fill(uint64_t seed, uint64_t offset, int64_t count, float* out) {
-  if (has_avx2()) fill_avx2(seed, offset, count, out);
+  if (cpu_isa() >= CpuIsa::kAvx2) fill_avx2(seed, offset, count, out);
   else fill_generic(seed, offset, count, out);
 }
 

@@ -7,10 +7,12 @@ tensors under ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -81,7 +83,10 @@ def _backends(interpreting: bool) -> dict[str, tuple[bool, str]]:
     ext = load_extension()
     cuda_ok = torch.cuda.is_available()
     result = {"reference": (True, "plain PyTorch, always available")}
-    result["cpp"] = (ext is not None, "ddpm_fast._C is loaded" if ext is not None else "ddpm_fast._C is not built")
+    result["cpp"] = (
+        ext is not None,
+        f"ddpm_fast._C is loaded ({cpu_isa()} kernels)" if ext is not None else "ddpm_fast._C is not built",
+    )
     if ext is None:
         result["cuda"] = (False, "ddpm_fast._C is not built")
     elif not ext.with_cuda:
@@ -99,6 +104,38 @@ def _backends(interpreting: bool) -> dict[str, tuple[bool, str]]:
     else:
         result["triton"] = (False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)")
     return result
+
+
+CPU_ISAS = ("avx512", "avx2", "base")
+
+
+def cpu_isa() -> str:
+    """The vector ISA the C++ CPU kernels run: avx512, avx2 or base (x86-64 without AVX2, or
+    another architecture). The best the CPU has, capped by the environment variable
+    ``DDPM_FAST_CPU_ISA`` (read at start-up) or by ``use_cpu_isa``."""
+    ext = load_extension()
+    return ext.cpu_isa()[0] if ext is not None else "base"
+
+
+def cpu_isas() -> list[str]:
+    """Every ISA build of the C++ CPU kernels that this CPU can run, best first."""
+    ext = load_extension()
+    detected = ext.cpu_isa()[1] if ext is not None else "base"
+    return list(CPU_ISAS[CPU_ISAS.index(detected) :])
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Run the C++ CPU kernels' ``name`` build inside the block (one of ``cpu_isas()``): the
+    self-check and the tests run each build the machine has, not only the best."""
+    if name not in cpu_isas():
+        raise ValueError(f"this CPU cannot run the {name!r} kernels; it runs {', '.join(cpu_isas())}")
+    ext = load_extension()
+    previous = ext.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        ext.set_cpu_isa(previous)
 
 
 # Default order per device type, fastest first (from benchmarks/results on each device).

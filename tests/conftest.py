@@ -4,12 +4,14 @@
   ``TRITON_INTERPRET=1`` before anything imports triton (importing torch does not).
 - ``FAST_BACKENDS`` lists the available non-reference backends (``ddpm_fast.backends()``): cpp and
   triton here, cpp, cuda and triton on a GPU machine, where the cuda and triton backends take
-  CUDA tensors (``backend_device``).
+  CUDA tensors (``backend_device``). The ``backend`` fixture runs the cpp backend once per
+  vector-ISA build of the CPU kernels that the machine supports (AVX-512, AVX2, baseline).
 - ``assert_close_to_reference`` is the tolerance rule of DESIGN.md ("Numerics"): the fast op's
   error against the float64 reference may be at most twice the reference's own error in the same
   dtype, plus a small floor.
 """
 
+import contextlib
 import os
 
 import torch
@@ -21,6 +23,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 import ddpm_fast  # noqa: E402
+from ddpm_fast._backends import cpu_isas, use_cpu_isa  # noqa: E402
 from ddpm_fast.schedule import Schedule  # noqa: E402
 
 if HAS_CUDA:  # fp32 GPU tests compare against an IEEE fp32 reference
@@ -52,9 +55,30 @@ def is_slow(backend: str) -> bool:
     return backend == "triton" and TRITON_INTERPRETED
 
 
-@pytest.fixture(params=FAST_BACKENDS)
-def backend(request) -> str:
-    return request.param
+def backend_params(exclude: tuple[str, ...] = ()) -> list:
+    """Params for a ``backend`` fixture: each fast backend not excluded, the C++ one once per
+    vector-ISA build that this CPU can run (ids cpp-avx512, cpp-avx2, cpp-base), so that every
+    build of the CPU kernels is tested on the machine at hand."""
+    params = []
+    for name in FAST_BACKENDS:
+        if name in exclude:
+            continue
+        if name == "cpp":
+            params += [pytest.param(("cpp", isa), id=f"cpp-{isa}") for isa in cpu_isas()]
+        else:
+            params.append(pytest.param((name, None), id=name))
+    return params
+
+
+def backend_fixture(request):
+    """The body of a ``backend`` fixture over backend_params: the name, with the C++ kernels'
+    ISA build selected for the test's duration."""
+    name, isa = request.param
+    with use_cpu_isa(isa) if isa else contextlib.nullcontext():
+        yield name
+
+
+backend = pytest.fixture(params=backend_params())(backend_fixture)
 
 
 @pytest.fixture

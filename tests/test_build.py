@@ -110,3 +110,49 @@ def test_missing_extension_warns_once_and_falls_back_to_the_reference(monkeypatc
         monkeypatch.undo()
         _backends.reset_caches()
         _backends.load_extension()
+
+
+def _functions_using_vector_extensions(library: Path) -> dict[str, set[str]]:
+    """{function: kinds} for the functions of ``library`` whose code uses AVX (VEX-encoded
+    instructions, ymm registers) or AVX-512 (zmm or mask registers), from objdump's disassembly."""
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    found: dict[str, set[str]] = {}
+    name = None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+            continue
+        instruction = line.split("\t")[-1] if "\t" in line else ""
+        kinds = set()
+        if re.match(r"v[a-z]", instruction):
+            kinds.add("avx")
+        if "zmm" in instruction or re.search(r"%k[1-7]", instruction):
+            kinds.add("avx512")
+        if kinds and name is not None:
+            found.setdefault(name, set()).update(kinds)
+    return found
+
+
+def test_vector_instructions_only_in_dispatched_builds():
+    """The extension runs on any x86-64 CPU: AVX/AVX2 instructions appear only in functions built
+    for AVX2 or AVX-512 (their names say so: *_avx2, RowsAvx2, *_avx512, ...), AVX-512 ones only in
+    the AVX-512 builds, and cpu_isa() picks a build only where the CPU has it (no -march=native)."""
+    import platform
+    import shutil
+
+    libraries = list(Path(ddpm_fast.__file__).parent.glob("_C*.so"))
+    if platform.machine() != "x86_64" or not libraries or shutil.which("objdump") is None:
+        pytest.skip("needs the built extension on x86-64 and objdump")
+    functions = _functions_using_vector_extensions(libraries[0])
+    offenders = []
+    for function, kinds in functions.items():
+        lowered = function.lower()
+        if "avx512" in kinds and "avx512" not in lowered:
+            offenders.append(f"AVX-512 in {function}")
+        elif "avx512" not in lowered and "avx2" not in lowered:
+            offenders.append(f"AVX in {function}")
+    assert not offenders, "\n".join(offenders[:20])
+    assert any("avx512" in kinds for kinds in functions.values()), "the AVX-512 builds are missing"

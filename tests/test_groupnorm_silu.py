@@ -12,11 +12,14 @@ from conftest import (
     assert_close_fp32,
     assert_close_to_reference,
     backend_device,
+    backend_fixture,
+    backend_params,
     is_slow,
 )
 
 import ddpm_fast
 from ddpm_fast import group_norm_silu, reference
+from ddpm_fast._backends import cpu_isas, use_cpu_isa
 
 EXTRAS = ("bias_nc", "scale_shift", "residual")
 NAMES = ("x", "weight", "bias", "bias_nc", "scale_nc", "shift_nc", "residual")
@@ -79,9 +82,7 @@ def forward_and_grads(fn, t, grad_y):
 
 # group_norm_silu has C++ CPU and Triton kernels, no CUDA C++ one (CUDA tensors go to Triton):
 # its tests run on those backends, not on every fast backend of the machine.
-@pytest.fixture(params=[name for name in FAST_BACKENDS if name != "cuda"])
-def backend(request) -> str:
-    return request.param
+backend = pytest.fixture(params=backend_params(exclude=("cuda",)))(backend_fixture)
 
 
 def check_against_reference(backend, t, groups, silu=True, eps=1e-5):
@@ -326,6 +327,59 @@ def test_cpp_channels_last_independent_of_threads():
     assert g1["x"].is_contiguous(memory_format=torch.channels_last)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
+
+
+def _cpp_forward_and_grads(t, groups, channels_last=False, gy=None):
+    if gy is None:
+        gy = grad_output(t["x"].shape, t["x"].dtype, "cpu")
+    if channels_last:
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    return forward_and_grads(lambda u: apply(group_norm_silu, u, groups, backend="cpp"), t, gy)
+
+
+def test_cpp_avx512_and_avx2_builds_give_the_same_bits():
+    """The float rows' AVX-512 (16 lanes) and AVX2 (8 lanes) builds do the same arithmetic per element
+    and sum through the same 64 partials (csrc/simd.h): the same bits, forward and backward, NCHW and
+    channels_last, rows that end off both widths. Runs where the CPU has AVX-512 (CI on Xeons)."""
+    if "cpp" not in FAST_BACKENDS or "avx512" not in cpu_isas():
+        pytest.skip("needs the cpp backend on a CPU with AVX-512")
+    for shape, groups, cl in [((2, 64, 9, 11), 8, False), ((2, 48, 5, 7), 4, True), ((1, 40, 3, 3), 5, True)]:
+        t = make_inputs(shape, seed=21, channels_last=cl)
+        results = {}
+        for isa in ("avx512", "avx2"):
+            with use_cpu_isa(isa):
+                results[isa] = _cpp_forward_and_grads(t, groups, cl)
+        (y1, g1), (y2, g2) = results["avx512"], results["avx2"]
+        assert torch.equal(y1, y2), shape
+        for name in g1:
+            assert torch.equal(g1[name], g2[name]), (shape, name)
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cpp_vector_and_tail_lanes_agree(isa, channels_last):
+    """Inside a row, elements go through the vector loop (16, 8 or 4 lanes) or the scalar tail; both
+    must do the same arithmetic. A row of 47 elements (2 x 16 + 15) repeating with period 16, and
+    coefficients equal along it (one group, no affine), gives y and dx repeating with period 16, bit
+    for bit: any lane whose arithmetic differs from the tail's shows as a mismatch."""
+    if "cpp" not in FAST_BACKENDS:
+        pytest.skip("cpp backend not built")
+    g = torch.Generator().manual_seed(5)
+
+    def periodic_row():  # shaped like x: 47 elements along the row, repeating every 16
+        row = (torch.randn(1, 16, generator=g, dtype=torch.float64).float() * 3).repeat(1, 3)[:, :47]
+        if channels_last:  # the row runs along C, at each of 2 x 3 pixels
+            return row.reshape(1, 47, 1, 1).expand(1, 47, 2, 3).contiguous(memory_format=torch.channels_last)
+        return row.reshape(1, 1, 1, 47).expand(2, 1, 3, 47).contiguous()
+
+    x, gy = periodic_row(), periodic_row()
+    with use_cpu_isa(isa):
+        (y, grads) = _cpp_forward_and_grads({"x": x}, 1, channels_last, gy)
+    dim = 1 if channels_last else 3
+    for out in (y, grads["x"]):
+        head = out.narrow(dim, 0, 31)
+        assert torch.equal(head, out.narrow(dim, 16, 31)), "a vector lane and the tail disagree"
+    assert not torch.equal(y.narrow(dim, 0, 1), y.narrow(dim, 1, 1))  # the periods are not trivial
 
 
 def test_mixed_and_strided_layouts(backend):

@@ -20,6 +20,7 @@ from conftest import (
 
 import ddpm_fast
 from ddpm_fast import StepConfig, posterior_step, reference
+from ddpm_fast._backends import cpu_isas, use_cpu_isa
 from ddpm_fast.ops import no_value_checks
 from ddpm_fast.ops.posterior import quantile_scale, topk_order_stats
 from ddpm_fast.schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule
@@ -755,6 +756,54 @@ def test_bad_inputs(schedule):
         step(mo, x, t, p, schedule, cfg, backend="metal")
     with pytest.raises(ValueError, match="unknown prediction_type"):
         StepConfig(prediction_type="score")
+
+
+def test_cpp_isa_builds_give_the_same_bits(schedule):
+    """The C++ step and noising stages keep the reference's fp32 operations in every vector-ISA build
+    (AVX-512, AVX2, baseline: no FMA contraction), so each build this CPU runs gives the same bits:
+    a result never depends on which CPU ran it. Given noise (in-kernel draws use libmvec's log/cos,
+    whose vector widths differ in the last bits); rows of 1..41 elements cover every build's tails."""
+    if "cpp" not in FAST_BACKENDS:
+        pytest.skip("cpp backend not built")
+    configs = [
+        make_config(kind, pred, var, clip, eta)
+        for kind, pred, var, clip, eta in [
+            ("ddpm", "epsilon", "fixed_small", "clip", 0.0),
+            ("ddpm", "v_prediction", "learned_range", "threshold", 0.0),
+            ("ddim", "sample", "fixed_small", "none", 0.5),
+            ("ddim", "epsilon", "fixed_small", "threshold", 1.0),
+        ]
+    ]
+    results = {}
+    for isa in cpu_isas():
+        with use_cpu_isa(isa):
+            out = []
+            for i, config in enumerate(configs):
+                for rows in (1, 7, 41):
+                    shape = (3, 2, rows)
+                    mo, sample, noise = make_step_inputs(shape, config, i % 2 == 0, "cpu", seed=i)
+                    t, prev_t = step_timesteps(3, "cpu", rotate=i)
+                    out += posterior_step(
+                        mo,
+                        sample,
+                        t,
+                        prev_t,
+                        schedule,
+                        config,
+                        noise=noise,
+                        guidance_scale=3.0 if i % 2 == 0 else None,
+                        return_pred_x0=True,
+                        backend="cpp",
+                    )
+                    x_t, _, target = ddpm_fast.q_sample(
+                        sample, t, schedule, noise=noise, target="v_prediction", backend="cpp"
+                    )
+                    out += [x_t, target]
+            results[isa] = out
+    first, *others = cpu_isas()
+    for isa in others:
+        for a, b in zip(results[first], results[isa], strict=True):
+            assert torch.equal(a, b), f"{isa} build differs from {first}"
 
 
 def test_zero_terminal_snr_rejects_epsilon():

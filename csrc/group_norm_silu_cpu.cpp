@@ -5,22 +5,22 @@
 // (n, group) (at::parallel_for): NCHW rows are read in place (other strides are gathered into a
 // contiguous float buffer, double for double inputs), the statistics are two passes (mean, then
 // squared deviations) with per-chunk partials added in double, and the affine + SiLU (+ residual)
-// loop writes the output rows in x's dtype. The loops are written to auto-vectorise; on x86 CPUs
-// with AVX2+FMA (checked at run time) an AVX2 build of them runs, with the SiLU loops and the
-// float sums in intrinsics. The backward recomputes x_hat from the saved mean/rstd and writes dx
-// plus per-(n, c) sums of g = dL/dn, g x_hat and dx, from which the op wrapper forms dweight,
-// dbias (a deterministic sum over n), dscale, dshift and d bias_nc.
+// loop writes the output rows in x's dtype. The backward recomputes x_hat from the saved mean/rstd
+// and writes dx plus per-(n, c) sums of g = dL/dn, g x_hat and dx, from which the op wrapper forms
+// dweight, dbias (a deterministic sum over n), dscale, dshift and d bias_nc.
+// Float rows run hand-vectorised code (RowsSimd, simd.h) built for AVX-512, AVX2+FMA and baseline
+// x86-64, the active ISA chosen at run time (cpu_isa.h); double and half rows run the portable
+// loops of Rows<F>.
 #include <ATen/Parallel.h>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
+#include "simd.h"
 #include "torch_glue.h"
 
 #define DDPM_INLINE inline __attribute__((always_inline))
@@ -42,8 +42,8 @@ struct GroupNormArgs {
   bool silu = true;
 };
 
-// exp for float: Cephes' polynomial after the range reduction x = k ln2 + r, branch-free so
-// that loops calling it vectorise (within 2 ulp of expf over [-87, 87]; clamped outside, which
+// exp for the portable float rows (half-precision tensors): simd::exp's arithmetic for one
+// float, branch-free so that loops calling it vectorise (within 2 ulp of expf over [-87, 87]; clamped outside, which
 // changes SiLU and its derivative by < 1e-36).
 DDPM_INLINE float exp_fast(float x) {
   x = std::min(std::max(x, -87.0f), 87.0f);
@@ -92,40 +92,59 @@ struct Rows {
     return total;
   }
 
-  // sum of (h - mean)^2 (the second pass of the two-pass variance).
-  DDPM_INLINE static double sq_dev(const F* h, int64_t len, F mean) {
+  // sum of F(src).
+  template <typename X>
+  DDPM_INLINE static double sum(const X* src, int64_t len) {
     double total = 0;
     for (int64_t i0 = 0; i0 < len; i0 += kSumChunk) {
       const int64_t end = std::min(len, i0 + kSumChunk);
       F s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = i0; i < end; ++i) s += (h[i] - mean) * (h[i] - mean);
+      for (int64_t i = i0; i < end; ++i) s += static_cast<F>(src[i]);
+      total += s;
+    }
+    return total;
+  }
+
+  // sum of (h - mean)^2 (the second pass of the two-pass variance); h a row of x or of the buffer.
+  template <typename H>
+  DDPM_INLINE static double sq_dev(const H* h, int64_t len, F mean) {
+    double total = 0;
+    for (int64_t i0 = 0; i0 < len; i0 += kSumChunk) {
+      const int64_t end = std::min(len, i0 + kSumChunk);
+      F s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = i0; i < end; ++i) {
+        const F d = static_cast<F>(h[i]) - mean;
+        s += d * d;
+      }
       total += s;
     }
     return total;
   }
 
   // out = act((h - mean) a + b) (+ res), rounded once to X; act = SiLU or identity. out may be h.
-  template <typename X>
-  DDPM_INLINE static void apply(const F* h, int64_t len, F mean, F a, F b, bool silu, const X* res, X* out) {
+  template <typename H, typename X>
+  DDPM_INLINE static void apply(const H* h, int64_t len, F mean, F a, F b, bool silu, const X* res, X* out) {
     if (silu && res) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F z = (h[i] - mean) * a + b;
+        const F z = (static_cast<F>(h[i]) - mean) * a + b;
         out[i] = static_cast<X>(z * sigmoid(z) + static_cast<F>(res[i]));
       }
     } else if (silu) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F z = (h[i] - mean) * a + b;
+        const F z = (static_cast<F>(h[i]) - mean) * a + b;
         out[i] = static_cast<X>(z * sigmoid(z));
       }
     } else if (res) {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<X>((h[i] - mean) * a + b + static_cast<F>(res[i]));
+      for (int64_t i = 0; i < len; ++i)
+        out[i] = static_cast<X>((static_cast<F>(h[i]) - mean) * a + b + static_cast<F>(res[i]));
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<X>((h[i] - mean) * a + b);
+      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<X>((static_cast<F>(h[i]) - mean) * a + b);
     }
   }
 
@@ -278,7 +297,7 @@ struct Rows {
     *sum_g = tg, *sum_gx = tgx;
   }
 
-  // load_normalize then grad_sums over one row (the AVX2 build fuses the two).
+  // load_normalize then grad_sums over one row (RowsSimd fuses the two).
   template <typename X>
   DDPM_INLINE static void norm_grad_sums(const X* src, int64_t len, F add, F mean, F rstd, F* xh, const X* dy, F* g,
                                          F a, F b, bool silu, double* sum_g, double* sum_gx) {
@@ -305,394 +324,366 @@ struct Rows {
   }
 };
 
-#if defined(__x86_64__)
-#define DDPM_AVX2 __attribute__((target("avx2,fma")))
+// ---- the float rows of every ISA build, hand-vectorised once for any width (simd.h): W = 16 in
+// the AVX-512 build, 8 in the AVX2 one, 4 in the baseline one; W = 1 for the tail of a row.
+// Multiply-adds are fused (kFused) in the AVX2 and AVX-512 builds, which then give the same bits
+// (simd.h). Rows of other dtypes take Rows<float>.
+#define DDPM_W(w) decltype(w)::value
+#define DDPM_LAMBDA_INLINE __attribute__((always_inline))
 
-// The SiLU loops by hand in AVX2 + FMA for float tensors: GCC's auto-vectorised build of the same
-// arithmetic runs ~1.7x slower on the EPYC here. exp_fast's polynomial, eight lanes at a time.
-DDPM_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
-}
-
-// 1 / (1 + e^-z) with the reciprocal's estimate and one Newton step (~1 ulp) instead of a
-// division: vdivps issues once per ~5 cycles on Zen and bounded the SiLU loops.
-DDPM_AVX2 inline __m256 sigmoid8(__m256 z) {
-  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z)));
-  const __m256 r = _mm256_rcp_ps(d);
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
-}
-
-DDPM_AVX2 inline double hsum8(__m256 v) {
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
-  double t = 0;
-  for (float lane : lanes) t += lane;
-  return t;
-}
-
-DDPM_AVX2 inline __m256 add4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  return _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d));
-}
-
-// Sum of body(j) over j = 0, 8, 16, ... < k (k a multiple of 32) in four accumulators, one double
-// partial per kSumChunk elements. Body: a functor with a DDPM_AVX2 operator() (lambdas would not
-// inherit the target).
-template <typename Body>
-DDPM_AVX2 inline double sum4(int64_t k, const Body& body) {
-  double total = 0;
-  for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
-    const int64_t end = std::min(k, i0 + kSumChunk);
-    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t i = i0; i < end; i += 32) {
-      for (int u = 0; u < 4; ++u) s[u] = _mm256_add_ps(s[u], body(i + 8 * u));
-    }
-    total += hsum8(add4(s[0], s[1], s[2], s[3]));
-  }
-  return total;
-}
-
-// h = src + add, stored to buf; sums h.
-struct LoadSumBody {
-  const float *src;
-  float* buf;
-  __m256 add;
-  DDPM_AVX2 __m256 operator()(int64_t j) const {
-    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + j), add);
-    _mm256_storeu_ps(buf + j, v);
-    return v;
-  }
-};
-
-// sums (h - mean)^2.
-struct SqDevBody {
-  const float* h;
-  __m256 mean;
-  DDPM_AVX2 __m256 operator()(int64_t j) const {
-    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(h + j), mean);
-    return _mm256_mul_ps(d, d);
-  }
-};
-
-// dx = rstd (a g - m1 - xh m2) in the portable loop's order of operations, stored; sums dx.
-struct GradXBody {
-  const float *xh, *g;
-  float* out;
-  __m256 rstd, a, m1, m2;
-  DDPM_AVX2 __m256 operator()(int64_t j) const {
-    const __m256 inner = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(g + j)), m1),
-                                       _mm256_mul_ps(_mm256_loadu_ps(xh + j), m2));
-    const __m256 d = _mm256_mul_ps(rstd, inner);
-    _mm256_storeu_ps(out + j, d);
-    return d;
-  }
-};
-
-// Hand-written AVX2 loops for float tensors (other dtypes take the portable loops), over a
-// multiple-of-8 (SiLU loops) or -32 (sums) head of the row; each returns how many elements it did.
-//  - SiLU parts of Rows<float>::apply and ::grad_sums: GCC's auto-vectorised build of the same
-//    arithmetic runs ~1.7x slower on the EPYC here.
-//  - The plain sums (load_sum, sq_dev, grad_x) with four accumulators: the vectorised loop's
-//    single accumulator waits on each add's latency (one 8-lane add per 3-4 cycles).
-struct VecAvx2 {
+template <int W, bool kFused>
+struct RowsSimd {
+  using Portable = Rows<float>;
   template <typename X>
-  DDPM_AVX2 static int64_t load_sum(const X* src, int64_t len, float add, float* buf, double* total) {
-    *total = 0;
-    if constexpr (!std::is_same_v<X, float>) {
-      return 0;
-    } else {
-      const int64_t k = len & ~int64_t(31);
-      *total = sum4(k, LoadSumBody{src, buf, _mm256_set1_ps(add)});
-      return k;
-    }
-  }
-
-  DDPM_AVX2 static int64_t sq_dev(const float* h, int64_t len, float mean, double* total) {
-    const int64_t k = len & ~int64_t(31);
-    *total = sum4(k, SqDevBody{h, _mm256_set1_ps(mean)});
-    return k;
-  }
+  static constexpr bool kFloat = std::is_same_v<X, float>;
 
   template <typename X>
-  DDPM_AVX2 static int64_t grad_x(const float* xh, const float* g, int64_t len, float rstd, float a, float m1,
-                                  float m2, X* out, double* total) {
-    *total = 0;
-    if constexpr (!std::is_same_v<X, float>) {
-      return 0;
+  DDPM_INLINE static double sum(const X* src, int64_t len) {
+    if constexpr (!kFloat<X>) {
+      return Portable::sum(src, len);
     } else {
-      const int64_t k = len & ~int64_t(31);
-      *total = sum4(k, GradXBody{xh, g, out, _mm256_set1_ps(rstd), _mm256_set1_ps(a), _mm256_set1_ps(m1),
-                                 _mm256_set1_ps(m2)});
-      return k;
+      return simd::sum64<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+        return simd::load<DDPM_W(w)>(src + i);
+      });
     }
   }
 
   template <typename X>
-  DDPM_AVX2 static int64_t apply(const float* h, int64_t len, float mean, float a, float b, const X* res, X* out) {
-    if constexpr (!std::is_same_v<X, float>) {
-      return 0;
+  DDPM_INLINE static double load_sum(const X* src, int64_t len, float add, float* buf) {
+    if constexpr (!kFloat<X>) {
+      return Portable::load_sum(src, len, add, buf);
     } else {
-      const __m256 vm = _mm256_set1_ps(mean), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
-      const int64_t k = len & ~int64_t(7);
-      for (int64_t i = 0; i < k; i += 8) {
-        const __m256 z = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(h + i), vm), va, vb);
-        __m256 y = _mm256_mul_ps(z, sigmoid8(z));
-        if (res) y = _mm256_add_ps(y, _mm256_loadu_ps(res + i));
-        _mm256_storeu_ps(out + i, y);
+      return simd::sum64<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+        constexpr int V = DDPM_W(w);
+        const simd::Lanes<V> h = simd::load<V>(src + i) + add;
+        simd::store<V>(buf + i, h);
+        return h;
+      });
+    }
+  }
+
+  template <typename H>
+  DDPM_INLINE static double sq_dev(const H* h, int64_t len, float mean) {
+    if constexpr (!kFloat<H>) {
+      return Portable::sq_dev(h, len, mean);
+    } else {
+      return simd::sum64<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+        constexpr int V = DDPM_W(w);
+        const simd::Lanes<V> d = simd::load<V>(h + i) - mean;
+        return d * d;
+      });
+    }
+  }
+
+  template <typename H, typename X>
+  DDPM_INLINE static void apply(const H* h, int64_t len, float mean, float a, float b, bool silu, const X* res,
+                                X* out) {
+    if constexpr (!kFloat<H> || !kFloat<X>) {
+      Portable::apply(h, len, mean, a, b, silu, res, out);
+    } else {
+      auto run = [&](auto act, auto with_res) DDPM_LAMBDA_INLINE {
+        simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+          constexpr int V = DDPM_W(w);
+          const simd::Lanes<V> z =
+              simd::fma<V, kFused>(simd::load<V>(h + i) - mean, simd::splat<V>(a), simd::splat<V>(b));
+          simd::Lanes<V> y = decltype(act)::value ? z * simd::sigmoid<V, kFused>(z) : z;
+          if constexpr (decltype(with_res)::value) y += simd::load<V>(res + i);
+          simd::store<V>(out + i, y);
+        });
+      };
+      dispatch2(silu, res != nullptr, run);
+    }
+  }
+
+  // One channels-contiguous pixel: out[c] = act((src[c] + d[c]) a[c] + b[c]) (+ res[c]).
+  template <typename X>
+  DDPM_INLINE static void apply_ch(const X* src, int64_t len, const float* d, const float* a, const float* b,
+                                   bool silu, const X* res, X* out) {
+    if constexpr (!kFloat<X>) {
+      Portable::apply_ch(src, len, d, a, b, silu, res, out);
+    } else {
+      auto run = [&](auto act, auto with_res) DDPM_LAMBDA_INLINE {
+        simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+          constexpr int V = DDPM_W(w);
+          const simd::Lanes<V> z = simd::fma<V, kFused>(simd::load<V>(src + i) + simd::load<V>(d + i),
+                                                        simd::load<V>(a + i), simd::load<V>(b + i));
+          simd::Lanes<V> y = decltype(act)::value ? z * simd::sigmoid<V, kFused>(z) : z;
+          if constexpr (decltype(with_res)::value) y += simd::load<V>(res + i);
+          simd::store<V>(out + i, y);
+        });
+      };
+      dispatch2(silu, res != nullptr, run);
+    }
+  }
+
+  // Per-channel sums over cnt channels-contiguous pixels (pixel stride ss): acc[c] = sum of src[c].
+  template <typename X>
+  DDPM_INLINE static void px_sum(const X* src, int64_t ss, int64_t cnt, int64_t C, float* acc) {
+    if constexpr (!kFloat<X>) {
+      Portable::px_sum(src, ss, cnt, C, acc);
+    } else {
+      std::fill(acc, acc + C, 0.0f);
+      for (int64_t p = 0; p < cnt; ++p) {
+        const float* row = src + p * ss;
+        simd::for_lanes<W>(C, [&](auto w, int64_t c) DDPM_LAMBDA_INLINE {
+          constexpr int V = DDPM_W(w);
+          simd::store<V>(acc + c, simd::load<V>(acc + c) + simd::load<V>(row + c));
+        });
       }
-      return k;
     }
   }
 
-  // Rows<float>::apply_ch's SiLU loop (one channels_last pixel, per-channel coefficients).
+  // acc[c] = sum over the pixels of (src[c] + d[c])^2.
   template <typename X>
-  DDPM_AVX2 static int64_t apply_ch(const X* src, int64_t len, const float* d, const float* a, const float* b,
-                                    const X* res, X* out) {
-    if constexpr (!std::is_same_v<X, float>) {
-      return 0;
+  DDPM_INLINE static void px_sq_dev(const X* src, int64_t ss, int64_t cnt, int64_t C, const float* d, float* acc) {
+    if constexpr (!kFloat<X>) {
+      Portable::px_sq_dev(src, ss, cnt, C, d, acc);
     } else {
-      const int64_t k = len & ~int64_t(7);
-      for (int64_t i = 0; i < k; i += 8) {
-        const __m256 h = _mm256_add_ps(_mm256_loadu_ps(src + i), _mm256_loadu_ps(d + i));
-        const __m256 z = _mm256_fmadd_ps(h, _mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
-        __m256 y = _mm256_mul_ps(z, sigmoid8(z));
-        if (res) y = _mm256_add_ps(y, _mm256_loadu_ps(res + i));
-        _mm256_storeu_ps(out + i, y);
+      std::fill(acc, acc + C, 0.0f);
+      for (int64_t p = 0; p < cnt; ++p) {
+        const float* row = src + p * ss;
+        simd::for_lanes<W>(C, [&](auto w, int64_t c) DDPM_LAMBDA_INLINE {
+          constexpr int V = DDPM_W(w);
+          const simd::Lanes<V> v = simd::load<V>(row + c) + simd::load<V>(d + c);
+          simd::store<V>(acc + c, simd::load<V>(acc + c) + v * v);
+        });
       }
-      return k;
     }
   }
 
-  // Rows<float>::grad_ch's SiLU loop (one channels_last pixel of the backward).
   template <typename X>
-  DDPM_AVX2 static int64_t grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,
-                                   const float* A, const float* B, float* g, float* acc_g, float* acc_gx) {
-    if constexpr (!std::is_same_v<X, float>) {
-      return 0;
+  DDPM_INLINE static void px_apply(const X* src, int64_t ss, int64_t cnt, int64_t C, const float* d, const float* a,
+                                   const float* b, bool silu, const X* res, int64_t rss, X* out, int64_t oss) {
+    for (int64_t p = 0; p < cnt; ++p)
+      apply_ch(src + p * ss, C, d, a, b, silu, res ? res + p * rss : nullptr, out + p * oss);
+  }
+
+  // The backward's first pass over one channels-contiguous pixel: x_hat = (x + d) r,
+  // g = dy act'(x_hat A + B), stored; acc_g += g, acc_gx += g x_hat.
+  template <typename X>
+  DDPM_INLINE static void grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,
+                                  const float* A, const float* B, bool silu, float* g, float* acc_g, float* acc_gx) {
+    if constexpr (!kFloat<X>) {
+      Portable::grad_ch(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);
     } else {
-      const __m256 one = _mm256_set1_ps(1.0f);
-      const int64_t k = len & ~int64_t(7);
-      for (int64_t i = 0; i < k; i += 8) {
-        const __m256 xh = _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(src + i), _mm256_loadu_ps(d + i)),
-                                        _mm256_loadu_ps(r + i));
-        const __m256 z = _mm256_fmadd_ps(xh, _mm256_loadu_ps(A + i), _mm256_loadu_ps(B + i));
-        const __m256 sig = sigmoid8(z);
-        const __m256 dact = _mm256_mul_ps(sig, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sig), one));
-        const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(dy + i), dact);
-        _mm256_storeu_ps(g + i, gi);
-        _mm256_storeu_ps(acc_g + i, _mm256_add_ps(_mm256_loadu_ps(acc_g + i), gi));
-        _mm256_storeu_ps(acc_gx + i, _mm256_fmadd_ps(gi, xh, _mm256_loadu_ps(acc_gx + i)));
-      }
-      return k;
+      auto run = [&](auto act) DDPM_LAMBDA_INLINE {
+        simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+          constexpr int V = DDPM_W(w);
+          const simd::Lanes<V> xh = (simd::load<V>(src + i) + simd::load<V>(d + i)) * simd::load<V>(r + i);
+          const simd::Lanes<V> z = simd::fma<V, kFused>(xh, simd::load<V>(A + i), simd::load<V>(B + i));
+          const simd::Lanes<V> gi = grad_act<V, decltype(act)::value>(z, simd::load<V>(dy + i));
+          simd::store<V>(g + i, gi);
+          simd::store<V>(acc_g + i, simd::load<V>(acc_g + i) + gi);
+          simd::store<V>(acc_gx + i, simd::fma<V, kFused>(gi, xh, simd::load<V>(acc_gx + i)));
+        });
+      };
+      if (silu) run(std::true_type{});
+      else run(std::false_type{});
     }
   }
 
+  // The second pass: out = dx = r (A g - m1 - x_hat m2); acc += dx when acc is given (d bias_nc).
   template <typename X>
-  DDPM_AVX2 static int64_t grad_sums(const float* xh, const X* dy, float* g, int64_t len, float a, float b,
-                                     double* sum_g, double* sum_gx) {
-    return grad_sums_impl<false>(xh, 0.0f, 0.0f, 0.0f, nullptr, dy, g, len, a, b, sum_g, sum_gx);
-  }
-
-  // load_normalize fused into grad_sums: x_hat = (src + add - mean) rstd is stored to xh and used
-  // at once, one pass over the row instead of two.
-  template <typename X>
-  DDPM_AVX2 static int64_t norm_grad_sums(const X* src, int64_t len, float add, float mean, float rstd, float* xh,
-                                          const X* dy, float* g, float a, float b, double* sum_g, double* sum_gx) {
-    if constexpr (!std::is_same_v<X, float>) {
-      *sum_g = *sum_gx = 0;
-      return 0;
+  DDPM_INLINE static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,
+                                const float* A, const float* m1, const float* m2, X* out, float* acc) {
+    if constexpr (!kFloat<X>) {
+      Portable::dx_ch(src, g, len, d, r, A, m1, m2, out, acc);
     } else {
-      return grad_sums_impl<true>(src, add, mean, rstd, xh, dy, g, len, a, b, sum_g, sum_gx);
+      simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+        constexpr int V = DDPM_W(w);
+        const simd::Lanes<V> rr = simd::load<V>(r + i);
+        const simd::Lanes<V> xh = (simd::load<V>(src + i) + simd::load<V>(d + i)) * rr;
+        const simd::Lanes<V> dx = rr * dx_inner<V>(simd::load<V>(A + i), simd::load<V>(g + i), simd::load<V>(m1 + i),
+                                                  xh, simd::load<V>(m2 + i));
+        simd::store<V>(out + i, dx);
+        if (acc) simd::store<V>(acc + i, simd::load<V>(acc + i) + dx);
+      });
     }
   }
 
-  // kFromX: src is the input row, normalised here into xh; else src is x_hat already.
+  template <typename X>
+  DDPM_INLINE static void load_normalize(const X* src, int64_t len, float add, float mean, float rstd, float* xh) {
+    if constexpr (!kFloat<X>) {
+      Portable::load_normalize(src, len, add, mean, rstd, xh);
+    } else {
+      simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+        constexpr int V = DDPM_W(w);
+        simd::store<V>(xh + i, (simd::load<V>(src + i) + add - mean) * rstd);
+      });
+    }
+  }
+
+  // g = dy act'(xh a + b), stored; returns the sums of g and g xh. With kFromX, xh is first
+  // computed from the input row src as (src + add - mean) rstd and stored (one pass, not two).
   template <bool kFromX, typename X>
-  DDPM_AVX2 static int64_t grad_sums_impl(const float* src, float add, float mean, float rstd, float* xh,
-                                          const X* dy, float* g, int64_t len, float a, float b, double* sum_g,
-                                          double* sum_gx) {
-    if constexpr (!std::is_same_v<X, float>) {
-      *sum_g = *sum_gx = 0;
-      return 0;
+  DDPM_INLINE static void grad_sums_impl(const float* src, float add, float mean, float rstd, float* xh, const X* dy,
+                                         float* g, int64_t len, float a, float b, bool silu, double* sum_g,
+                                         double* sum_gx) {
+    auto run = [&](auto act) DDPM_LAMBDA_INLINE {
+      simd::sum64x2<W>(
+          len, kSumChunk,
+          [&](auto w, int64_t i, auto* out_g, auto* out_gx) DDPM_LAMBDA_INLINE {
+            constexpr int V = DDPM_W(w);
+            simd::Lanes<V> x = simd::load<V>(src + i);
+            if constexpr (kFromX) {
+              x = (x + add - mean) * rstd;
+              simd::store<V>(xh + i, x);
+            }
+            const simd::Lanes<V> z = simd::fma<V, kFused>(x, simd::splat<V>(a), simd::splat<V>(b));
+            const simd::Lanes<V> gi = grad_act<V, decltype(act)::value>(z, simd::load<V>(dy + i));
+            simd::store<V>(g + i, gi);
+            *out_g = gi;
+            *out_gx = gi * x;
+          },
+          sum_g, sum_gx);
+    };
+    if (silu) run(std::true_type{});
+    else run(std::false_type{});
+  }
+
+  template <typename X>
+  DDPM_INLINE static void grad_sums(const float* xh, const X* dy, float* g, int64_t len, float a, float b, bool silu,
+                                    double* sum_g, double* sum_gx) {
+    if constexpr (!kFloat<X>) {
+      Portable::grad_sums(xh, dy, g, len, a, b, silu, sum_g, sum_gx);
     } else {
-      const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), one = _mm256_set1_ps(1.0f);
-      const __m256 vadd = _mm256_set1_ps(add), vmean = _mm256_set1_ps(mean), vrstd = _mm256_set1_ps(rstd);
-      const int64_t k = len & ~int64_t(7);
-      double tg = 0, tgx = 0;
-      for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
-        const int64_t end = std::min(k, i0 + kSumChunk);
-        __m256 sg = _mm256_setzero_ps(), sgx = _mm256_setzero_ps();
-        for (int64_t i = i0; i < end; i += 8) {
-          __m256 x = _mm256_loadu_ps(src + i);
-          if constexpr (kFromX) {
-            x = _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(x, vadd), vmean), vrstd);
-            _mm256_storeu_ps(xh + i, x);
-          }
-          const __m256 z = _mm256_fmadd_ps(x, va, vb);
-          const __m256 sig = sigmoid8(z);
-          const __m256 dact = _mm256_mul_ps(sig, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sig), one));
-          const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(dy + i), dact);
-          _mm256_storeu_ps(g + i, gi);
-          sg = _mm256_add_ps(sg, gi);
-          sgx = _mm256_fmadd_ps(gi, x, sgx);
-        }
-        tg += hsum8(sg), tgx += hsum8(sgx);
-      }
-      *sum_g = tg, *sum_gx = tgx;
-      return k;
+      grad_sums_impl<false>(xh, 0.0f, 0.0f, 0.0f, nullptr, dy, g, len, a, b, silu, sum_g, sum_gx);
+    }
+  }
+
+  template <typename X>
+  DDPM_INLINE static void norm_grad_sums(const X* src, int64_t len, float add, float mean, float rstd, float* xh,
+                                         const X* dy, float* g, float a, float b, bool silu, double* sum_g,
+                                         double* sum_gx) {
+    if constexpr (!kFloat<X>) {
+      Portable::norm_grad_sums(src, len, add, mean, rstd, xh, dy, g, a, b, silu, sum_g, sum_gx);
+    } else {
+      grad_sums_impl<true>(src, add, mean, rstd, xh, dy, g, len, a, b, silu, sum_g, sum_gx);
+    }
+  }
+
+  // out = dx = rstd (a g - m1 - xh m2); returns the sum of dx. out may be g.
+  template <typename X>
+  DDPM_INLINE static double grad_x(const float* xh, const float* g, int64_t len, float rstd, float a, float m1,
+                                   float m2, X* out) {
+    if constexpr (!kFloat<X>) {
+      return Portable::grad_x(xh, g, len, rstd, a, m1, m2, out);
+    } else {
+      return simd::sum64<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+        constexpr int V = DDPM_W(w);
+        const simd::Lanes<V> dx = rstd * dx_inner<V>(simd::splat<V>(a), simd::load<V>(g + i), simd::splat<V>(m1),
+                                                    simd::load<V>(xh + i), simd::splat<V>(m2));
+        simd::store<V>(out + i, dx);
+        return dx;
+      });
+    }
+  }
+
+ private:
+  // g = dy act'(z): SiLU' = sig (1 + z (1 - sig)), or dy itself without the activation.
+  template <int V, bool kSilu>
+  DDPM_INLINE static simd::Lanes<V> grad_act(simd::Lanes<V> z, simd::Lanes<V> dy) {
+    if constexpr (!kSilu) {
+      return dy;
+    } else {
+      const simd::Lanes<V> sig = simd::sigmoid<V, kFused>(z);
+      return dy * (sig * simd::fma<V, kFused>(z, 1.0f - sig, simd::splat<V>(1.0f)));
+    }
+  }
+
+  // a g - m1 - x_hat m2, the backward's dx before the factor rstd.
+  template <int V>
+  DDPM_INLINE static simd::Lanes<V> dx_inner(simd::Lanes<V> a, simd::Lanes<V> g, simd::Lanes<V> m1,
+                                             simd::Lanes<V> xh, simd::Lanes<V> m2) {
+    return simd::fma<V, kFused>(-xh, m2, simd::fma<V, kFused>(a, g, -m1));
+  }
+
+  // f(silu, with_res) with both as compile-time constants.
+  template <typename Fn>
+  DDPM_INLINE static void dispatch2(bool silu, bool with_res, const Fn& f) {
+    if (silu) {
+      if (with_res) f(std::true_type{}, std::true_type{});
+      else f(std::true_type{}, std::false_type{});
+    } else {
+      if (with_res) f(std::false_type{}, std::true_type{});
+      else f(std::false_type{}, std::false_type{});
     }
   }
 };
-#endif
+#undef DDPM_W
+#undef DDPM_LAMBDA_INLINE
 
-// No hand-written loops: the portable ones do everything.
-struct VecNone {
-  template <typename X>
-  static int64_t load_sum(const X*, int64_t, float, float*, double* total) {
-    *total = 0;
-    return 0;
-  }
-  static int64_t sq_dev(const float*, int64_t, float, double* total) {
-    *total = 0;
-    return 0;
-  }
-  template <typename X>
-  static int64_t grad_x(const float*, const float*, int64_t, float, float, float, float, X*, double* total) {
-    *total = 0;
-    return 0;
-  }
-  template <typename X>
-  static int64_t apply(const float*, int64_t, float, float, float, const X*, X*) {
-    return 0;
-  }
-  template <typename X>
-  static int64_t apply_ch(const X*, int64_t, const float*, const float*, const float*, const X*, X*) {
-    return 0;
-  }
-  template <typename X>
-  static int64_t grad_sums(const float*, const X*, float*, int64_t, float, float, double* sum_g, double* sum_gx) {
-    *sum_g = *sum_gx = 0;
-    return 0;
-  }
-  template <typename X>
-  static int64_t norm_grad_sums(const X*, int64_t, float, float, float, float*, const X*, float*, float, float,
-                                double* sum_g, double* sum_gx) {
-    *sum_g = *sum_gx = 0;
-    return 0;
-  }
-  template <typename X>
-  static int64_t grad_ch(const X*, const X*, int64_t, const float*, const float*, const float*, const float*, float*,
-                         float*, float*) {
-    return 0;
-  }
-};
-
-// The float loops for one target: portable loops compiled for it (ATTR), hand-written heads from VEC.
-#define DDPM_ROWS_FOR_TARGET(NAME, ATTR, VEC)                                                                 \
-  struct NAME {                                                                                               \
-    template <typename X>                                                                                     \
-    ATTR static double load_sum(const X* src, int64_t len, float add, float* buf) {                           \
-      double head;                                                                                            \
-      const int64_t k = VEC::load_sum(src, len, add, buf, &head);                                             \
-      return head + Rows<float>::load_sum(src + k, len - k, add, buf + k);                                    \
-    }                                                                                                         \
-    ATTR static double sq_dev(const float* h, int64_t len, float mean) {                                      \
-      double head;                                                                                            \
-      const int64_t k = VEC::sq_dev(h, len, mean, &head);                                                     \
-      return head + Rows<float>::sq_dev(h + k, len - k, mean);                                                \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
-    ATTR static void apply(const float* h, int64_t len, float mean, float a, float b, bool silu, const X* res, \
-                           X* out) {                                                                          \
-      const int64_t k = silu ? VEC::apply(h, len, mean, a, b, res, out) : 0;                                 \
-      Rows<float>::apply(h + k, len - k, mean, a, b, silu, res ? res + k : nullptr, out + k);                 \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
-    ATTR static void px_sum(const X* src, int64_t ss, int64_t cnt, int64_t C, float* acc) {                   \
-      Rows<float>::px_sum(src, ss, cnt, C, acc);                                                              \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
+// One ISA build of the rows: each function noinline with the target attribute ATTR, its body the
+// always-inline RowsSimd<W> (so the vector code is compiled for that target).
+#define DDPM_ROWS_FOR_TARGET(NAME, ATTR, W, FUSED)                                                                  \
+  struct NAME {                                                                                              \
+    using Impl = RowsSimd<W, FUSED>;                                                                                \
+    template <typename X>                                                                                    \
+    ATTR static double sum(const X* src, int64_t len) {                                                      \
+      return Impl::sum(src, len);                                                                            \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static double load_sum(const X* src, int64_t len, float add, float* buf) {                          \
+      return Impl::load_sum(src, len, add, buf);                                                             \
+    }                                                                                                        \
+    template <typename H>                                                                                    \
+    ATTR static double sq_dev(const H* h, int64_t len, float mean) {                                         \
+      return Impl::sq_dev(h, len, mean);                                                                     \
+    }                                                                                                        \
+    template <typename H, typename X>                                                                        \
+    ATTR static void apply(const H* h, int64_t len, float mean, float a, float b, bool silu, const X* res,   \
+                           X* out) {                                                                         \
+      Impl::apply(h, len, mean, a, b, silu, res, out);                                                       \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static void px_sum(const X* src, int64_t ss, int64_t cnt, int64_t C, float* acc) {                  \
+      Impl::px_sum(src, ss, cnt, C, acc);                                                                    \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
     ATTR static void px_sq_dev(const X* src, int64_t ss, int64_t cnt, int64_t C, const float* d, float* acc) { \
-      Rows<float>::px_sq_dev(src, ss, cnt, C, d, acc);                                                        \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
+      Impl::px_sq_dev(src, ss, cnt, C, d, acc);                                                              \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
     ATTR static void px_apply(const X* src, int64_t ss, int64_t cnt, int64_t C, const float* d, const float* a, \
-                              const float* b, bool silu, const X* res, int64_t rss, X* out, int64_t oss) {   \
-      for (int64_t p = 0; p < cnt; ++p) {                                                                     \
-        const X* row = src + p * ss;                                                                          \
-        const X* res_row = res ? res + p * rss : nullptr;                                                     \
-        X* out_row = out + p * oss;                                                                           \
-        const int64_t k = silu ? VEC::apply_ch(row, C, d, a, b, res_row, out_row) : 0;                       \
-        Rows<float>::apply_ch(row + k, C - k, d + k, a + k, b + k, silu, res_row ? res_row + k : nullptr,     \
-                              out_row + k);                                                                   \
-      }                                                                                                       \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
-    ATTR static void grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,          \
-                             const float* A, const float* B, bool silu, float* g, float* acc_g, float* acc_gx) { \
-      const int64_t k = silu ? VEC::grad_ch(src, dy, len, d, r, A, B, g, acc_g, acc_gx) : 0;                  \
-      Rows<float>::grad_ch(src + k, dy + k, len - k, d + k, r + k, A + k, B + k, silu, g + k, acc_g + k,      \
-                           acc_gx + k);                                                                       \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
-    ATTR static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,         \
-                           const float* A, const float* m1, const float* m2, X* out, float* acc) {            \
-      Rows<float>::dx_ch(src, g, len, d, r, A, m1, m2, out, acc);                                             \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
+                              const float* b, bool silu, const X* res, int64_t rss, X* out, int64_t oss) {  \
+      Impl::px_apply(src, ss, cnt, C, d, a, b, silu, res, rss, out, oss);                                    \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static void grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,         \
+                             const float* A, const float* B, bool silu, float* g, float* acc_g,              \
+                             float* acc_gx) {                                                                \
+      Impl::grad_ch(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);                                       \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,        \
+                           const float* A, const float* m1, const float* m2, X* out, float* acc) {           \
+      Impl::dx_ch(src, g, len, d, r, A, m1, m2, out, acc);                                                   \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
     ATTR static void load_normalize(const X* src, int64_t len, float add, float mean, float rstd, float* xh) { \
-      Rows<float>::load_normalize(src, len, add, mean, rstd, xh);                                             \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
+      Impl::load_normalize(src, len, add, mean, rstd, xh);                                                   \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
     ATTR static void grad_sums(const float* xh, const X* dy, float* g, int64_t len, float a, float b, bool silu, \
-                               double* sum_g, double* sum_gx) {                                               \
-      double sg = 0, sgx = 0, tg, tgx;                                                                        \
-      const int64_t k = silu ? VEC::grad_sums(xh, dy, g, len, a, b, &sg, &sgx) : 0;                          \
-      Rows<float>::grad_sums(xh + k, dy + k, g + k, len - k, a, b, silu, &tg, &tgx);                          \
-      *sum_g = sg + tg, *sum_gx = sgx + tgx;                                                                  \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
-    ATTR static void norm_grad_sums(const X* src, int64_t len, float add, float mean, float rstd, float* xh,  \
-                                    const X* dy, float* g, float a, float b, bool silu, double* sum_g,        \
-                                    double* sum_gx) {                                                         \
-      double sg = 0, sgx = 0, tg, tgx;                                                                        \
-      const int64_t k = silu ? VEC::norm_grad_sums(src, len, add, mean, rstd, xh, dy, g, a, b, &sg, &sgx) : 0; \
-      Rows<float>::load_normalize(src + k, len - k, add, mean, rstd, xh + k);                                 \
-      Rows<float>::grad_sums(xh + k, dy + k, g + k, len - k, a, b, silu, &tg, &tgx);                          \
-      *sum_g = sg + tg, *sum_gx = sgx + tgx;                                                                  \
-    }                                                                                                         \
-    template <typename X>                                                                                     \
-    ATTR static double grad_x(const float* xh, const float* g, int64_t len, float rstd, float a, float m1,    \
-                              float m2, X* out) {                                                             \
-      double head;                                                                                            \
-      const int64_t k = VEC::grad_x(xh, g, len, rstd, a, m1, m2, out, &head);                                 \
-      return head + Rows<float>::grad_x(xh + k, g + k, len - k, rstd, a, m1, m2, out + k);                    \
-    }                                                                                                         \
+                               double* sum_g, double* sum_gx) {                                              \
+      Impl::grad_sums(xh, dy, g, len, a, b, silu, sum_g, sum_gx);                                            \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static void norm_grad_sums(const X* src, int64_t len, float add, float mean, float rstd, float* xh, \
+                                    const X* dy, float* g, float a, float b, bool silu, double* sum_g,       \
+                                    double* sum_gx) {                                                        \
+      Impl::norm_grad_sums(src, len, add, mean, rstd, xh, dy, g, a, b, silu, sum_g, sum_gx);                 \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static double grad_x(const float* xh, const float* g, int64_t len, float rstd, float a, float m1,   \
+                              float m2, X* out) {                                                            \
+      return Impl::grad_x(xh, g, len, rstd, a, m1, m2, out);                                                 \
+    }                                                                                                        \
   };
-#if defined(__x86_64__)
-DDPM_ROWS_FOR_TARGET(RowsAvx2, DDPM_AVX2 __attribute__((noinline)), VecAvx2)
-#endif
-DDPM_ROWS_FOR_TARGET(RowsBase, __attribute__((noinline)), VecNone)
+DDPM_ROWS_FOR_TARGET(RowsAvx512, DDPM_TARGET_AVX512 __attribute__((noinline)), 16, true)
+DDPM_ROWS_FOR_TARGET(RowsAvx2, DDPM_TARGET_AVX2 __attribute__((noinline)), 8, true)
+DDPM_ROWS_FOR_TARGET(RowsBaseline, __attribute__((noinline)), 4, false)
 #undef DDPM_ROWS_FOR_TARGET
-
-#if defined(__x86_64__)
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#endif
 
 // ---- moving a group between the tensor and the buffer buf[c * S + s] (F), for layouts whose
 // positions are not contiguous (channels_last); NCHW rows are read and written in place.
@@ -726,7 +717,8 @@ DDPM_INLINE F param(const void* p, int64_t i, F absent) {
   return p ? static_cast<const F*>(p)[i] : absent;
 }
 
-// ---- forward: one (n, group) per task
+// ---- forward: one (n, group) per task. NCHW x is read in place (a channel's bias_nc folds into
+// its shift: mean - bias_nc); other layouts are gathered into buf first.
 template <typename X, typename F, typename R>
 void forward_kernel(const GroupNormArgs& a) {
   const int64_t cpg = a.C / a.G, S = a.S, M = cpg * S;
@@ -739,23 +731,27 @@ void forward_kernel(const GroupNormArgs& a) {
   const bool out_rows = a.y.ss == 1 && (!res || a.res.ss == 1);  // ... and write them
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1));
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
-    std::vector<F> buf(M);
+    std::vector<F> buf(in_rows && out_rows ? 0 : M);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / a.G, c0 = (ng % a.G) * cpg;
       const F* bias_nc = a.bias_nc ? static_cast<const F*>(a.bias_nc) + n * a.C + c0 : nullptr;
+      auto add = [&](int64_t c) { return bias_nc ? bias_nc[c] : F(0); };
+      auto x_row = [&](int64_t c) { return x + a.x.at(n, c0 + c, 0); };
       double total = 0;
       if (in_rows) {
-        for (int64_t c = 0; c < cpg; ++c) {
-          const F add = bias_nc ? bias_nc[c] : F(0);
-          total += R::load_sum(x + a.x.at(n, c0 + c, 0), S, add, buf.data() + c * S);
-        }
+        for (int64_t c = 0; c < cpg; ++c) total += R::sum(x_row(c), S) + static_cast<double>(S) * add(c);
       } else {
         gather<X, F>(a.x, x, n, c0, cpg, S, bias_nc, buf.data());
-        total = R::load_sum(buf.data(), M, F(0), buf.data());
+        total = R::sum(buf.data(), M);
       }
       const F mean = static_cast<F>(total / static_cast<double>(M));
-      const F var = static_cast<F>(R::sq_dev(buf.data(), M, mean) / static_cast<double>(M));
-      const F rstd = F(1) / std::sqrt(var + static_cast<F>(a.eps));
+      double sq = 0;
+      if (in_rows) {
+        for (int64_t c = 0; c < cpg; ++c) sq += R::sq_dev(x_row(c), S, mean - add(c));
+      } else {
+        sq = R::sq_dev(buf.data(), M, mean);
+      }
+      const F rstd = F(1) / std::sqrt(static_cast<F>(sq / static_cast<double>(M)) + static_cast<F>(a.eps));
       mean_out[ng] = mean, rstd_out[ng] = rstd;
       for (int64_t c = 0; c < cpg; ++c) {
         const int64_t cc = c0 + c, nc = n * a.C + cc;
@@ -763,8 +759,13 @@ void forward_kernel(const GroupNormArgs& a) {
         const F ca = rstd * param<F>(a.w, cc, F(1)) * s1;
         const F cb = param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
         F* row = buf.data() + c * S;
-        if (out_rows) {
-          R::apply(row, S, mean, ca, cb, a.silu, res ? res + a.res.at(n, cc, 0) : nullptr, y + a.y.at(n, cc, 0));
+        const X* res_row = res && out_rows ? res + a.res.at(n, cc, 0) : nullptr;
+        if (in_rows && out_rows) {
+          R::apply(x_row(c), S, mean - add(c), ca, cb, a.silu, res_row, y + a.y.at(n, cc, 0));
+        } else if (in_rows) {
+          R::apply(x_row(c), S, mean - add(c), ca, cb, a.silu, static_cast<const F*>(nullptr), row);
+        } else if (out_rows) {
+          R::apply(row, S, mean, ca, cb, a.silu, res_row, y + a.y.at(n, cc, 0));
         } else {
           R::apply(row, S, mean, ca, cb, a.silu, static_cast<const F*>(nullptr), row);
         }
@@ -1083,13 +1084,11 @@ void run_with(const GroupNormArgs& a, bool backward) {
 template <typename X, typename F>
 void run(const GroupNormArgs& a, bool backward) {
   if constexpr (std::is_same_v<F, float>) {
-#if defined(__x86_64__)
-    if (cpu_has_avx2_fma()) {
-      run_with<X, F, RowsAvx2>(a, backward);
-      return;
+    switch (cpu_isa()) {
+      case CpuIsa::kAvx512: return run_with<X, F, RowsAvx512>(a, backward);
+      case CpuIsa::kAvx2: return run_with<X, F, RowsAvx2>(a, backward);
+      default: return run_with<X, F, RowsBaseline>(a, backward);
     }
-#endif
-    run_with<X, F, RowsBase>(a, backward);
   } else {
     run_with<X, F, Rows<F>>(a, backward);
   }

@@ -1,0 +1,203 @@
+// Float lanes for the CPU kernels' hand-vectorised loops, written once for every width: Lanes<W>
+// is a GCC vector of W floats (Lanes<1> a plain float), so one generic body compiles to AVX-512
+// (W = 16), AVX2 (W = 8) or SSE2/NEON (W = 4) code inside a function built for that target
+// (cpu_isa.h), and to scalar code for the tail of a row (W = 1). Multiply-adds are written out
+// (fma<W, kFused>: one rounding in the AVX2 and AVX-512 builds, two in the baseline one) and the
+// files using this header are built with -ffp-contract=off, so that the compiler fuses nothing on
+// its own (GCC fused a * b + c in 256-bit code but not in the scalar tail): every lane and every
+// width does the same arithmetic, and an element's result does not depend on W. Sums go through
+// sum64: 64 float partials, lane l holding the elements l mod 64, added in double in lane order,
+// whatever W is. With both, the AVX2 and AVX-512 builds of a kernel give the same bits.
+//
+// Use only from always-inline code that ends up inside a function with a target attribute
+// (or in baseline code with W = 4): the vector types follow the enclosing function's ISA.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>  // also declares the __builtin_ia32_vfmadd* used by fma() below
+#endif
+
+#define DDPM_SIMD_INLINE inline __attribute__((always_inline))
+
+namespace ddpm_fast::simd {
+
+template <int W>
+struct LaneTypes {
+  typedef float F __attribute__((vector_size(4 * W)));
+  typedef uint32_t I __attribute__((vector_size(4 * W)));
+};
+template <>
+struct LaneTypes<1> {
+  using F = float;
+  using I = uint32_t;
+};
+
+template <int W>
+using Lanes = typename LaneTypes<W>::F;
+template <int W>
+using IntLanes = typename LaneTypes<W>::I;
+
+template <int W>
+using Width = std::integral_constant<int, W>;
+
+template <int W>
+DDPM_SIMD_INLINE Lanes<W> splat(float s) {
+  return Lanes<W>{} + s;
+}
+
+template <int W>
+DDPM_SIMD_INLINE Lanes<W> load(const float* p) {
+  Lanes<W> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int W>
+DDPM_SIMD_INLINE void store(float* p, Lanes<W> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <int W>
+DDPM_SIMD_INLINE Lanes<W> vmin(Lanes<W> a, Lanes<W> b) {
+  return a < b ? a : b;
+}
+
+template <int W>
+DDPM_SIMD_INLINE Lanes<W> vmax(Lanes<W> a, Lanes<W> b) {
+  return a > b ? a : b;
+}
+
+template <int W>
+DDPM_SIMD_INLINE IntLanes<W> to_bits(Lanes<W> v) {
+  IntLanes<W> i;
+  std::memcpy(&i, &v, sizeof(v));
+  return i;
+}
+
+template <int W>
+DDPM_SIMD_INLINE Lanes<W> from_bits(IntLanes<W> i) {
+  Lanes<W> v;
+  std::memcpy(&v, &i, sizeof(v));
+  return v;
+}
+
+// a * b + c, fused (one rounding) or not. kFused needs FMA: the AVX2 and AVX-512 builds.
+template <int W, bool kFused>
+DDPM_SIMD_INLINE Lanes<W> fma(Lanes<W> a, Lanes<W> b, Lanes<W> c) {
+  if constexpr (!kFused) {
+    return a * b + c;
+#if defined(__x86_64__)
+  } else if constexpr (W == 1) {
+    return __builtin_fmaf(a, b, c);
+  } else if constexpr (W == 4) {
+    return __builtin_ia32_vfmaddps(a, b, c);
+  } else if constexpr (W == 8) {
+    return __builtin_ia32_vfmaddps256(a, b, c);
+  } else {
+    static_assert(W == 16, "fused multiply-add for 1, 4, 8 or 16 lanes");
+    return __builtin_ia32_vfmaddps512_mask(a, b, c, static_cast<unsigned short>(-1), 4 /* current rounding */);
+#else
+  } else {
+    static_assert(!kFused, "fused multiply-add builds are x86 only");
+#endif
+  }
+}
+
+// e^x: Cephes' expf polynomial after x = k ln2 + r, k rounded to nearest by adding 1.5 * 2^23
+// (whose low mantissa bits then hold k, so 2^k is built from them with integer adds and a
+// shift, no conversion). Within 2 ulp of expf on [-87, 87]; x is clamped there (e^-87 ~ 1.6e-38
+// stays normal), which moves SiLU and its derivative by < 1e-36. NaN stays NaN.
+template <int W, bool kFused>
+DDPM_SIMD_INLINE Lanes<W> exp(Lanes<W> x) {
+  x = vmin<W>(vmax<W>(x, splat<W>(-87.0f)), splat<W>(87.0f));
+  const Lanes<W> t = fma<W, kFused>(x, splat<W>(1.44269504088896341f), splat<W>(12582912.0f));
+  const Lanes<W> k = t - 12582912.0f;
+  Lanes<W> r = fma<W, kFused>(k, splat<W>(-0.693359375f), x);
+  r = fma<W, kFused>(k, splat<W>(2.12194440e-4f), r);
+  Lanes<W> p = splat<W>(1.9875691500e-4f);
+  p = fma<W, kFused>(p, r, splat<W>(1.3981999507e-3f));
+  p = fma<W, kFused>(p, r, splat<W>(8.3334519073e-3f));
+  p = fma<W, kFused>(p, r, splat<W>(4.1665795894e-2f));
+  p = fma<W, kFused>(p, r, splat<W>(1.6666665459e-1f));
+  p = fma<W, kFused>(p, r, splat<W>(5.0000001201e-1f));
+  p = fma<W, kFused>(p * r, r, r) + 1.0f;
+  // t's bits are 0x4B400000 + k: (k + 127) << 23 is 2^k
+  const IntLanes<W> scale = (to_bits<W>(t) + (127u - 0x4B400000u)) << 23;
+  return p * from_bits<W>(scale);
+}
+
+template <int W, bool kFused>
+DDPM_SIMD_INLINE Lanes<W> sigmoid(Lanes<W> z) {
+  return 1.0f / (1.0f + exp<W, kFused>(-z));
+}
+
+// body(Width<W>, i) for i = 0, W, 2W, ... then body(Width<1>, i) for the last n % W elements.
+template <int W, typename Body>
+DDPM_SIMD_INLINE void for_lanes(int64_t n, const Body& body) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) body(Width<W>{}, i);
+  for (; i < n; ++i) body(Width<1>{}, i);
+}
+
+constexpr int64_t kSumLanes = 64;
+
+// Sum over i < n of value(Width<w>, i), the values of elements i .. i + w - 1 (value may also
+// store them). 64 float partials, one per i mod 64 (four or eight vectors: enough independent
+// adds to hide their latency), added in double in lane order every `chunk` elements (a multiple
+// of 64) to bound the rounding of long float sums.
+template <int W, typename Value>
+DDPM_SIMD_INLINE double sum64(int64_t n, int64_t chunk, const Value& value) {
+  static_assert(kSumLanes % W == 0, "W must divide 64");
+  constexpr int kVecs = kSumLanes / W;
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += chunk) {
+    const int64_t end = i0 + chunk < n ? i0 + chunk : n;
+    const int64_t full = i0 + ((end - i0) & ~(kSumLanes - 1));
+    Lanes<W> acc[kVecs];
+    for (int u = 0; u < kVecs; ++u) acc[u] = splat<W>(0.0f);
+    for (int64_t i = i0; i < full; i += kSumLanes) {
+      for (int u = 0; u < kVecs; ++u) acc[u] += value(Width<W>{}, i + u * W);
+    }
+    alignas(64) float lanes[kSumLanes];
+    for (int u = 0; u < kVecs; ++u) store<W>(lanes + u * W, acc[u]);
+    for (int64_t i = full; i < end; ++i) lanes[i - full] += value(Width<1>{}, i);
+    for (float lane : lanes) total += lane;
+  }
+  return total;
+}
+
+// Two sums in one pass: value(Width<w>, i, &a, &b) gives both addends of elements i ...
+template <int W, typename Values>
+DDPM_SIMD_INLINE void sum64x2(int64_t n, int64_t chunk, const Values& values, double* total_a, double* total_b) {
+  constexpr int kVecs = kSumLanes / W;
+  double ta = 0, tb = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += chunk) {
+    const int64_t end = i0 + chunk < n ? i0 + chunk : n;
+    const int64_t full = i0 + ((end - i0) & ~(kSumLanes - 1));
+    Lanes<W> acc_a[kVecs], acc_b[kVecs];
+    for (int u = 0; u < kVecs; ++u) acc_a[u] = acc_b[u] = splat<W>(0.0f);
+    for (int64_t i = i0; i < full; i += kSumLanes) {
+      for (int u = 0; u < kVecs; ++u) {
+        Lanes<W> a, b;
+        values(Width<W>{}, i + u * W, &a, &b);
+        acc_a[u] += a;
+        acc_b[u] += b;
+      }
+    }
+    alignas(64) float lanes_a[kSumLanes], lanes_b[kSumLanes];
+    for (int u = 0; u < kVecs; ++u) store<W>(lanes_a + u * W, acc_a[u]), store<W>(lanes_b + u * W, acc_b[u]);
+    for (int64_t i = full; i < end; ++i) {
+      float a, b;
+      values(Width<1>{}, i, &a, &b);
+      lanes_a[i - full] += a;
+      lanes_b[i - full] += b;
+    }
+    for (int64_t l = 0; l < kSumLanes; ++l) ta += lanes_a[l], tb += lanes_b[l];
+  }
+  *total_a = ta, *total_b = tb;
+}
+
+}  // namespace ddpm_fast::simd
