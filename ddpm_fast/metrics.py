@@ -148,9 +148,9 @@ def inception_extractor(weights_path: str | os.PathLike, *, device: torch.device
     The extractor takes images in [-1, 1] ``(B, 1 or 3, H, W)`` (grey is repeated to RGB), resizes
     them to 299x299 bilinearly as pytorch-fid does, and returns ``(B, 2048)``; FIDs then match
     ``python -m pytorch_fid`` on the same images up to fp32/fp64 rounding. Needs the optional
-    ``pytorch-fid`` package and a torchvision built for the installed torch (only the test extra
-    brings them, with torchvision pinned to torch 2.13.0's release: an unpinned
-    ``pip install pytorch-fid`` pulls the newest torch over yours).
+    ``pytorch-fid`` package and a torchvision built for the installed torch, installed with torch
+    pinned (an unpinned ``pip install pytorch-fid`` pulls the newest torch over yours); for a CPU
+    torch that is the CPU torchvision of download.pytorch.org (PyPI serves only the CUDA build).
     """
     path = Path(weights_path)
     if not path.is_file():
