@@ -342,7 +342,7 @@ struct RowsSimd {
     if constexpr (!kFloat<X>) {
       return Portable::sum(src, len);
     } else {
-      return simd::sum64<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+      return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         return simd::load<DDPM_W(w)>(src + i);
       });
     }
@@ -353,7 +353,7 @@ struct RowsSimd {
     if constexpr (!kFloat<X>) {
       return Portable::load_sum(src, len, add, buf);
     } else {
-      return simd::sum64<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+      return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
         const simd::Lanes<V> h = simd::load<V>(src + i) + add;
         simd::store<V>(buf + i, h);
@@ -367,7 +367,7 @@ struct RowsSimd {
     if constexpr (!kFloat<H>) {
       return Portable::sq_dev(h, len, mean);
     } else {
-      return simd::sum64<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+      return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
         const simd::Lanes<V> d = simd::load<V>(h + i) - mean;
         return d * d;
@@ -386,7 +386,7 @@ struct RowsSimd {
           constexpr int V = DDPM_W(w);
           const simd::Lanes<V> z =
               simd::fma<V, kFused>(simd::load<V>(h + i) - mean, simd::splat<V>(a), simd::splat<V>(b));
-          simd::Lanes<V> y = decltype(act)::value ? z * simd::sigmoid<V, kFused>(z) : z;
+          simd::Lanes<V> y = decltype(act)::value ? simd::silu<V, kFused>(z) : z;
           if constexpr (decltype(with_res)::value) y += simd::load<V>(res + i);
           simd::store<V>(out + i, y);
         });
@@ -407,7 +407,7 @@ struct RowsSimd {
           constexpr int V = DDPM_W(w);
           const simd::Lanes<V> z = simd::fma<V, kFused>(simd::load<V>(src + i) + simd::load<V>(d + i),
                                                         simd::load<V>(a + i), simd::load<V>(b + i));
-          simd::Lanes<V> y = decltype(act)::value ? z * simd::sigmoid<V, kFused>(z) : z;
+          simd::Lanes<V> y = decltype(act)::value ? simd::silu<V, kFused>(z) : z;
           if constexpr (decltype(with_res)::value) y += simd::load<V>(res + i);
           simd::store<V>(out + i, y);
         });
@@ -520,7 +520,7 @@ struct RowsSimd {
                                          float* g, int64_t len, float a, float b, bool silu, double* sum_g,
                                          double* sum_gx) {
     auto run = [&](auto act) DDPM_LAMBDA_INLINE {
-      simd::sum64x2<W>(
+      simd::sum32x2<W>(
           len, kSumChunk,
           [&](auto w, int64_t i, auto* out_g, auto* out_gx) DDPM_LAMBDA_INLINE {
             constexpr int V = DDPM_W(w);
@@ -569,7 +569,7 @@ struct RowsSimd {
     if constexpr (!kFloat<X>) {
       return Portable::grad_x(xh, g, len, rstd, a, m1, m2, out);
     } else {
-      return simd::sum64<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+      return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
         const simd::Lanes<V> dx = rstd * dx_inner<V>(simd::splat<V>(a), simd::load<V>(g + i), simd::splat<V>(m1),
                                                     simd::load<V>(xh + i), simd::splat<V>(m2));
@@ -712,6 +712,13 @@ void scatter(const View3& v, X* dst, const View3& rv, const X* res, int64_t n, i
   }
 }
 
+// Asks for the cache lines of a row ahead of its use.
+template <typename X>
+DDPM_INLINE void prefetch_row(const X* row, int64_t len) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < len * static_cast<int64_t>(sizeof(X)); offset += 64) __builtin_prefetch(bytes + offset);
+}
+
 template <typename F>
 DDPM_INLINE F param(const void* p, int64_t i, F absent) {
   return p ? static_cast<const F*>(p)[i] : absent;
@@ -753,11 +760,15 @@ void forward_kernel(const GroupNormArgs& a) {
       }
       const F rstd = F(1) / std::sqrt(static_cast<F>(sq / static_cast<double>(M)) + static_cast<F>(a.eps));
       mean_out[ng] = mean, rstd_out[ng] = rstd;
+      // The statistics of the next group wait on memory, the SiLU of this one on arithmetic: start
+      // loading the next group's rows now, one row ahead of each row written.
+      const X* next = in_rows && ng + 1 < end ? x + a.x.at((ng + 1) / a.G, ((ng + 1) % a.G) * cpg, 0) : nullptr;
       for (int64_t c = 0; c < cpg; ++c) {
         const int64_t cc = c0 + c, nc = n * a.C + cc;
         const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
         const F ca = rstd * param<F>(a.w, cc, F(1)) * s1;
         const F cb = param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
+        if (next) prefetch_row(next + c * a.x.sc, S);
         F* row = buf.data() + c * S;
         const X* res_row = res && out_rows ? res + a.res.at(n, cc, 0) : nullptr;
         if (in_rows && out_rows) {

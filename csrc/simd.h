@@ -6,7 +6,7 @@
 // files using this header are built with -ffp-contract=off, so that the compiler fuses nothing on
 // its own (GCC fused a * b + c in 256-bit code but not in the scalar tail): every lane and every
 // width does the same arithmetic, and an element's result does not depend on W. Sums go through
-// sum64: 64 float partials, lane l holding the elements l mod 64, added in double in lane order,
+// sum32: 32 float partials, lane l holding the elements l mod 32, reduced by one fixed tree,
 // whatever W is. With both, the AVX2 and AVX-512 builds of a kernel give the same bits.
 //
 // Use only from always-inline code that ends up inside a function with a target attribute
@@ -60,13 +60,23 @@ DDPM_SIMD_INLINE void store(float* p, Lanes<W> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// a < b ? a : b, and a > b ? a : b: with a NaN, b (x86's minps/maxps, one instruction where the
+// generic vector code would compare and blend).
 template <int W>
 DDPM_SIMD_INLINE Lanes<W> vmin(Lanes<W> a, Lanes<W> b) {
+#if defined(__x86_64__)
+  if constexpr (W == 8) return __builtin_ia32_minps256(a, b);
+  if constexpr (W == 16) return __builtin_ia32_minps512_mask(a, b, a, static_cast<unsigned short>(-1), 4);
+#endif
   return a < b ? a : b;
 }
 
 template <int W>
 DDPM_SIMD_INLINE Lanes<W> vmax(Lanes<W> a, Lanes<W> b) {
+#if defined(__x86_64__)
+  if constexpr (W == 8) return __builtin_ia32_maxps256(a, b);
+  if constexpr (W == 16) return __builtin_ia32_maxps512_mask(a, b, a, static_cast<unsigned short>(-1), 4);
+#endif
   return a > b ? a : b;
 }
 
@@ -112,7 +122,7 @@ DDPM_SIMD_INLINE Lanes<W> fma(Lanes<W> a, Lanes<W> b, Lanes<W> c) {
 // stays normal), which moves SiLU and its derivative by < 1e-36. NaN stays NaN.
 template <int W, bool kFused>
 DDPM_SIMD_INLINE Lanes<W> exp(Lanes<W> x) {
-  x = vmin<W>(vmax<W>(x, splat<W>(-87.0f)), splat<W>(87.0f));
+  x = vmax<W>(splat<W>(-87.0f), vmin<W>(splat<W>(87.0f), x));  // NaN stays NaN
   const Lanes<W> t = fma<W, kFused>(x, splat<W>(1.44269504088896341f), splat<W>(12582912.0f));
   const Lanes<W> k = t - 12582912.0f;
   Lanes<W> r = fma<W, kFused>(k, splat<W>(-0.693359375f), x);
@@ -134,6 +144,12 @@ DDPM_SIMD_INLINE Lanes<W> sigmoid(Lanes<W> z) {
   return 1.0f / (1.0f + exp<W, kFused>(-z));
 }
 
+// z sigmoid(z) as z / (1 + e^-z): one rounding fewer than the product, and one multiply.
+template <int W, bool kFused>
+DDPM_SIMD_INLINE Lanes<W> silu(Lanes<W> z) {
+  return z / (1.0f + exp<W, kFused>(-z));
+}
+
 // body(Width<W>, i) for i = 0, W, 2W, ... then body(Width<1>, i) for the last n % W elements.
 template <int W, typename Body>
 DDPM_SIMD_INLINE void for_lanes(int64_t n, const Body& body) {
@@ -142,60 +158,98 @@ DDPM_SIMD_INLINE void for_lanes(int64_t n, const Body& body) {
   for (; i < n; ++i) body(Width<1>{}, i);
 }
 
-constexpr int64_t kSumLanes = 64;
+// Partial sums per reduction: 32 lanes, so that two sums at once fit AVX2's 16 registers
+// (2 x 4 vectors; 64 lanes spilled there) and AVX-512 keeps 2 vectors per sum.
+constexpr int64_t kSumLanes = 32;
+
+// Lanes l + H .. of v in lanes l .. (the upper H lanes are v's own: unused).
+template <int W, int H>
+DDPM_SIMD_INLINE Lanes<W> shift_down(Lanes<W> v) {
+  IntLanes<W> mask;
+  for (int l = 0; l < W; ++l) mask[l] = static_cast<uint32_t>((l + H) % W);
+  return __builtin_shuffle(v, mask);
+}
+
+// The float partials of a sum, lane L (= u W + l: lane l of vector u) holding the elements L mod 32.
+template <int W>
+struct Partials {
+  static_assert(W > 1 && kSumLanes % W == 0, "W must divide kSumLanes");
+  static constexpr int kVecs = kSumLanes / W;
+  Lanes<W> v[kVecs];
+
+  DDPM_SIMD_INLINE Partials() {
+    for (int u = 0; u < kVecs; ++u) v[u] = splat<W>(0.0f);
+  }
+
+  // The elements of a block of 32 (or fewer, zero-padded: adding 0 leaves a lane as it was).
+  DDPM_SIMD_INLINE void add(int u, Lanes<W> x) { v[u] += x; }
+  DDPM_SIMD_INLINE void add_padded(const float* block) {
+    for (int u = 0; u < kVecs; ++u) v[u] += load<W>(block + u * W);
+  }
+
+  // The total by a fixed pairwise tree over the 32 lanes (lane L + lane L + 16, then + 8, ... + 1),
+  // whole vectors first, then within one: the same additions, in the same order, for every W.
+  DDPM_SIMD_INLINE float reduce() {
+    for (int n = kVecs / 2; n >= 1; n /= 2) {
+      for (int u = 0; u < n; ++u) v[u] += v[u + n];
+    }
+    Lanes<W> r = v[0];
+    if constexpr (W >= 16) r += shift_down<W, 8>(r);
+    if constexpr (W >= 8) r += shift_down<W, 4>(r);
+    r += shift_down<W, 2>(r);
+    r += shift_down<W, 1>(r);
+    return r[0];
+  }
+};
 
 // Sum over i < n of value(Width<w>, i), the values of elements i .. i + w - 1 (value may also
-// store them). 64 float partials, one per i mod 64 (four or eight vectors: enough independent
-// adds to hide their latency), added in double in lane order every `chunk` elements (a multiple
-// of 64) to bound the rounding of long float sums.
+// store them), in Partials<W>, added in double every `chunk` elements (a multiple of 32) to bound
+// the rounding of long float sums. The last n % 32 elements go through value(Width<1>, i) into a
+// zero-padded block.
 template <int W, typename Value>
-DDPM_SIMD_INLINE double sum64(int64_t n, int64_t chunk, const Value& value) {
-  static_assert(kSumLanes % W == 0, "W must divide 64");
-  constexpr int kVecs = kSumLanes / W;
+DDPM_SIMD_INLINE double sum32(int64_t n, int64_t chunk, const Value& value) {
   double total = 0;
   for (int64_t i0 = 0; i0 < n; i0 += chunk) {
     const int64_t end = i0 + chunk < n ? i0 + chunk : n;
     const int64_t full = i0 + ((end - i0) & ~(kSumLanes - 1));
-    Lanes<W> acc[kVecs];
-    for (int u = 0; u < kVecs; ++u) acc[u] = splat<W>(0.0f);
+    Partials<W> acc;
     for (int64_t i = i0; i < full; i += kSumLanes) {
-      for (int u = 0; u < kVecs; ++u) acc[u] += value(Width<W>{}, i + u * W);
+      for (int u = 0; u < acc.kVecs; ++u) acc.add(u, value(Width<W>{}, i + u * W));
     }
-    alignas(64) float lanes[kSumLanes];
-    for (int u = 0; u < kVecs; ++u) store<W>(lanes + u * W, acc[u]);
-    for (int64_t i = full; i < end; ++i) lanes[i - full] += value(Width<1>{}, i);
-    for (float lane : lanes) total += lane;
+    if (full < end) {
+      alignas(64) float tail[kSumLanes] = {};
+      for (int64_t i = full; i < end; ++i) tail[i - full] = value(Width<1>{}, i);
+      acc.add_padded(tail);
+    }
+    total += acc.reduce();
   }
   return total;
 }
 
-// Two sums in one pass: value(Width<w>, i, &a, &b) gives both addends of elements i ...
+// Two sums in one pass: values(Width<w>, i, &a, &b) gives both addends of elements i ...
 template <int W, typename Values>
-DDPM_SIMD_INLINE void sum64x2(int64_t n, int64_t chunk, const Values& values, double* total_a, double* total_b) {
-  constexpr int kVecs = kSumLanes / W;
+DDPM_SIMD_INLINE void sum32x2(int64_t n, int64_t chunk, const Values& values, double* total_a, double* total_b) {
   double ta = 0, tb = 0;
   for (int64_t i0 = 0; i0 < n; i0 += chunk) {
     const int64_t end = i0 + chunk < n ? i0 + chunk : n;
     const int64_t full = i0 + ((end - i0) & ~(kSumLanes - 1));
-    Lanes<W> acc_a[kVecs], acc_b[kVecs];
-    for (int u = 0; u < kVecs; ++u) acc_a[u] = acc_b[u] = splat<W>(0.0f);
+    Partials<W> acc_a, acc_b;
     for (int64_t i = i0; i < full; i += kSumLanes) {
-      for (int u = 0; u < kVecs; ++u) {
+      for (int u = 0; u < acc_a.kVecs; ++u) {
         Lanes<W> a, b;
         values(Width<W>{}, i + u * W, &a, &b);
-        acc_a[u] += a;
-        acc_b[u] += b;
+        acc_a.add(u, a);
+        acc_b.add(u, b);
       }
     }
-    alignas(64) float lanes_a[kSumLanes], lanes_b[kSumLanes];
-    for (int u = 0; u < kVecs; ++u) store<W>(lanes_a + u * W, acc_a[u]), store<W>(lanes_b + u * W, acc_b[u]);
-    for (int64_t i = full; i < end; ++i) {
-      float a, b;
-      values(Width<1>{}, i, &a, &b);
-      lanes_a[i - full] += a;
-      lanes_b[i - full] += b;
+    if (full < end) {
+      alignas(64) float tail_a[kSumLanes] = {}, tail_b[kSumLanes] = {};
+      for (int64_t i = full; i < end; ++i) values(Width<1>{}, i, tail_a + (i - full), tail_b + (i - full));
+      acc_a.add_padded(tail_a);
+      acc_b.add_padded(tail_b);
     }
-    for (int64_t l = 0; l < kSumLanes; ++l) ta += lanes_a[l], tb += lanes_b[l];
+    ta += acc_a.reduce();
+    tb += acc_b.reduce();
   }
   *total_a = ta, *total_b = tb;
 }

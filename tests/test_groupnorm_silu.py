@@ -339,7 +339,7 @@ def _cpp_forward_and_grads(t, groups, channels_last=False, gy=None):
 
 def test_cpp_avx512_and_avx2_builds_give_the_same_bits():
     """The float rows' AVX-512 (16 lanes) and AVX2 (8 lanes) builds do the same arithmetic per element
-    and sum through the same 64 partials (csrc/simd.h): the same bits, forward and backward, NCHW and
+    and sum through the same 32 partials (csrc/simd.h): the same bits, forward and backward, NCHW and
     channels_last, rows that end off both widths. Runs where the CPU has AVX-512 (CI on Xeons)."""
     if "cpp" not in FAST_BACKENDS or "avx512" not in cpu_isas():
         pytest.skip("needs the cpp backend on a CPU with AVX-512")
