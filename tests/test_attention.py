@@ -175,12 +175,22 @@ def test_sdpa_and_reference(backend, dtype):
 
 
 def test_default_dispatch():
-    """SDPA up to head_dim 256 and off CUDA; Triton for wider heads on CUDA."""
-    for d, cuda_choice in ((64, "sdpa"), (256, "sdpa"), (512, "triton" if TRITON else "sdpa")):
-        q = torch.empty(1, 1, 16, d, device=DEVICE)
-        want = cuda_choice if DEVICE.type == "cuda" else "sdpa"
-        assert _backend_for(None, q) == want
-    assert _backend_for(None, torch.empty(1, 1, 16, 512, dtype=torch.float64, device=DEVICE)) == "sdpa"
+    """CUDA: SDPA up to head_dim 256, Triton for wider heads (float64: SDPA). CPU, as measured fastest:
+    SDPA, except the plain reference for heads over 256, and for heads of 256 when gradients are
+    needed (not under no_grad)."""
+
+    def choice(d, dtype=torch.float32, grad=False):
+        q = torch.empty(1, 1, 16, d, dtype=dtype, device=DEVICE, requires_grad=grad)
+        return _backend_for(None, q, q, q)
+
+    if DEVICE.type == "cuda":
+        assert [choice(d) for d in (64, 256, 512)] == ["sdpa", "sdpa", "triton" if TRITON else "sdpa"]
+        assert choice(512, torch.float64) == "sdpa"
+        return
+    assert [choice(d) for d in (64, 128, 256, 512)] == ["sdpa", "sdpa", "sdpa", "reference"]
+    assert [choice(d, grad=True) for d in (64, 128, 256, 512)] == ["sdpa", "sdpa", "reference", "reference"]
+    with torch.no_grad():
+        assert choice(256, grad=True) == "sdpa"
 
 
 # ------------------------------------------------------------------ the block

@@ -9,7 +9,11 @@
 - ``"sdpa"``: torch's scaled_dot_product_attention (flash / memory-efficient / math, as torch picks);
 - ``"reference"``: reference.attention (explicit softmax, fp32).
 None picks: on CUDA, SDPA up to head_dim 256 (its flash and memory-efficient kernels), Triton
-beyond; elsewhere SDPA (on CPU: torch's own flash-style CPU kernel).
+beyond. On CPU, what measured fastest per shape class (benchmarks/results/cpu-*-attention.json,
+2-core EPYC): the plain reference (two matmuls and a softmax) for heads of 256 and more when
+gradients are needed (fwd+bwd at 8x1x256x256: 16.1 ms vs SDPA 18.9) and for heads over 256
+(forward at 2x1x256x512: 2.37 ms vs 2.60), else SDPA (its flash-style CPU kernel; 8 heads of 64
+over 512 tokens: 6.1 ms vs 8.3 forward, 16.7 vs 22.7 fwd+bwd). Elsewhere SDPA.
 
 ``attention_block`` is a Python composite of ops: GroupNorm (group_norm_silu with silu=False),
 the qkv projection writing (N, S, 3C) from which q, k and v are strided views (no copies), the
@@ -32,6 +36,8 @@ ATTENTION_BACKENDS = ("triton", "sdpa", "reference")
 MAX_HEAD_DIM = 512
 # Up to this head_dim SDPA's fused CUDA kernels (flash, memory-efficient) run; beyond, Triton.
 SDPA_MAX_HEAD_DIM = 256
+# On CPU, heads this wide take the plain reference when gradients are needed, and wider ones always.
+CPU_PLAIN_HEAD_DIM = 256
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -124,7 +130,7 @@ def _triton_here(device: torch.device) -> bool:
     return True
 
 
-def _backend_for(requested: str | None, q: torch.Tensor) -> str:
+def _backend_for(requested: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     if requested is not None and requested not in ATTENTION_BACKENDS:
         hint = " (attention has no C++ kernel; SDPA is torch's own)" if requested in ("cpp", "cuda") else ""
         raise ValueError(f"unknown attention backend {requested!r}{hint}; valid: {', '.join(ATTENTION_BACKENDS)}")
@@ -135,9 +141,15 @@ def _backend_for(requested: str | None, q: torch.Tensor) -> str:
         return "triton"
     if requested is not None:
         return requested
-    big_head = q.shape[-1] > SDPA_MAX_HEAD_DIM
-    if q.device.type == "cuda" and big_head and q.dtype != torch.float64 and _triton_here(q.device):
-        return "triton"
+    head_dim = q.shape[-1]
+    if q.device.type == "cuda":
+        if head_dim > SDPA_MAX_HEAD_DIM and q.dtype != torch.float64 and _triton_here(q.device):
+            return "triton"
+        return "sdpa"
+    if q.device.type == "cpu" and head_dim >= CPU_PLAIN_HEAD_DIM:
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if head_dim > CPU_PLAIN_HEAD_DIM or needs_grad:
+            return "reference"
     return "sdpa"
 
 
@@ -189,7 +201,7 @@ def attention(
     """
     _check_qkv(q, k, v, scale)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    name = _backend_for(backend, q)
+    name = _backend_for(backend, q, k, v)
     if name == "reference":
         return reference.attention(q, k, v, scale)
     if name == "sdpa":
