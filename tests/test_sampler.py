@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_BACKENDS, HAS_CUDA, assert_close_to_reference, is_slow
+from conftest import FAST_BACKENDS, HAS_CUDA, is_slow
 
 import ddpm_fast
 from ddpm_fast import Schedule, SchedulerConfig, StepConfig, posterior_step, reference, sample
@@ -154,10 +154,23 @@ def test_ddim_pipeline(diffusers, diffusers_unet, steps, eta):
     if eta > 0 or steps == 10:
         torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
     else:
-        # 50 deterministic steps amplify rounding ~500x here: both fp32 loops are held to the
-        # float64 loop (our float64 table, model in float64) by the tolerance rule instead.
-        truth = float64_ddim_loop(diffusers, unet, torch.randn(2, 3, 8, 8, generator=gen(5)), steps)
-        assert_close_to_reference(ours, ref, (truth / 2 + 0.5).clamp(0, 1))
+        # 50 deterministic steps amplify rounding ~500x here, so the two fp32 loops agree only to
+        # ~1e-4, and which of them lands closer to the exact result depends on the CPU's vector
+        # ISA (a 2x-the-reference's-error rule failed under ATen's baseline kernels). So: the same
+        # loop in float64 (model, noise and ours; diffusers with our float64 table) agrees to
+        # rounding, and the fp32 loops within the amplified rounding.
+        x_T = torch.randn(2, 3, 8, 8, generator=gen(5))
+        truth = float64_ddim_loop(diffusers, unet, x_T, steps)
+        exact = sample(
+            copy.deepcopy(unet).double(),
+            x_T=x_T.double(),
+            scheduler=scheduler,
+            eta=eta,
+            num_inference_steps=steps,
+            output_type="tensor",
+            progress=False,
+        )
+        torch.testing.assert_close(exact, truth, rtol=0, atol=1e-10)
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-3)
 
 
