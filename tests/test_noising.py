@@ -19,6 +19,7 @@ from conftest import (
 
 import ddpm_fast
 from ddpm_fast import q_sample, reference
+from ddpm_fast._backends import cpu_isas, use_cpu_isa
 from ddpm_fast.ops import no_value_checks
 
 try:  # a global: the test kernels' calls resolve in this module's namespace
@@ -385,12 +386,15 @@ def test_triton_noise_at_any_offset():
 @pytest.mark.skipif(not HAS_CPP, reason="needs the C++ extension")
 @pytest.mark.parametrize("offset,count", FILL_CASES, ids=str)
 @pytest.mark.parametrize("portable", [False, True], ids=["dispatched", "portable"])
-def test_cpu_fill_at_any_offset(portable, offset, count):
-    """The C++ bulk draw (AVX2 where the CPU has it; the portable loop of other CPUs) against the
-    reference, at offsets and counts that cut Philox blocks and the vector loop's steps anywhere."""
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_cpu_fill_at_any_offset(isa, portable, offset, count):
+    """The C++ bulk draw (AVX2 where the CPU has it; the portable loop of other CPUs, in each ISA
+    build) against the reference, at offsets and counts that cut Philox blocks and the vector
+    loop's steps anywhere."""
     from ddpm_fast import _C
 
-    got = torch.tensor(_C.philox_randn_fill(CONTRACT_SEED, offset, count, portable=portable))
+    with use_cpu_isa(isa):
+        got = torch.tensor(_C.philox_randn_fill(CONTRACT_SEED, offset, count, portable=portable))
     expected = reference.philox_randn(CONTRACT_SEED, (count,), offset=offset)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
