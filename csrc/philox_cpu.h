@@ -9,7 +9,8 @@ constexpr int64_t kNoiseChunk = 1024;
 
 void philox_randn_fill(uint64_t seed, uint64_t offset, int64_t count, float* out);
 
-// The portable loop that CPUs without AVX2 run (exposed so that tests can check it anywhere).
+// The portable loop that CPUs without AVX2 run, in the active ISA's build (exposed so that tests
+// can check it anywhere).
 void philox_randn_fill_portable(uint64_t seed, uint64_t offset, int64_t count, float* out);
 
 }  // namespace ddpm_fast
