@@ -74,24 +74,6 @@ DDPM_INLINE F sigmoid(F z) {
 // for a row of the group buffer). Long sums add per-chunk partials in double.
 template <typename F>
 struct Rows {
-  // buf = F(src) + add; returns the sum of buf.
-  template <typename X>
-  DDPM_INLINE static double load_sum(const X* src, int64_t len, F add, F* buf) {
-    double total = 0;
-    for (int64_t i0 = 0; i0 < len; i0 += kSumChunk) {
-      const int64_t end = std::min(len, i0 + kSumChunk);
-      F s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = i0; i < end; ++i) {
-        const F v = static_cast<F>(src[i]) + add;
-        buf[i] = v;
-        s += v;
-      }
-      total += s;
-    }
-    return total;
-  }
-
   // sum of F(src).
   template <typename X>
   DDPM_INLINE static double sum(const X* src, int64_t len) {
@@ -344,20 +326,6 @@ struct RowsSimd {
     } else {
       return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         return simd::load<DDPM_W(w)>(src + i);
-      });
-    }
-  }
-
-  template <typename X>
-  DDPM_INLINE static double load_sum(const X* src, int64_t len, float add, float* buf) {
-    if constexpr (!kFloat<X>) {
-      return Portable::load_sum(src, len, add, buf);
-    } else {
-      return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
-        constexpr int V = DDPM_W(w);
-        const simd::Lanes<V> h = simd::load<V>(src + i) + add;
-        simd::store<V>(buf + i, h);
-        return h;
       });
     }
   }
@@ -621,10 +589,6 @@ struct RowsSimd {
     template <typename X>                                                                                    \
     ATTR static double sum(const X* src, int64_t len) {                                                      \
       return Impl::sum(src, len);                                                                            \
-    }                                                                                                        \
-    template <typename X>                                                                                    \
-    ATTR static double load_sum(const X* src, int64_t len, float add, float* buf) {                          \
-      return Impl::load_sum(src, len, add, buf);                                                             \
     }                                                                                                        \
     template <typename H>                                                                                    \
     ATTR static double sq_dev(const H* h, int64_t len, float mean) {                                         \
