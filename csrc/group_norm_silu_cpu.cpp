@@ -287,6 +287,13 @@ struct Rows {
     grad_sums(xh, dy, g, len, a, b, silu, sum_g, sum_gx);
   }
 
+  // grad_x after norm_grad_sums (whose xh holds x_hat here; RowsSimd recomputes it from src).
+  template <typename X, typename O>
+  DDPM_INLINE static double norm_grad_x(const X*, F, F, F rstd, const F* xh, const F* g, int64_t len, F a, F m1,
+                                        F m2, O* out) {
+    return grad_x(xh, g, len, rstd, a, m1, m2, out);
+  }
+
   // The second pass: out = X(dx), dx = rstd (a g - m1 - xh m2); returns sum dx. out may be g.
   template <typename X>
   DDPM_INLINE static double grad_x(const F* xh, const F* g, int64_t len, F rstd, F a, F m1, F m2, X* out) {
@@ -481,22 +488,19 @@ struct RowsSimd {
     }
   }
 
-  // g = dy act'(xh a + b), stored; returns the sums of g and g xh. With kFromX, xh is first
-  // computed from the input row src as (src + add - mean) rstd and stored (one pass, not two).
+  // g = dy act'(xh a + b), stored; returns the sums of g and g xh. With kFromX, xh is computed
+  // from the input row src as (src + add - mean) rstd, and not stored: norm_grad_x computes it
+  // again (a load of x and two operations cost less than storing and reloading x_hat).
   template <bool kFromX, typename X>
-  DDPM_INLINE static void grad_sums_impl(const float* src, float add, float mean, float rstd, float* xh, const X* dy,
-                                         float* g, int64_t len, float a, float b, bool silu, double* sum_g,
-                                         double* sum_gx) {
+  DDPM_INLINE static void grad_sums_impl(const float* src, float add, float mean, float rstd, const X* dy, float* g,
+                                         int64_t len, float a, float b, bool silu, double* sum_g, double* sum_gx) {
     auto run = [&](auto act) DDPM_LAMBDA_INLINE {
       simd::sum32x2<W>(
           len, kSumChunk,
           [&](auto w, int64_t i, auto* out_g, auto* out_gx) DDPM_LAMBDA_INLINE {
             constexpr int V = DDPM_W(w);
             simd::Lanes<V> x = simd::load<V>(src + i);
-            if constexpr (kFromX) {
-              x = (x + add - mean) * rstd;
-              simd::store<V>(xh + i, x);
-            }
+            if constexpr (kFromX) x = (x + add - mean) * rstd;
             const simd::Lanes<V> z = simd::fma<V, kFused>(x, simd::splat<V>(a), simd::splat<V>(b));
             const simd::Lanes<V> gi = grad_act<V, decltype(act)::value>(z, simd::load<V>(dy + i));
             simd::store<V>(g + i, gi);
@@ -515,7 +519,7 @@ struct RowsSimd {
     if constexpr (!kFloat<X>) {
       Portable::grad_sums(xh, dy, g, len, a, b, silu, sum_g, sum_gx);
     } else {
-      grad_sums_impl<false>(xh, 0.0f, 0.0f, 0.0f, nullptr, dy, g, len, a, b, silu, sum_g, sum_gx);
+      grad_sums_impl<false>(xh, 0.0f, 0.0f, 0.0f, dy, g, len, a, b, silu, sum_g, sum_gx);
     }
   }
 
@@ -526,7 +530,25 @@ struct RowsSimd {
     if constexpr (!kFloat<X>) {
       Portable::norm_grad_sums(src, len, add, mean, rstd, xh, dy, g, a, b, silu, sum_g, sum_gx);
     } else {
-      grad_sums_impl<true>(src, add, mean, rstd, xh, dy, g, len, a, b, silu, sum_g, sum_gx);
+      grad_sums_impl<true>(src, add, mean, rstd, dy, g, len, a, b, silu, sum_g, sum_gx);
+    }
+  }
+
+  // grad_x after norm_grad_sums: x_hat recomputed from the input row src, as norm_grad_sums did.
+  template <typename X, typename O>
+  DDPM_INLINE static double norm_grad_x(const X* src, float add, float mean, float rstd, const float* xh,
+                                        const float* g, int64_t len, float a, float m1, float m2, O* out) {
+    if constexpr (!kFloat<X> || !kFloat<O>) {
+      return Portable::norm_grad_x(src, add, mean, rstd, xh, g, len, a, m1, m2, out);
+    } else {
+      return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+        constexpr int V = DDPM_W(w);
+        const simd::Lanes<V> x_hat = (simd::load<V>(src + i) + add - mean) * rstd;
+        const simd::Lanes<V> dx = rstd * dx_inner<V>(simd::splat<V>(a), simd::load<V>(g + i), simd::splat<V>(m1),
+                                                    x_hat, simd::splat<V>(m2));
+        simd::store<V>(out + i, dx);
+        return dx;
+      });
     }
   }
 
@@ -638,6 +660,11 @@ struct RowsSimd {
                                     double* sum_gx) {                                                        \
       Impl::norm_grad_sums(src, len, add, mean, rstd, xh, dy, g, a, b, silu, sum_g, sum_gx);                 \
     }                                                                                                        \
+    template <typename X, typename O>                                                                        \
+    ATTR static double norm_grad_x(const X* src, float add, float mean, float rstd, const float* xh,         \
+                                   const float* g, int64_t len, float a, float m1, float m2, O* out) {       \
+      return Impl::norm_grad_x(src, add, mean, rstd, xh, g, len, a, m1, m2, out);                            \
+    }                                                                                                        \
     template <typename X>                                                                                    \
     ATTR static double grad_x(const float* xh, const float* g, int64_t len, float rstd, float a, float m1,   \
                               float m2, X* out) {                                                            \
@@ -680,7 +707,8 @@ void scatter(const View3& v, X* dst, const View3& rv, const X* res, int64_t n, i
 template <typename X>
 DDPM_INLINE void prefetch_row(const X* row, int64_t len) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t offset = 0; offset < len * static_cast<int64_t>(sizeof(X)); offset += 64) __builtin_prefetch(bytes + offset);
+  const int64_t size = len * static_cast<int64_t>(sizeof(X));
+  for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset);
 }
 
 template <typename F>
@@ -932,9 +960,17 @@ void backward_kernel(const GroupNormArgs& a) {
       for (int64_t c = 0; c < cpg; ++c) {
         const F* xh_row = xh.data() + c * S;
         F* g_row = g.data() + c * S;
-        const double total = dx_rows ? R::grad_x(xh_row, g_row, S, rstd, coef[c], mean_g, mean_gx,
-                                                 dx + a.dx.at(n, c0 + c, 0))
-                                     : R::grad_x(xh_row, g_row, S, rstd, coef[c], mean_g, mean_gx, g_row);
+        X* dx_row = dx + a.dx.at(n, c0 + c, 0);
+        double total;
+        if (fused) {
+          const X* x_row = x + a.x.at(n, c0 + c, 0);
+          const F add = bias_nc ? bias_nc[c] : F(0);
+          total = dx_rows ? R::norm_grad_x(x_row, add, mean, rstd, xh_row, g_row, S, coef[c], mean_g, mean_gx, dx_row)
+                          : R::norm_grad_x(x_row, add, mean, rstd, xh_row, g_row, S, coef[c], mean_g, mean_gx, g_row);
+        } else {
+          total = dx_rows ? R::grad_x(xh_row, g_row, S, rstd, coef[c], mean_g, mean_gx, dx_row)
+                          : R::grad_x(xh_row, g_row, S, rstd, coef[c], mean_g, mean_gx, g_row);
+        }
         if (dbias_nc) dbias_nc[n * a.C + c0 + c] = static_cast<F>(total);
       }
       if (!dx_rows) scatter<X, F>(a.dx, dx, View3{}, static_cast<const X*>(nullptr), n, c0, cpg, S, g.data());
