@@ -1,5 +1,5 @@
 """Triton GroupNorm + SiLU, forward and backward, with the time embedding folded in (the same
-arithmetic as csrc/groupnorm_cpu.cpp and reference.group_norm_silu):
+arithmetic as csrc/group_norm_silu_cpu.cpp and reference.group_norm_silu):
 
     h = x + bias_nc;  n = (h - mean) rstd w + b;  n = n (1 + scale_nc) + shift_nc;  y = SiLU(n) + residual
 
