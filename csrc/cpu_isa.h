@@ -5,7 +5,6 @@
 // or by set_cpu_isa_cap (tests run every path the machine supports).
 #pragma once
 #include <string>
-#include <vector>
 
 namespace ddpm_fast {
 
