@@ -36,7 +36,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import reference
 from .ema import EMA
-from .ops import q_sample
+from .ops import no_value_checks, q_sample
 from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, Schedule, SchedulerConfig, normalize_choice
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -495,6 +495,17 @@ class Trainer:
         pred = getattr(pred, "sample", pred)
         return reference.diffusion_loss(pred, target, t, self.schedule, config.prediction_type, config.min_snr_gamma)
 
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """The batch's labels, checked on the host before they move (a check on the device would
+        cost a sync every step): the data's classes are [0, num_classes)."""
+        if labels.numel() and labels.device.type == "cpu":
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"the dataset gave class labels {low}..{high}; the model was built for {self.num_classes} "
+                    f"classes (labels 0..{self.num_classes - 1})"
+                )
+
     def train_step(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm), on device."""
         config = self.config
@@ -503,10 +514,17 @@ class Trainer:
         for micro in range(config.grad_accum):
             x0, labels = next(batches)
             x0 = x0.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True) if config.class_conditional else None
+            if config.class_conditional:
+                self._check_labels(labels)
+                labels = labels.to(self.device, non_blocking=True)
+            else:
+                labels = None
             last = micro == config.grad_accum - 1
             sync_ctx = self.ddp_model.no_sync() if (self.dist.world_size > 1 and not last) else contextlib.nullcontext()
-            with sync_ctx:
+            # The ops' and the U-Net's checks that read tensor values (timestep and label ranges)
+            # would sync the host with the device on every step: the timesteps are drawn in range
+            # here and the labels were checked on the host above.
+            with sync_ctx, no_value_checks():
                 loss = self.loss_on(x0, labels, micro) / config.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()

@@ -222,3 +222,14 @@ def test_config_from_dict():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown train option"):
         TrainConfig.from_dict({"batchsize": 8})
+
+
+def test_bad_labels_are_refused_on_the_host(tmp_path):
+    """Labels are checked on the host batch before they move (the step itself reads no values)."""
+    trainer = Trainer(config(tmp_path, "run", steps=1, class_conditional=True))
+    x0, labels = next(iter(trainer.loader))
+    trainer.train_step(iter([(x0, labels)]))  # the data's own labels pass
+    bad = labels.clone()
+    bad[-1] = trainer.num_classes
+    with pytest.raises(ValueError, match=r"class labels \d+\.\.10; the model was built for 10 classes"):
+        trainer.train_step(iter([(x0, bad)]))
