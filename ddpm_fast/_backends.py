@@ -175,11 +175,28 @@ def _select_backend(requested: str | None, device_type: str, interpreting: bool)
     return requested
 
 
+# ---------------------------------------------------------------- per-op choice
+# Every default below comes from benchmarks/results on each device; this is the one place that
+# decides which backend runs an op (the ops, the sampler and the U-Net all ask `choose`).
+
+# The backends each op has (attention has no C++ kernel: "sdpa" is torch's own).
+OP_BACKENDS = {
+    "q_sample": ("reference", "cpp", "cuda", "triton"),
+    "posterior_step": ("reference", "cpp", "cuda", "triton"),
+    "group_norm_silu": ("reference", "cpp", "triton"),
+    "attention": ("triton", "sdpa", "reference"),
+}
+
 # On CUDA, the elementwise ops (q_sample, posterior_step) below this many elements are bound by
 # their launch: a call of the CUDA C++ kernels costs ~40-60 us, of Triton's Python launcher
 # ~140-180 us (H100, torch 2.11, triton 3.6: benchmarks/results/h100-2026-11-26-*.json), while
 # at 50M elements Triton's kernels run at ~100% of copy bandwidth and the CUDA C++ ones at 55-70%.
 ELEMENTWISE_CUDA_CPP_BELOW = 1 << 24
+# Attention: up to this head_dim SDPA's fused CUDA kernels (flash, memory-efficient) run; beyond, Triton.
+SDPA_MAX_HEAD_DIM = 256
+# On CPU, heads this wide take the plain reference when gradients are needed, and wider ones
+# always (benchmarks/results/cpu-2026-12-04-attention.json: SDPA's CPU kernel loses there).
+CPU_PLAIN_HEAD_DIM = 256
 
 
 @torch.compiler.assume_constant_result
@@ -187,10 +204,75 @@ def _cuda_cpp_available() -> bool:
     return _backends(False)["cuda"][0]
 
 
-def elementwise_backend(requested: str | None, device: torch.device, numel: int) -> str:
-    """select_backend for q_sample and posterior_step: by default on CUDA, the CUDA C++ kernels
-    for launch-bound sizes and Triton above (see ELEMENTWISE_CUDA_CPP_BELOW)."""
+@torch.compiler.assume_constant_result
+def _triton_runs_on(device: torch.device) -> bool:
+    """The Triton kernels run on this device (CUDA; CPU tensors only under TRITON_INTERPRET=1)."""
+    try:
+        select_backend("triton", device)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def choose(
+    op: str,
+    requested: str | None,
+    device: torch.device,
+    *,
+    numel: int = 0,
+    dtype: torch.dtype | None = None,
+    head_dim: int = 0,
+    needs_grad: bool = False,
+) -> str:
+    """The backend that runs ``op`` on ``device``: ``requested`` when it can (else a clear error),
+    or by default the fastest measured for this call's size (``numel``), ``dtype``, attention's
+    ``head_dim`` and whether gradients are needed."""
+    valid = OP_BACKENDS[op]
+    if requested is not None and requested not in valid:
+        if op == "attention" and requested in ("cpp", "cuda"):
+            hint = " (attention has no C++ kernel; SDPA is torch's own)"
+        elif op == "group_norm_silu" and requested == "cuda":
+            hint = " (no CUDA C++ kernel: use backend='triton', or 'reference', on CUDA)"
+        else:
+            hint = ""
+        raise ValueError(f"unknown backend {requested!r} for {op}{hint}; valid: {', '.join(valid)}")
+    if op == "attention":
+        return _choose_attention(requested, device, dtype, head_dim, needs_grad)
+    if requested == "triton" and dtype == torch.float64:
+        raise TypeError(f"the triton backend does not take float64 ({op}): use backend='cpp' or 'reference'")
     name = select_backend(requested, device)
-    if requested is None and name == "triton" and device.type == "cuda" and numel < ELEMENTWISE_CUDA_CPP_BELOW:
+    if requested is not None:
+        return name
+    if name == "triton" and dtype == torch.float64:
+        return "cuda" if device.type == "cuda" and "cuda" in valid and _cuda_cpp_available() else "reference"
+    if op == "group_norm_silu" and name == "cuda":
+        return "reference"  # Triton missing on CUDA: no CUDA C++ kernel to fall back to
+    if name == "triton" and device.type == "cuda" and numel < ELEMENTWISE_CUDA_CPP_BELOW and "cuda" in valid:
         return "cuda" if _cuda_cpp_available() else name
     return name
+
+
+def _choose_attention(
+    requested: str | None, device: torch.device, dtype: torch.dtype | None, head_dim: int, needs_grad: bool
+) -> str:
+    if requested == "triton":
+        select_backend("triton", device)  # raises with the reason when it cannot run here
+        if dtype == torch.float64:
+            raise TypeError("the triton backend does not take float64: use backend='sdpa' or 'reference'")
+        return "triton"
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        if head_dim > SDPA_MAX_HEAD_DIM and dtype != torch.float64 and _triton_runs_on(device):
+            return "triton"
+        return "sdpa"
+    if device.type == "cpu" and (head_dim > CPU_PLAIN_HEAD_DIM or (head_dim == CPU_PLAIN_HEAD_DIM and needs_grad)):
+        return "reference"
+    return "sdpa"
+
+
+def op_backend(op: str, model_backend: str | None) -> str | None:
+    """The backend a model-wide setting (the U-Net's or the sampler's ``backend=``) gives ``op``:
+    the same name where the op has it, else the op's default (attention has no cpp/cuda kernel,
+    group_norm_silu no cuda one)."""
+    return model_backend if model_backend in OP_BACKENDS[op] else None

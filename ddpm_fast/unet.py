@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._backends import op_backend
 from ._fileio import CheckpointError, atomic_directory, read_manifest, read_verified
 from .ops import attention_block, group_norm_silu
 from .ops._common import value_checks_enabled
@@ -297,11 +298,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def _attention_backend(backend: str | None) -> str | None:
-    """The attention op's backend for the model's: it has reference, triton and sdpa (no cpp)."""
-    return backend if backend in ("reference", "triton") else None
-
-
 class ResBlock(nn.Module):
     """GroupNorm+SiLU -> conv -> (+ time embedding) GroupNorm+SiLU -> dropout -> conv, plus the
     (1x1-projected when the width changes) input: diffusers' ResnetBlock2D."""
@@ -357,7 +353,7 @@ class Attention(nn.Module):
             num_groups=self.norm.num_groups,
             eps=self.norm.eps,
             num_heads=self.num_heads,
-            backend=_attention_backend(backend),
+            backend=op_backend("attention", backend),
         )
 
 
@@ -523,7 +519,7 @@ class UNet(nn.Module):
             channels_last.
         """
         t, class_labels = self._check_inputs(x, t, class_labels)
-        cfg, backend = self.config, self.backend
+        cfg, backend = self.config, op_backend("group_norm_silu", self.backend)
         emb = timestep_embedding(t, cfg.base_channels, cfg.flip_sin_to_cos, cfg.freq_shift).to(self.dtype)
         emb = self.time_embed.linear_2(F.silu(self.time_embed.linear_1(emb)))
         if self.class_embed is not None:

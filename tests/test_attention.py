@@ -331,7 +331,7 @@ def test_bad_attention_inputs():
         attention(q, q, [1.0])
     with pytest.raises(ValueError, match="scale"):
         attention(q, q, q, -1.0)
-    with pytest.raises(ValueError, match="unknown attention backend 'cpp'.*no C\\+\\+ kernel"):
+    with pytest.raises(ValueError, match="unknown backend 'cpp' for attention.*no C\\+\\+ kernel"):
         attention(q, q, q, backend="cpp")
     if TRITON:
         with pytest.raises(TypeError, match="float64"):

@@ -55,16 +55,36 @@ def test_unknown_and_unavailable_backends_are_clear_errors():
 
 def test_elementwise_default_on_cuda_follows_the_size(monkeypatch):
     """q_sample/posterior_step on CUDA by default: the CUDA C++ kernels while a call is bound by
-    its launch, Triton above; an explicit backend stands; CPU choices are untouched."""
+    its launch, Triton above; an explicit backend stands; CPU choices are untouched; float64
+    never goes to Triton by default."""
     monkeypatch.setattr(_backends, "select_backend", lambda requested, device: requested or "triton")
     monkeypatch.setattr(_backends, "_cuda_cpp_available", lambda: True)
     cuda, below = torch.device("cuda"), _backends.ELEMENTWISE_CUDA_CPP_BELOW
-    assert _backends.elementwise_backend(None, cuda, 256 * 3 * 32 * 32) == "cuda"
-    assert _backends.elementwise_backend(None, cuda, below) == "triton"
-    assert _backends.elementwise_backend("triton", cuda, 10) == "triton"
-    assert _backends.elementwise_backend(None, torch.device("cpu"), 10) == "triton"  # select_backend's choice
+    for op in ("q_sample", "posterior_step"):
+        assert _backends.choose(op, None, cuda, numel=256 * 3 * 32 * 32) == "cuda"
+        assert _backends.choose(op, None, cuda, numel=below) == "triton"
+        assert _backends.choose(op, None, cuda, numel=below, dtype=torch.float64) == "cuda"
+        assert _backends.choose(op, "triton", cuda, numel=10) == "triton"
+        assert _backends.choose(op, None, torch.device("cpu"), numel=10) == "triton"  # select_backend's choice
+    assert _backends.choose("group_norm_silu", None, cuda, numel=10) == "triton"  # it has no CUDA C++ kernel
+    assert _backends.choose("group_norm_silu", None, cuda, dtype=torch.float64) == "reference"
+    with pytest.raises(TypeError, match="float64"):
+        _backends.choose("q_sample", "triton", cuda, dtype=torch.float64)
     monkeypatch.setattr(_backends, "_cuda_cpp_available", lambda: False)  # _C built without CUDA
-    assert _backends.elementwise_backend(None, cuda, 10) == "triton"
+    assert _backends.choose("q_sample", None, cuda, numel=10) == "triton"
+
+
+def test_op_backends_and_model_wide_names():
+    """Each op names the backends it has; a model-wide backend maps to the op's own or its default."""
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda' for group_norm_silu \(no CUDA C\+\+ kernel"):
+        _backends.choose("group_norm_silu", "cuda", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend 'cpp' for attention.*no C\\+\\+ kernel"):
+        _backends.choose("attention", "cpp", torch.device("cpu"))
+    assert _backends.op_backend("attention", "cpp") is None
+    assert _backends.op_backend("attention", "triton") == "triton"
+    assert _backends.op_backend("group_norm_silu", "cuda") is None
+    assert _backends.op_backend("group_norm_silu", "reference") == "reference"
+    assert _backends.op_backend("q_sample", "cuda") == "cuda"
 
 
 def test_isolated_build_stops_with_a_message(tmp_path):

@@ -160,7 +160,7 @@ def on_emulated_cuda(monkeypatch, emulated_ops):
         pytest.skip("needs the C++ extension (its quantile op)")
     for module in (noising, posterior):
         monkeypatch.setattr(module, "torch", _TorchWithOps(emulated_ops))
-        monkeypatch.setattr(module, "elementwise_backend", lambda requested, device, numel: "cuda")
+        monkeypatch.setattr(module, "choose", lambda op, requested, device, **facts: "cuda")
 
 
 def posterior_cases():

@@ -8,12 +8,13 @@
   so that a compiled training step keeps both as single nodes;
 - ``"sdpa"``: torch's scaled_dot_product_attention (flash / memory-efficient / math, as torch picks);
 - ``"reference"``: reference.attention (explicit softmax, fp32).
-None picks: on CUDA, SDPA up to head_dim 256 (its flash and memory-efficient kernels), Triton
-beyond. On CPU, what measured fastest per shape class (benchmarks/results/cpu-*-attention.json,
-2-core EPYC): the plain reference (two matmuls and a softmax) for heads of 256 and more when
-gradients are needed (fwd+bwd at 8x1x256x256: 16.1 ms vs SDPA 18.9) and for heads over 256
-(forward at 2x1x256x512: 2.37 ms vs 2.60), else SDPA (its flash-style CPU kernel; 8 heads of 64
-over 512 tokens: 6.1 ms vs 8.3 forward, 16.7 vs 22.7 fwd+bwd). Elsewhere SDPA.
+None picks (``ddpm_fast._backends.choose``): on CUDA, SDPA up to head_dim 256 (its flash and
+memory-efficient kernels), Triton beyond. On CPU, what measured fastest per shape class
+(benchmarks/results/cpu-*-attention.json, 2-core EPYC): the plain reference (two matmuls and a
+softmax) for heads of 256 and more when gradients are needed (fwd+bwd at 8x1x256x256: 16.1 ms vs
+SDPA 18.9) and for heads over 256 (forward at 2x1x256x512: 2.37 ms vs 2.60), else SDPA (its
+flash-style CPU kernel; 8 heads of 64 over 512 tokens: 6.1 ms vs 8.3 forward, 16.7 vs 22.7
+fwd+bwd). Elsewhere SDPA.
 
 ``attention_block`` is a Python composite of ops: GroupNorm (group_norm_silu with silu=False),
 the qkv projection writing (N, S, 3C) from which q, k and v are strided views (no copies), the
@@ -28,16 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from .._backends import select_backend
+from .._backends import OP_BACKENDS, choose
 from ._common import as_3d, direct_call_ok
 from .groupnorm_silu import group_norm_silu
 
-ATTENTION_BACKENDS = ("triton", "sdpa", "reference")
+ATTENTION_BACKENDS = OP_BACKENDS["attention"]
 MAX_HEAD_DIM = 512
-# Up to this head_dim SDPA's fused CUDA kernels (flash, memory-efficient) run; beyond, Triton.
-SDPA_MAX_HEAD_DIM = 256
-# On CPU, heads this wide take the plain reference when gradients are needed, and wider ones always.
-CPU_PLAIN_HEAD_DIM = 256
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -120,37 +117,9 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- dispatch and checks
-@torch.compiler.assume_constant_result
-def _triton_here(device: torch.device) -> bool:
-    """The Triton kernels run on this device (CUDA; CPU tensors only under TRITON_INTERPRET=1)."""
-    try:
-        select_backend("triton", device)
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
 def _backend_for(requested: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    if requested is not None and requested not in ATTENTION_BACKENDS:
-        hint = " (attention has no C++ kernel; SDPA is torch's own)" if requested in ("cpp", "cuda") else ""
-        raise ValueError(f"unknown attention backend {requested!r}{hint}; valid: {', '.join(ATTENTION_BACKENDS)}")
-    if requested == "triton":
-        select_backend("triton", q.device)  # raises with the reason when it cannot run here
-        if q.dtype == torch.float64:
-            raise TypeError("the triton backend does not take float64: use backend='sdpa' or 'reference'")
-        return "triton"
-    if requested is not None:
-        return requested
-    head_dim = q.shape[-1]
-    if q.device.type == "cuda":
-        if head_dim > SDPA_MAX_HEAD_DIM and q.dtype != torch.float64 and _triton_here(q.device):
-            return "triton"
-        return "sdpa"
-    if q.device.type == "cpu" and head_dim >= CPU_PLAIN_HEAD_DIM:
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if head_dim > CPU_PLAIN_HEAD_DIM or needs_grad:
-            return "reference"
-    return "sdpa"
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return choose("attention", requested, q.device, dtype=q.dtype, head_dim=q.shape[-1], needs_grad=needs_grad)
 
 
 def _check_qkv(q: object, k: object, v: object, scale: object) -> None:
@@ -274,7 +243,7 @@ def attention_block(
     _check_param(qkv_bias, "qkv_bias", (3 * c,), x, optional=True)
     _check_param(proj_weight, "proj_weight", (c, c), x)
     _check_param(proj_bias, "proj_bias", (c,), x, optional=True)
-    gn_backend = "reference" if backend == "reference" else None
+    gn_backend = "reference" if backend == "reference" else None  # the oracle runs whole; else the fastest
     h = group_norm_silu(x, num_groups, norm_weight, norm_bias, eps, silu=False, backend=gn_backend)
     dtype = x.dtype
     w_qkv, w_proj = qkv_weight.to(dtype), proj_weight.to(dtype)

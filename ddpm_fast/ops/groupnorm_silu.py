@@ -19,7 +19,7 @@ import numbers
 import torch
 
 from .. import reference
-from .._backends import load_extension, select_backend
+from .._backends import choose, load_extension
 from ._common import check_float, direct_call_ok, eager_autograd_ok, kernel_views, new_like
 
 
@@ -188,16 +188,6 @@ class _GroupNormSiluFunction(torch.autograd.Function):
         return _backward(ctx, grad_y, grad_mean, grad_rstd)
 
 
-@torch.compiler.assume_constant_result
-def _backend_for(requested: str | None, device: torch.device) -> str:
-    """select_backend, run once while compiling (its cached availability probe is not traceable).
-    There is no CUDA C++ kernel for this op: CUDA tensors go to Triton, else the reference."""
-    if requested == "cuda":
-        raise ValueError("group_norm_silu has no 'cuda' kernel: use backend='triton' (or 'reference') on CUDA")
-    name = select_backend(requested, device)
-    return "reference" if name == "cuda" else name
-
-
 def _check_tensor(t: object, name: str, shape: tuple[int, ...], x: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
@@ -267,7 +257,7 @@ def group_norm_silu(
         y shaped like x, in x's dtype and memory format.
     """
     _check_inputs(x, num_groups, weight, bias, eps, bias_nc, scale_nc, shift_nc, silu, residual)
-    name = _backend_for(backend, x.device)
+    name = choose("group_norm_silu", backend, x.device, dtype=x.dtype)
     if name == "reference":
         return reference.group_norm_silu(
             x,
@@ -281,8 +271,6 @@ def group_norm_silu(
             silu=silu,
             residual=residual,
         )
-    if name == "triton" and x.dtype == torch.float64:
-        raise TypeError("the triton backend does not take float64: use backend='cpp' or 'reference'")
     tensors = (x, weight, bias, bias_nc, scale_nc, shift_nc, residual)
     if direct_call_ok(*tensors):  # no autograd: skip dispatch
         op = _group_norm_silu_impl

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backends import elementwise_backend, load_extension
+from .._backends import choose, load_extension
 from ..schedule import PREDICTION_TYPES, Schedule, normalize_choice
 from ._common import check_float, direct_call_ok, kernel_views, new_like, noise_arg, seed_from, timesteps_arg
 
@@ -106,7 +106,7 @@ def q_sample(
     target_name = None if target is None else normalize_choice("target", target, PREDICTION_TYPES)
     t = timesteps_arg(t, x0.shape[0], x0.device, "t", schedule.num_train_timesteps)
     table_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    name = elementwise_backend(backend, x0.device, x0.numel())
+    name = choose("q_sample", backend, x0.device, numel=x0.numel(), dtype=x0.dtype)
     if noise is not None:
         noise = noise_arg(noise, x0)
     if name == "reference":
@@ -117,8 +117,6 @@ def q_sample(
         x_t = reference.q_sample(x0, t, schedule, noise)
         tgt = None if target_name is None else reference.training_target(x0, noise, t, schedule, target_name)
         return x_t, noise, tgt
-    if name == "triton" and x0.dtype == torch.float64:
-        raise TypeError("the triton backend does not take float64: use backend='cpp' or 'reference'")
     sqrt_ab = schedule.kernel_table("sqrt_alphas_cumprod", table_dtype, x0.device)
     sqrt_1mab = schedule.kernel_table("sqrt_one_minus_alphas_cumprod", table_dtype, x0.device)
     seed = seed_from(generator, x0.device) if noise is None else None

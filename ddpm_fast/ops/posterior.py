@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backends import elementwise_backend, load_extension
+from .._backends import choose, load_extension
 from ..schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule, StepConfig
 from ._common import check_float, direct_call_ok, kernel_views, new_like, noise_arg, seed_from, timesteps_arg
 
@@ -227,7 +227,8 @@ def posterior_step(
     prev_t = timesteps_arg(prev_t, n, sample.device, "prev_t", T, allow_minus_one=True)
     if noise is not None:
         noise = noise_arg(noise, sample)
-    name = elementwise_backend(backend, sample.device, sample.numel())
+    wide = torch.float64 if torch.float64 in (sample.dtype, model_output.dtype) else sample.dtype
+    name = choose("posterior_step", backend, sample.device, numel=sample.numel(), dtype=wide)
     adds_noise = config.kind == "ddpm" or config.eta > 0
 
     if name == "reference":
@@ -238,8 +239,6 @@ def posterior_step(
         prev, x0 = reference.posterior_step(model_output, sample, t, prev_t, sched, config, noise, guidance_scale)
         return prev, (x0 if return_pred_x0 else None)
 
-    if name == "triton" and torch.float64 in (sample.dtype, model_output.dtype):
-        raise TypeError("the triton backend does not take float64: use backend='cpp' or 'reference'")
     table = schedule.kernel_table(
         "alphas_cumprod", torch.float64 if sample.dtype == torch.float64 else torch.float32, sample.device
     )
