@@ -3,8 +3,10 @@
 Per step: one model call and one fused ``posterior_step`` kernel. Timesteps, per-step seeds and
 the coefficient table live on the device before the loop starts, so the loop never waits for the
 device (no ``.item()``, no branching on tensor values). On CUDA the model call and the step are
-captured once in a CUDA graph and replayed per step, reading t, prev_t and the seed from one
-static device buffer; the model runs under bf16 autocast while the step math stays in fp32.
+captured once per chunk size in a CUDA graph and replayed per step, reading t, prev_t and the
+seed from one static device buffer (and, with one generator per image, the step's noise, drawn
+from the chunk's generators just before the replay); the model runs under bf16 autocast while the
+step math stays in fp32.
 
 With ``noise="torch"`` every random tensor is drawn as diffusers draws it (``randn_tensor``:
 same shapes, generator(s), order, and the same skipped draw at DDPM's t = 0), so
@@ -189,9 +191,17 @@ def sample(
         use_graph = False  # CPU-generator draws (diffusers' order) cannot be captured: run uncaptured
     checked = False
 
-    def body(x: torch.Tensor, row: torch.Tensor, chunk_labels: torch.Tensor | None, gens: Any, draw: bool):
+    def body(
+        x: torch.Tensor,
+        row: torch.Tensor,
+        chunk_labels: torch.Tensor | None,
+        gens: Any,
+        draw: bool,
+        z: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One step on x: the model on [uncond, cond] (or x), then the fused step. ``row`` packs
-        (t for the model batch, prev_t, seed) for this step."""
+        (t for the model batch, prev_t, seed) for this step; torch noise is ``z`` when given (drawn
+        by the caller), else drawn here from ``gens`` where the step draws."""
         nonlocal checked
         n = x.shape[0]
         n_model = 2 * n if guided else n
@@ -199,7 +209,8 @@ def sample(
         if not checked:
             _check_model_output(out, x, n_model, step_config)
             checked = True
-        z = _randn(x.shape, gens, device, x.dtype) if torch_noise and draw else None
+        if z is None and torch_noise and draw:
+            z = _randn(x.shape, gens, device, x.dtype)
         return stepper(out, x, row[:n], row[n_model : n_model + n], z, row[-1:])
 
     ts_dev = torch.as_tensor(ts, device=device)
@@ -244,7 +255,7 @@ def sample(
             for i, t in enumerate(ts):
                 stepper.step_index = i
                 if graph is not None and graph.draw == draws[i]:
-                    x = graph.replay(x, rows[i], chunk_labels)
+                    x = graph.replay(x, rows[i], chunk_labels, gens)
                     if callback is not None:
                         callback(i, int(t), x.clone())
                 else:
@@ -491,13 +502,20 @@ class _NoBar:
 
 # ---------------------------------------------------------------- noise
 def _randn(
-    shape: tuple[int, ...], generators: torch.Generator | list | None, device: torch.device, dtype: torch.dtype
+    shape: tuple[int, ...],
+    generators: torch.Generator | list | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """diffusers' randn_tensor: a list draws (1, ...) per image from its generator; a CPU
-    generator draws on the CPU and the result moves to the device."""
+    generator draws on the CPU and the result moves to the device. ``out``: a buffer (on the
+    generators' device) that a list's draws go into, as the same values."""
     if isinstance(generators, list):
         rand_device = "cpu" if generators[0].device.type == "cpu" else device
         parts = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generators]
+        if out is not None:
+            return torch.cat(parts, out=out)
         return torch.cat(parts).to(device)
     rand_device = "cpu" if generators is not None and generators.device.type == "cpu" else device
     return torch.randn(shape, generator=generators, device=rand_device, dtype=dtype).to(device)
@@ -698,10 +716,26 @@ def _capture(fn: Callable[[], None], generators: list[torch.Generator], pool: An
 
 class _CudaGraphStep:
     """Model + step captured once for one chunk size. Replays read the packed (t, prev_t, seed)
-    row and the labels from static buffers and update the static sample in place."""
+    row and the labels from static buffers and update the static sample in place.
 
-    def __init__(self, graph: Any, x: torch.Tensor, row: torch.Tensor, labels: torch.Tensor | None, draw: bool):
-        self.graph, self.x, self.row, self.labels, self.draw = graph, x, row, labels, draw
+    Torch noise from one generator (or torch's default one) is drawn inside the graph: the
+    generator is registered with it, and every replay draws from it and advances it. With one
+    generator per image the draws stay out of the graph: a graph replays the draws of the
+    generators registered at its capture, so a later chunk would draw from the first chunk's
+    generators. Before each replay those images' noise is drawn from the chunk's own generators,
+    as the eager step draws it, into a static buffer that the graph reads; one graph then serves
+    every chunk of its size."""
+
+    def __init__(
+        self,
+        graph: Any,
+        x: torch.Tensor,
+        row: torch.Tensor,
+        labels: torch.Tensor | None,
+        draw: bool,
+        noise: torch.Tensor | None = None,
+    ):
+        self.graph, self.x, self.row, self.labels, self.draw, self.noise = graph, x, row, labels, draw, noise
         self.labels_from: torch.Tensor | None = labels
 
     @classmethod
@@ -718,16 +752,18 @@ class _CudaGraphStep:
     ) -> _CudaGraphStep | None:
         """Capture body(x) (x came out of an eager step: the warm-up). None, with a warning,
         where the model or the generator cannot be captured."""
+        per_image = torch_noise and draw and isinstance(gens, list)
         generators = []
-        if torch_noise and draw and gens is not None:
+        if torch_noise and draw and gens is not None and not per_image:
             if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
                 return None  # this torch cannot replay a user generator's draws: run uncaptured
-            generators = gens if isinstance(gens, list) else [gens]
+            generators = [gens]
         static_x, static_row = x.clone(), row.clone()
         static_labels = None if labels is None else labels.clone()
+        static_noise = torch.empty(x.shape, dtype=x.dtype, device=x.device) if per_image else None
 
         def step() -> None:
-            static_x.copy_(body(static_x, static_row, static_labels, gens, draw))
+            static_x.copy_(body(static_x, static_row, static_labels, gens, draw, static_noise))
 
         pool = next(iter(graphs.values())).graph.pool() if graphs else None
         try:
@@ -735,17 +771,21 @@ class _CudaGraphStep:
         except Exception as err:  # noqa: BLE001 (any capture failure falls back to eager steps)
             warnings.warn(f"CUDA-graph capture failed ({err}); sampling without a graph", stacklevel=3)
             return None
-        captured = cls(graph, static_x, static_row, static_labels, draw)
+        captured = cls(graph, static_x, static_row, static_labels, draw, static_noise)
         captured.labels_from = labels
         return captured
 
-    def replay(self, x: torch.Tensor, row: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def replay(self, x: torch.Tensor, row: torch.Tensor, labels: torch.Tensor | None, gens: Any) -> torch.Tensor:
+        """One step: x, the row, the labels (a new chunk's) and, with one generator per image,
+        this step's noise from ``gens`` go into the static buffers; then the graph runs."""
         if x is not self.x:
             self.x.copy_(x)
         if labels is not None and labels is not self.labels_from:  # a new chunk's labels
             self.labels.copy_(labels)
             self.labels_from = labels
         self.row.copy_(row)
+        if self.noise is not None:
+            _randn(self.noise.shape, gens, self.noise.device, self.noise.dtype, out=self.noise)
         self.graph.replay()
         return self.x
 

@@ -5,6 +5,7 @@ determinism, chunking, SDEdit, output types and input errors. CUDA-graph tests r
 Only the equivalence tests need diffusers (the ``diffusers`` fixture); the others sample a tiny
 ddpm_fast.UNet or toy models, so they also run where diffusers is missing (the GPU machines)."""
 
+import contextlib
 import copy
 import functools
 from types import SimpleNamespace
@@ -604,17 +605,62 @@ def test_bad_diffusers_inputs(diffusers):
 
 # ---------------------------------------------------------------- CUDA graphs
 class ReplayingGraph:
-    """Stands in for a CUDA graph on the CPU: capture records the function, replay() runs it."""
+    """Stands in for a CUDA graph on the CPU: capture records the function and the generators
+    registered with the graph, replay() runs the function. Random draws behave as in a real graph:
+    a replay draws from the generators registered at capture (or torch's default one, which every
+    graph registers), advancing their states, whatever generators the caller holds at that
+    moment; a draw from any other generator could not have been captured, and raises here."""
 
-    def __init__(self, fn):
-        self.fn, self.replays = fn, 0
+    def __init__(self, fn, generators=()):
+        self.fn, self.replays, self.generators = fn, 0, list(generators)
 
     def replay(self):
         self.replays += 1
-        self.fn()
+        with draws_only_from(self.generators):
+            self.fn()
 
     def pool(self):
         return None
+
+
+@contextlib.contextmanager
+def draws_only_from(generators):
+    """torch's random draws (randn, rand, randint, normal_) raise for a generator not in ``generators``."""
+    allowed = [None, *generators]
+    originals = {name: getattr(torch, name) for name in ("randn", "rand", "randint")}
+    normal_ = torch.Tensor.normal_
+
+    def checked(fn):
+        def draw(*args, generator=None, **kw):
+            assert any(generator is g for g in allowed), "a graph replay drew from a generator not registered with it"
+            return fn(*args, generator=generator, **kw)
+
+        return draw
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, checked(fn))
+        torch.Tensor.normal_ = checked(normal_)
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+        torch.Tensor.normal_ = normal_
+
+
+def fake_graphs(monkeypatch) -> list:
+    """Graphs on the CPU: sample() captures ReplayingGraphs (returned in the list as it makes them)."""
+    made = []
+
+    def fake_capture(fn, generators, pool):
+        made.append(ReplayingGraph(fn, generators))
+        return made[-1]
+
+    monkeypatch.setattr(ddpm_sampler, "_graphs_possible", lambda device: True)
+    monkeypatch.setattr(ddpm_sampler, "_capture", fake_capture)
+    # a CPU build's CUDAGraph lacks generator registration (the fake graph keeps its own list)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "register_generator_state", lambda self, g: None, raising=False)
+    return made
 
 
 @pytest.mark.parametrize("noise", ["kernel", "torch"])
@@ -622,14 +668,7 @@ def test_graph_replay_bookkeeping(monkeypatch, noise):
     """The captured-loop logic on the CPU, with the graph replaced by a function replay: static
     buffers, packed (t, prev_t, seed) rows, labels per chunk, a graph per chunk size, and the
     uncaptured last DDPM step with torch noise (no draw at t = 0) give the eager loop's images."""
-    made = []
-
-    def fake_capture(fn, generators, pool):
-        made.append(ReplayingGraph(fn))
-        return made[-1]
-
-    monkeypatch.setattr(ddpm_sampler, "_graphs_possible", lambda device: True)
-    monkeypatch.setattr(ddpm_sampler, "_capture", fake_capture)
+    made = fake_graphs(monkeypatch)
     kw = dict(shape=(2, 3, 3), batch_size=5, chunk_size=2, class_labels=[0, 1, 2, 1, 0], guidance_scale=2.0)
     kw.update(scheduler_config=dict(num_train_timesteps=100), num_inference_steps=12, noise=noise, progress=False)
     torch.manual_seed(0)
@@ -641,6 +680,29 @@ def test_graph_replay_bookkeeping(monkeypatch, noise):
     # chunk 1 warms up on step 0; chunk 2 replays all 12 steps; torch noise runs t = 0 uncaptured
     expected = 11 + 12 + 11 if noise == "kernel" else 10 + 11 + 10
     assert sum(g.replays for g in made) == expected
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_graph_replay_per_image_generators(monkeypatch, kind):
+    """One generator per image and more images than chunk_size (chunks of 2, 2 and 1): each
+    chunk's noise comes from its own generators, bit for bit as in the eager loop, and every
+    generator ends where the eager loop leaves it. (A graph replays the draws of the generators
+    registered at its capture: replaying chunk 0's graph for chunk 1 drew from chunk 0's.)"""
+    made = fake_graphs(monkeypatch)
+    monkeypatch.setattr(ddpm_sampler, "_any_cpu", lambda generators: False)  # CPU generators stand in for CUDA ones
+    kw = dict(shape=(2, 3, 3), batch_size=5, chunk_size=2, class_labels=[0, 1, 2, 1, 0], guidance_scale=2.0)
+    kw.update(scheduler=kind, scheduler_config=dict(num_train_timesteps=100), num_inference_steps=8, progress=False)
+    if kind == "ddim":
+        kw["eta"] = 1.0
+    graphed_gens, eager_gens = [gen(i) for i in range(5)], [gen(i) for i in range(5)]
+    graphed = sample(LabelledToy(), generator=graphed_gens, **kw)
+    eager = sample(LabelledToy(), generator=eager_gens, cuda_graph=False, **kw)
+    # the graphs ran: chunks 0 and 2 warm up on step 0, chunk 1 replays from step 0; DDPM's t = 0 runs uncaptured
+    assert len(made) == 2
+    assert sum(g.replays for g in made) == (6 + 7 + 6 if kind == "ddpm" else 7 + 8 + 7)
+    assert torch.equal(graphed, eager)
+    for g, e in zip(graphed_gens, eager_gens, strict=True):
+        assert torch.equal(g.get_state(), e.get_state())
 
 
 # ---------------------------------------------------------------- CUDA
@@ -714,6 +776,28 @@ def test_cuda_graph_torch_noise(monkeypatch, make_unet):
     cpu_gen = sample(unet.cuda(), generator=gen(1), **kw)
     assert len(captured) == 1  # CPU-generator draws run uncaptured
     torch.testing.assert_close(cpu_gen.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_cuda_graph_per_image_generators(monkeypatch, make_unet, kind):
+    """One CUDA generator per image and more images than chunk_size (chunks of 2, 2 and 1): the
+    captured loop gives the eager loop's images bit for bit, and leaves every generator where the
+    eager loop does (chunk 1 replays chunk 0's graph, with its own generators' noise)."""
+    captured = spy_captures(monkeypatch)
+    unet = make_unet(num_class_embeds=4).cuda()
+    kw = dict(batch_size=5, chunk_size=2, scheduler=kind, num_inference_steps=12, progress=False)
+    kw.update(class_labels=[0, 1, 2, 0, 1], guidance_scale=2.0, null_class_label=3)
+    if kind == "ddim":
+        kw["eta"] = 1.0
+    gens = lambda: [torch.Generator("cuda").manual_seed(i) for i in range(5)]  # noqa: E731
+    graphed_gens, eager_gens = gens(), gens()
+    graphed = sample(unet, generator=graphed_gens, cuda_graph=True, **kw)
+    assert len(captured) == 2  # chunk sizes 2 and 1
+    eager = sample(unet, generator=eager_gens, cuda_graph=False, **kw)
+    assert torch.equal(graphed, eager)
+    for g, e in zip(graphed_gens, eager_gens, strict=True):
+        assert torch.equal(g.get_state(), e.get_state())
 
 
 @cuda_only
