@@ -1,12 +1,12 @@
 """sample(): the drop-in sampling loop (DDPM ancestral, DDIM, classifier-free guidance, SDEdit).
 
 Per step: one model call and one fused ``posterior_step`` kernel. Timesteps, per-step seeds and
-the coefficient table live on the device before the loop starts, so the loop never waits for the
-device (no ``.item()``, no branching on tensor values). On CUDA the model call and the step are
-captured once per chunk size in a CUDA graph and replayed per step, reading t, prev_t and the
-seed from one static device buffer (and, with one generator per image, the step's noise, drawn
-from the chunk's generators just before the replay); the model runs under bf16 autocast while the
-step math stays in fp32.
+the coefficient table live on the device before the loop starts, and the value checks (timestep
+and label ranges) run once before it, so the loop never waits for the device (no ``.item()``, no
+branching on tensor values). On CUDA the model call and the step are captured once per chunk size
+in a CUDA graph and replayed per step, reading t, prev_t and the seed from one static device
+buffer (and, with one generator per image, the step's noise, drawn from the chunk's generators
+just before the replay); the model runs under bf16 autocast while the step math stays in fp32.
 
 With ``noise="torch"`` every random tensor is drawn as diffusers draws it (``randn_tensor``:
 same shapes, generator(s), order, and the same skipped draw at DDPM's t = 0), so
@@ -29,6 +29,7 @@ import torch
 
 from . import reference
 from ._backends import select_backend
+from .ops import no_value_checks
 from .ops.noising import q_sample
 from .ops.posterior import CLIP, CLIP_NONE, KINDS, PREDICTIONS, THRESHOLD, VARIANCES, _posterior_impl, posterior_step
 from .schedule import SAMPLER_KINDS, Schedule, SchedulerConfig, StepConfig, normalize_choice, select_timesteps
@@ -172,6 +173,8 @@ def sample(
                 "classifier-free guidance needs a null (unconditional) class label: the model has none "
                 "(model.null_class_label is None or missing; train with label dropout, or pass null_class_label=)"
             )
+    if labels is not None:
+        _check_label_range(model, labels, null)
 
     generators = _resolve_generators(generator, batch_size, device)
     torch_noise = noise == "torch" or isinstance(generators, list)
@@ -205,13 +208,14 @@ def sample(
         nonlocal checked
         n = x.shape[0]
         n_model = 2 * n if guided else n
-        out = runner(x, row[:n_model], chunk_labels)
-        if not checked:
-            _check_model_output(out, x, n_model, step_config)
-            checked = True
-        if z is None and torch_noise and draw:
-            z = _randn(x.shape, gens, device, x.dtype)
-        return stepper(out, x, row[:n], row[n_model : n_model + n], z, row[-1:])
+        with no_value_checks():  # t and the labels were checked before the loop: no per-step device reads
+            out = runner(x, row[:n_model], chunk_labels)
+            if not checked:
+                _check_model_output(out, x, n_model, step_config)
+                checked = True
+            if z is None and torch_noise and draw:
+                z = _randn(x.shape, gens, device, x.dtype)
+            return stepper(out, x, row[:n], row[n_model : n_model + n], z, row[-1:])
 
     ts_dev = torch.as_tensor(ts, device=device)
     prev_dev = torch.as_tensor(prev_ts, device=device)
@@ -441,6 +445,32 @@ def _resolve_labels(
         if labels.shape != (n,):
             raise ValueError(f"class_labels must hold one label per image ({n}), got shape {tuple(labels.shape)}")
     return labels.contiguous()
+
+
+def _check_label_range(model: Any, labels: torch.Tensor, null: int | None) -> None:
+    """The labels (and the null label) against the model's label embedding, once before the loop:
+    the steps run without the per-call value checks (ddpm_fast.UNet's label check would read the
+    device every step, and a replayed CUDA graph checks nothing). Labels lie in [0, num_classes]
+    for ddpm_fast.UNet (num_classes is the null label), [0, num_class_embeds) for diffusers'
+    class embedding; a model that tells neither is not checked."""
+    num_classes = _cfg(model, "num_classes")
+    if _is_count(num_classes):
+        top = num_classes
+    elif _is_count(_cfg(model, "num_class_embeds")) and _cfg(model, "class_embed_type") in (None, _MISSING):
+        top = _cfg(model, "num_class_embeds") - 1
+    else:
+        return
+    low, high = torch.stack(torch.aminmax(labels)).tolist()  # one read of the device
+    if null is not None:
+        low, high = min(low, int(null)), max(high, int(null))
+    if low < 0 or high > top:
+        raise ValueError(
+            f"class labels must lie in [0, {top}] for this model (the null label included), got {low}..{high}"
+        )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _resolve_generators(generator: Generators, n: int, device: torch.device) -> torch.Generator | list | None:

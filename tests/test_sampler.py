@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST_BACKENDS, HAS_CUDA, is_slow
+from host_reads import no_host_reads
 
 import ddpm_fast
 from ddpm_fast import Schedule, SchedulerConfig, StepConfig, posterior_step, reference, sample
@@ -705,6 +706,64 @@ def test_graph_replay_per_image_generators(monkeypatch, kind):
         assert torch.equal(g.get_state(), e.get_state())
 
 
+# ---------------------------------------------------------------- no host reads inside the loop
+NOISE_CASES = {  # (noise, generator): kernel noise, torch noise from one generator, one generator per image
+    "kernel": ("kernel", lambda device: torch.Generator(device).manual_seed(0)),
+    "torch": ("torch", lambda device: torch.Generator(device).manual_seed(0)),
+    "per-image": ("torch", lambda device: [torch.Generator(device).manual_seed(i) for i in range(3)]),
+}
+
+
+def host_read_kwargs(kind: str) -> dict:
+    """A guided class-conditional loop (the U-Net checks its labels' range when it may); DDPM with
+    dynamic thresholding, DDIM with eta = 1."""
+    config = dict(num_train_timesteps=60, thresholding=True, sample_max_value=1.5) if kind == "ddpm" else {}
+    kw = dict(batch_size=3, class_labels=[0, 2, 1], guidance_scale=2.0, null_class_label=3, num_inference_steps=6)
+    kw.update(scheduler=kind, scheduler_config=config, progress=False, eta=1.0 if kind == "ddim" else 0.0)
+    return kw
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "fake-graph"])
+@pytest.mark.parametrize("case", list(NOISE_CASES))
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_no_host_reads_after_the_first_step(monkeypatch, kind, case, graph):
+    """No step after the first reads a tensor's value on the host (on a GPU each read is a sync):
+    steps 1.. run under no_host_reads(), entered from step 0's callback, and give the same images."""
+    if graph:
+        made = fake_graphs(monkeypatch)
+        monkeypatch.setattr(ddpm_sampler, "_any_cpu", lambda generators: False)  # CPU generators as CUDA ones
+    unet = tiny_unet(seed=3, num_class_embeds=4)  # labels 0..2, 3 = the null label
+    noise, make_generator = NOISE_CASES[case]
+    kw = dict(host_read_kwargs(kind), noise=noise)
+    with contextlib.ExitStack() as guard:
+        seen = []
+
+        def enter_after_step_0(i, t, x):
+            seen.append(i)
+            if i == 0:
+                guard.enter_context(no_host_reads())
+
+        guarded = sample(unet, generator=make_generator("cpu"), callback=enter_after_step_0, **kw)
+    assert seen == list(range(6))
+    assert not graph or sum(g.replays for g in made) >= 4
+    assert torch.equal(guarded, sample(unet, generator=make_generator("cpu"), **kw))
+
+
+def test_label_range_checked_once_before_the_loop(diffusers):
+    """The steps run without the U-Net's per-call label check: sample() checks the labels and the
+    null label against the model's class count before the loop (ddpm_fast.UNet and diffusers')."""
+    kw = dict(shape=(3, 8, 8), batch_size=2, num_inference_steps=2, progress=False)
+    unet = tiny_unet(num_class_embeds=4)  # labels 0..2, 3 = the null label
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\] .*got 0..4"):
+        sample(unet, class_labels=[0, 4], **kw)
+    with pytest.raises(ValueError, match=r"got -1..3"):
+        sample(unet, class_labels=[-1, 2], guidance_scale=2.0, **kw)
+    theirs = tiny_diffusers_unet(diffusers, num_class_embeds=3)  # rows 0..2
+    with pytest.raises(ValueError, match=r"\[0, 2\] .*got 1..3"):
+        sample(theirs, class_labels=[1, 1], guidance_scale=2.0, null_class_label=3, **kw)
+    assert sample(theirs, class_labels=[1, 0], guidance_scale=2.0, null_class_label=2, **kw).shape == (2, 3, 8, 8)
+
+
 # ---------------------------------------------------------------- CUDA
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
@@ -807,6 +866,42 @@ def test_cuda_bf16_default_and_generator_device(make_unet):
     assert out.device.type == "cuda" and out.dtype == torch.float32 and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="generator is on cuda"):
         sample(make_unet(), generator=torch.Generator("cuda"), progress=False)
+
+
+@cuda_only
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("case", [*NOISE_CASES, "kernel-cpu-generator"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_cuda_no_syncs_after_warm_up(monkeypatch, make_unet, kind, case, cuda_graph):
+    """Once the loop is warm (after step 0 eagerly, or after the graph's capture, which
+    synchronises), nothing reads the device until sample() returns: no_host_reads() with
+    torch.cuda.set_sync_debug_mode("error"). Torch noise from a CPU generator copies every step's
+    noise from pageable host memory, a sync by nature: not covered."""
+    captured, guarded, warm = [], [], contextlib.ExitStack()
+    real_capture = ddpm_sampler._capture
+
+    def guard() -> None:
+        if not guarded:
+            guarded.append(warm.enter_context(no_host_reads()))
+
+    def capture_then_guard(fn, generators, pool):
+        captured.append(real_capture(fn, generators, pool))
+        guard()
+        return captured[-1]
+
+    def guard_after_step_0(i, t, x):
+        if i == 0 and not cuda_graph:
+            guard()
+
+    monkeypatch.setattr(ddpm_sampler, "_capture", capture_then_guard)
+    unet = make_unet(num_class_embeds=4).cuda()
+    noise, make_generator = NOISE_CASES["kernel" if case == "kernel-cpu-generator" else case]
+    generator = make_generator("cpu" if case == "kernel-cpu-generator" else "cuda")
+    kw = dict(host_read_kwargs(kind), noise=noise, cuda_graph=cuda_graph)
+    with warm:
+        out = sample(unet, generator=generator, callback=guard_after_step_0, **kw)
+    assert guarded and len(captured) == int(cuda_graph)
+    assert torch.isfinite(out).all()
 
 
 def test_exported():
