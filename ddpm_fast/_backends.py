@@ -223,10 +223,12 @@ def choose(
     dtype: torch.dtype | None = None,
     head_dim: int = 0,
     needs_grad: bool = False,
+    launch_bound: bool = True,
 ) -> str:
     """The backend that runs ``op`` on ``device``: ``requested`` when it can (else a clear error),
     or by default the fastest measured for this call's size (``numel``), ``dtype``, attention's
-    ``head_dim`` and whether gradients are needed."""
+    ``head_dim`` and whether gradients are needed. ``launch_bound=False`` where launches cost
+    nothing (a replayed CUDA graph): then the size does not matter, the kernel's speed does."""
     valid = OP_BACKENDS[op]
     if requested is not None and requested not in valid:
         if op == "attention" and requested in ("cpp", "cuda"):
@@ -247,7 +249,8 @@ def choose(
         return "cuda" if device.type == "cuda" and "cuda" in valid and _cuda_cpp_available() else "reference"
     if op == "group_norm_silu" and name == "cuda":
         return "reference"  # Triton missing on CUDA: no CUDA C++ kernel to fall back to
-    if name == "triton" and device.type == "cuda" and numel < ELEMENTWISE_CUDA_CPP_BELOW and "cuda" in valid:
+    small = launch_bound and numel < ELEMENTWISE_CUDA_CPP_BELOW
+    if name == "triton" and device.type == "cuda" and small and "cuda" in valid:
         return "cuda" if _cuda_cpp_available() else name
     return name
 

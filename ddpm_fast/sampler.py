@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import reference
-from ._backends import select_backend
+from ._backends import choose
 from .ops import no_value_checks
 from .ops.noising import q_sample
 from .ops.posterior import CLIP, CLIP_NONE, KINDS, PREDICTIONS, THRESHOLD, VARIANCES, _posterior_impl, posterior_step
@@ -188,10 +188,12 @@ def sample(
         raise ValueError(f"cuda_graph=True needs a CUDA device; sampling runs on {device}")
     autocast_dtype = _autocast_dtype(dtype, device)
     runner = _ModelRunner(model, device, autocast_dtype, guided, compile)
-    stepper = _Stepper(schedule, step_config, backend, device, state_dtype, guidance_scale if guided else None)
-    use_graph = _graphs_possible(device) and cuda_graph is not False and stepper.backend != "reference"
-    if use_graph and torch_noise and _any_cpu(generators):
-        use_graph = False  # CPU-generator draws (diffusers' order) cannot be captured: run uncaptured
+    step_numel = min(chunk, batch_size) * math.prod(image_shape)  # the backend's size class: one chunk
+    guidance = guidance_scale if guided else None
+    # CPU-generator draws (diffusers' order) cannot be captured: those loops run uncaptured.
+    graph_wanted = _graphs_possible(device) and cuda_graph is not False and not (torch_noise and _any_cpu(generators))
+    stepper = _Stepper(schedule, step_config, backend, device, state_dtype, step_numel, graph_wanted, guidance)
+    use_graph = graph_wanted and stepper.backend != "reference"
     checked = False
 
     def body(
@@ -657,12 +659,12 @@ class _Stepper:
         backend: str | None,
         device: torch.device,
         dtype: torch.dtype,
+        numel: int,
+        graphed: bool,
         guidance_scale: float | None,
     ):
         self.schedule, self.config = schedule, config
-        self.backend = select_backend(backend, device)
-        if self.backend == "triton" and dtype == torch.float64:
-            raise TypeError("the triton backend does not take float64 samples: use backend='cpp' or 'reference'")
+        self.backend = choose("posterior_step", backend, device, numel=numel, dtype=dtype, launch_bound=not graphed)
         if config.prediction_type == "epsilon" and schedule.zero_terminal_snr:
             raise ValueError(
                 "epsilon prediction divides by zero on a zero-terminal-SNR schedule: use v_prediction or sample"

@@ -63,6 +63,7 @@ def test_elementwise_default_on_cuda_follows_the_size(monkeypatch):
     for op in ("q_sample", "posterior_step"):
         assert _backends.choose(op, None, cuda, numel=256 * 3 * 32 * 32) == "cuda"
         assert _backends.choose(op, None, cuda, numel=below) == "triton"
+        assert _backends.choose(op, None, cuda, numel=10, launch_bound=False) == "triton"  # a CUDA graph
         assert _backends.choose(op, None, cuda, numel=below, dtype=torch.float64) == "cuda"
         assert _backends.choose(op, "triton", cuda, numel=10) == "triton"
         assert _backends.choose(op, None, torch.device("cpu"), numel=10) == "triton"  # select_backend's choice
