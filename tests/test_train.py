@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from host_reads import no_host_reads
 from torch import nn
 
 from ddpm_fast import checkpoint as ckpt
@@ -233,3 +234,24 @@ def test_bad_labels_are_refused_on_the_host(tmp_path):
     bad[-1] = trainer.num_classes
     with pytest.raises(ValueError, match=r"class labels \d+\.\.10; the model was built for 10 classes"):
         trainer.train_step(iter([(x0, bad)]))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])  # fmt: skip
+def test_train_step_reads_nothing_from_the_device(tmp_path, monkeypatch, device):
+    """After one warm-up step, a training step (labels with dropout, min-SNR weights, grad clip,
+    AdamW, EMA, 2 micro-batches) hands no tensor value to Python: no host sync per step. The
+    labels' range is checked on the host batch (test_bad_labels_are_refused_on_the_host): off
+    here, as are the data loader's own host reads (the batches are drawn before)."""
+    cfg = config(tmp_path, "run", steps=3, class_conditional=True, cfg_dropout=0.3, min_snr_gamma=5.0,
+                 grad_clip=1.0, grad_accum=2, device=device)  # fmt: skip
+    trainer = Trainer(cfg)
+    source = trainer.loader.forever()
+    batches = iter([next(source) for _ in range(4)])
+    trainer.train_step(batches)
+    monkeypatch.setattr(trainer, "_check_labels", lambda labels: None)
+    # AdamW (not fused) keeps each step count as a CPU scalar and reads it: a host read, no sync.
+    host_steps = {id(s["step"]) for s in trainer.optimizer.state.values() if s["step"].device.type == "cpu"}
+    with no_host_reads(allow=lambda t: id(t) in host_steps):
+        loss, grad_norm = trainer.train_step(batches)
+    assert torch.isfinite(loss) and torch.isfinite(grad_norm)
