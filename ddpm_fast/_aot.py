@@ -127,29 +127,37 @@ def _noising_launches() -> list[Launch]:
 
     launches: list[Launch] = []
     table = torch.ones(1000)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for shape in ((256, 3, 32 * 32), (16, 3, 256 * 256)):
-            x = torch.empty(shape, dtype=dtype)
-            t = torch.zeros(shape[0], dtype=torch.int64)
-            seed = torch.zeros(1, dtype=torch.int64)
-            for given, target in ((True, 0), (False, 3)):
-                name = (
-                    f"q_sample[{str(dtype)[6:]}-{'x'.join(map(str, shape))}-{'given' if given else 'drawn'}-t{target}]"
+    # (N, C, S) views as the op passes them: NCHW, and channels_last ("-cl": every tensor NHWC)
+    shapes = ((256, 3, 32 * 32), (16, 3, 256 * 256))
+    cases = [(dtype, shape, False) for dtype in (torch.float32, torch.bfloat16, torch.float16) for shape in shapes]
+    cases += [(torch.float32, shapes[0], True), (torch.bfloat16, shapes[0], True)]
+    for dtype, shape, channels_last in cases:
+        x = _view_3d(shape, dtype, channels_last)
+        t = torch.zeros(shape[0], dtype=torch.int64)
+        seed = torch.zeros(1, dtype=torch.int64)
+        for given, target in ((True, 0), (False, 3)):
+            tag = f"{str(dtype)[6:]}-{'x'.join(map(str, shape))}{'-cl' if channels_last else ''}"
+            name = f"q_sample[{tag}-{'given' if given else 'drawn'}-t{target}]"
+            with _recording(mod, "q_sample_kernel", name, launches):
+                mod.q_sample_triton(
+                    x,
+                    t,
+                    table,
+                    table,
+                    x if given else None,
+                    None if given else seed,
+                    torch.empty_like(x),
+                    None if given else torch.empty_like(x),
+                    torch.empty_like(x) if target else None,
+                    target,
                 )
-                with _recording(mod, "q_sample_kernel", name, launches):
-                    mod.q_sample_triton(
-                        x,
-                        t,
-                        table,
-                        table,
-                        x if given else None,
-                        None if given else seed,
-                        torch.empty_like(x),
-                        None if given else torch.empty_like(x),
-                        torch.empty_like(x) if target else None,
-                        target,
-                    )
     return launches
+
+
+def _view_3d(shape: tuple[int, int, int], dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """An (N, C, S) tensor stored NCHW, or NHWC (the view of a channels_last image batch)."""
+    n, c, s = shape
+    return torch.empty((n, s, c), dtype=dtype).transpose(1, 2) if channels_last else torch.empty(shape, dtype=dtype)
 
 
 def _posterior_launches() -> list[Launch]:
@@ -165,16 +173,21 @@ def _posterior_launches() -> list[Launch]:
         "ddim-eps-guided": (1, 0, 0, 1, True, 1),
         "ddim-v-clipped_eps": (1, 2, 0, 1, False, 1),
     }
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    # every case NCHW; at fp32 and bf16 also channels_last ("-cl"; |x0| of phase 1 stays NCHW)
+    layouts = [(dtype, False) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    layouts += [(torch.float32, True), (torch.bfloat16, True)]
+    for dtype, channels_last in layouts:
         n, c, s = 256, 3, 32 * 32
-        x = torch.empty((n, c, s), dtype=dtype)
+        x = _view_3d((n, c, s), dtype, channels_last)
         t = torch.zeros(n, dtype=torch.int64)
         seed = torch.zeros(1, dtype=torch.int64)
         for case, (kind, pred, var, clip, guided, factor) in cases.items():
-            mo = torch.empty(((2 if guided else 1) * n, factor * c, s), dtype=dtype)
+            mo = _view_3d(((2 if guided else 1) * n, factor * c, s), dtype, channels_last)
             phases = (True, False) if clip == 2 else (False,)
             for phase1 in phases:
-                name = f"posterior[{str(dtype)[6:]}-{case}{'-phase1' if phase1 else ''}]"
+                name = (
+                    f"posterior[{str(dtype)[6:]}{'-cl' if channels_last else ''}-{case}{'-phase1' if phase1 else ''}]"
+                )
                 abs_x0 = torch.empty((n, c, s), dtype=torch.float32) if phase1 else None
                 scale = None if phase1 or clip != 2 else torch.ones(n)
                 with _recording(mod, "posterior_kernel", name, launches):
@@ -188,7 +201,7 @@ def _posterior_launches() -> list[Launch]:
                         seed,
                         scale,
                         torch.empty_like(x),
-                        torch.empty_like(x),
+                        None if phase1 else torch.empty_like(x),
                         abs_x0,
                         1.0,
                         3.0,
@@ -369,6 +382,82 @@ def package_kernels() -> set[str]:
 
 def recorded_kernels(launches: list[Launch]) -> set[str]:
     return {f"{launch.kernel.__module__.rsplit('.', 1)[-1]}.{launch.kernel.__name__}" for launch in launches}
+
+
+# ---------------------------------------------------------------- the JIT's launch path, without a GPU
+class StandInDriver:
+    """A Triton driver for a host without a GPU, to run the JIT's launch path as on ``arch``:
+    ``kernel[grid](...)`` binds, specialises and compiles (ahead of time, cached on disk) as it
+    would there, and the compiled kernel's launcher appends its arguments to ``launches`` instead
+    of launching. What a call costs on the host up to the CUDA launch can then be timed here, and
+    kernels.launch's cached path checked against what the JIT passes.
+
+        with StandInDriver() as driver:
+            q_sample_triton(...)  # CPU tensors
+            driver.launches[-1]   # (grid x, y, z, stream, function, metadata, hooks..., *args)
+    """
+
+    def __init__(self, arch: int = 90, keep: int = 16):
+        self.arch, self.keep = arch, keep
+        self.launches: list[tuple] = []
+        driver = self
+
+        class Utils:
+            def get_device_properties(self, device):
+                return {"max_shared_mem": SHARED_LIMIT[f"sm_{arch}"], "multiprocessor_count": 132}
+
+            def load_binary(self, name, kernel, shared, device):  # (module, function, regs, spills, max threads)
+                return object(), object(), 0, 0, 1024
+
+            def unload_module(self, module):
+                pass
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                pass
+
+            def __call__(self, *args):
+                if len(driver.launches) >= driver.keep:
+                    del driver.launches[0]
+                driver.launches.append(args)
+
+        self.utils, self.launcher_cls = Utils(), Launcher
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def __enter__(self) -> StandInDriver:
+        import triton
+
+        from .kernels import launch
+
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels are not compiled")
+        if torch.cuda.is_available():  # its kernels would stay in the JIT's caches for device 0
+            raise RuntimeError("the stand-in driver is for hosts without a GPU")
+        self._previous = getattr(triton.runtime.driver, "_active", None)
+        triton.runtime.driver.set_active(self)
+        launch.clear_cache()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import triton
+
+        from .kernels import launch
+
+        launch.clear_cache()
+        triton.runtime.driver.set_active(self._previous)
 
 
 # ---------------------------------------------------------------- the CUDA C++ kernels (csrc/*.cu)

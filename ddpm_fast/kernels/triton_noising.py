@@ -9,15 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import elementwise_config, quad_noise, row_index, tile_noise
+from .launch import Operands, cdiv, elementwise_config, launch, offset, quad_noise, row_index, tile_noise
 
 
 @triton.jit
 def q_sample_kernel(
     x0_ptr,
-    noise_ptr,
+    z_ptr,
     xt_ptr,
-    noise_out_ptr,
     target_ptr,
     t_ptr,
     sqrt_ab_ptr,
@@ -26,40 +25,29 @@ def q_sample_kernel(
     C,
     S,
     T,
-    x_sn,
-    x_sc,
-    x_ss,
-    z_sn,
-    z_sc,
-    z_ss,
-    o_sn,
-    o_sc,
-    o_ss,
-    zo_sn,
-    zo_sc,
-    zo_ss,
-    g_sn,
-    g_sc,
-    g_ss,
+    LAYOUTS: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     TARGET: tl.constexpr,
     QUAD_NOISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """z_ptr: the given noise (HAS_NOISE) or where the drawn noise goes. LAYOUTS: bit i set where
+    tensor i of (x0, z, x_t, target) is NHWC (launch.Operands)."""
     row, n, c, s, mask = row_index(C, S, BLOCK)
     t = tl.minimum(tl.maximum(tl.load(t_ptr + n), 0), T - 1)
     sa = tl.load(sqrt_ab_ptr + t)
     s1a = tl.load(sqrt_1mab_ptr + t)
-    x0 = tl.load(x0_ptr + n * x_sn + c * x_sc + s * x_ss, mask=mask).to(tl.float32)
+    x0 = tl.load(x0_ptr + offset(n, c, s, C, S, LAYOUTS & 1), mask=mask).to(tl.float32)
+    z_off = offset(n, c, s, C, S, (LAYOUTS >> 1) & 1)
     if HAS_NOISE:
-        z = tl.load(noise_ptr + n * z_sn + c * z_sc + s * z_ss, mask=mask).to(tl.float32)
+        z = tl.load(z_ptr + z_off, mask=mask).to(tl.float32)
     else:
         seed = tl.load(seed_ptr)
-        drawn = tile_noise(seed, row, S, s, BLOCK, QUAD_NOISE).to(noise_out_ptr.dtype.element_ty)  # as stored
-        tl.store(noise_out_ptr + n * zo_sn + c * zo_sc + s * zo_ss, drawn, mask=mask)
+        drawn = tile_noise(seed, row, S, s, BLOCK, QUAD_NOISE).to(z_ptr.dtype.element_ty)  # as stored
+        tl.store(z_ptr + z_off, drawn, mask=mask)
         z = drawn.to(tl.float32)
     out_ty = xt_ptr.dtype.element_ty
-    tl.store(xt_ptr + n * o_sn + c * o_sc + s * o_ss, (sa * x0 + s1a * z).to(out_ty), mask=mask)
+    tl.store(xt_ptr + offset(n, c, s, C, S, (LAYOUTS >> 2) & 1), (sa * x0 + s1a * z).to(out_ty), mask=mask)
     if TARGET != 0:
         if TARGET == 1:
             tgt = z
@@ -67,7 +55,7 @@ def q_sample_kernel(
             tgt = x0
         else:
             tgt = sa * z - s1a * x0
-        tl.store(target_ptr + n * g_sn + c * g_sc + s * g_ss, tgt.to(out_ty), mask=mask)
+        tl.store(target_ptr + offset(n, c, s, C, S, (LAYOUTS >> 3) & 1), tgt.to(out_ty), mask=mask)
 
 
 def q_sample_triton(
@@ -82,37 +70,34 @@ def q_sample_triton(
     target: torch.Tensor | None,
     target_kind: int,
 ) -> None:
-    """Launch on (N, C, S) views (see ops/noising.py); outputs are written in place."""
+    """Launch on (N, C, S) views (see ops/noising.py); outputs are written in place. NCHW and NHWC
+    views are read and written where they are; other layouts go through copies (launch.Operands)."""
     n, c, s = x0.shape
-    block, num_warps = elementwise_config(s, x0.device)
-    dummy = x_t  # a valid pointer for the arguments a specialisation never reads
-    z, zo, g = (
-        noise if noise is not None else dummy,
-        noise_out if noise_out is not None else dummy,
-        target if target is not None else dummy,
-    )
-    grid = (n * c, triton.cdiv(s, block))
-    q_sample_kernel[grid](
-        x0,
-        z,
-        x_t,
-        zo,
-        g,
-        t,
-        sqrt_ab,
-        sqrt_1mab,
-        seed if seed is not None else t,
-        c,
-        s,
-        sqrt_ab.numel(),
-        *x0.stride(),
-        *z.stride(),
-        *x_t.stride(),
-        *zo.stride(),
-        *g.stride(),
+    block, num_warps = elementwise_config(s)
+    ops = Operands()
+    x0 = ops.read(x0)
+    z = ops.read(noise) if noise is not None else ops.write(noise_out)
+    x_t = ops.write(x_t)
+    target = ops.write(target)
+    launch(
+        q_sample_kernel,
+        (n * c, cdiv(s, block)),
+        (
+            x0,
+            z if z is not None else x_t,  # a valid pointer for the arguments a specialisation never reads
+            x_t,
+            target if target is not None else x_t,
+            t,
+            sqrt_ab,
+            sqrt_1mab,
+            seed if seed is not None else t,
+        ),
+        (c, s, sqrt_ab.numel()),
+        num_warps,
+        LAYOUTS=ops.code,
         HAS_NOISE=noise is not None,
         TARGET=target_kind,
         QUAD_NOISE=noise is None and quad_noise(s),
         BLOCK=block,
-        num_warps=num_warps,
     )
+    ops.finish()

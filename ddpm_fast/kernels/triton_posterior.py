@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import elementwise_config, quad_noise, row_index, tile_noise
+from .launch import Operands, cdiv, elementwise_config, launch, offset, quad_noise, row_index, tile_noise
 
 # Codes shared with csrc/kernel_args.h (constexpr globals: the compiler reads them in kernels).
 DDPM, DDIM = tl.constexpr(0), tl.constexpr(1)
@@ -19,46 +19,27 @@ LEARNED, LEARNED_RANGE = tl.constexpr(3), tl.constexpr(4)
 CLIP_NONE, CLIP, THRESHOLD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def posterior_kernel(
     mo_ptr,
     x_ptr,
     noise_ptr,
     prev_ptr,
-    x0_ptr,
-    abs_ptr,
+    aux_ptr,
     t_ptr,
     prev_t_ptr,
     ac_ptr,
     scale_ptr,
     seed_ptr,
+    N,
     C,
     S,
     T,
-    mo_half,
-    mo_var,
     final_alpha,
     guidance_scale,
     clip_range,
     eta,
-    m_sn,
-    m_sc,
-    m_ss,
-    x_sn,
-    x_sc,
-    x_ss,
-    z_sn,
-    z_sc,
-    z_ss,
-    p_sn,
-    p_sc,
-    p_ss,
-    o_sn,
-    o_sc,
-    o_ss,
-    a_sn,
-    a_sc,
-    a_ss,
+    LAYOUTS: tl.constexpr,
     KIND: tl.constexpr,
     PRED: tl.constexpr,
     VAR: tl.constexpr,
@@ -73,6 +54,9 @@ def posterior_kernel(
     QUAD_NOISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """(N, C, S) views; model_output (N or 2N with GUIDED, C or 2C with HAS_VAR, S). aux_ptr: the
+    pred_x0 output (WRITE_X0) or |x0| (PHASE1). LAYOUTS: bit i set where tensor i of
+    (model_output, sample, noise, prev, aux) is NHWC (launch.Operands)."""
     row, n, c, s, mask = row_index(C, S, BLOCK)
 
     # Per-sample coefficients (scalars).
@@ -83,11 +67,13 @@ def posterior_kernel(
     sqrt_a_t = tl.sqrt_rn(a_t)
     sqrt_1m_a_t = tl.sqrt_rn(1.0 - a_t)
 
-    m = n * m_sn + c * m_sc + s * m_ss
-    out = tl.load(mo_ptr + m, mask=mask).to(tl.float32)
+    mo_c = C * 2 if HAS_VAR else C  # model_output's channels; [uncond, cond] halves of N samples each
+    mo_nhwc: tl.constexpr = LAYOUTS & 1
+    out = tl.load(mo_ptr + offset(n, c, s, mo_c, S, mo_nhwc), mask=mask).to(tl.float32)
     if GUIDED:
-        out = out + guidance_scale * (tl.load(mo_ptr + m + mo_half, mask=mask).to(tl.float32) - out)
-    x = tl.load(x_ptr + n * x_sn + c * x_sc + s * x_ss, mask=mask).to(tl.float32)
+        cond = tl.load(mo_ptr + offset(n + N, c, s, mo_c, S, mo_nhwc), mask=mask).to(tl.float32)
+        out = out + guidance_scale * (cond - out)
+    x = tl.load(x_ptr + offset(n, c, s, C, S, (LAYOUTS >> 1) & 1), mask=mask).to(tl.float32)
 
     if PRED == EPS:
         x0 = tl.div_rn(x - sqrt_1m_a_t * out, sqrt_a_t)
@@ -97,7 +83,7 @@ def posterior_kernel(
         x0 = sqrt_a_t * x - sqrt_1m_a_t * out
 
     if PHASE1:
-        tl.store(abs_ptr + n * a_sn + c * a_sc + s * a_ss, tl.abs(x0), mask=mask)
+        tl.store(aux_ptr + offset(n, c, s, C, S, (LAYOUTS >> 4) & 1), tl.abs(x0), mask=mask)
     else:
         if CLIP_MODE == CLIP:
             x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
@@ -119,9 +105,9 @@ def posterior_kernel(
             elif VAR == FIXED_LARGE:
                 std = tl.sqrt_rn(current_beta)
             else:
-                variance = tl.load(mo_ptr + m + mo_var + (mo_half if GUIDED else 0), mask=mask, other=1.0).to(
-                    tl.float32
-                )
+                var_n = n + N if GUIDED else n  # the conditional half's variance
+                var_off = offset(var_n, c + C, s, mo_c, S, mo_nhwc)
+                variance = tl.load(mo_ptr + var_off, mask=mask, other=1.0).to(tl.float32)
                 if VAR == LEARNED:
                     std = tl.sqrt_rn(variance)
                 else:
@@ -148,7 +134,8 @@ def posterior_kernel(
 
         out_ty = prev_ptr.dtype.element_ty
         if HAS_NOISE:
-            z = tl.load(noise_ptr + n * z_sn + c * z_sc + s * z_ss, mask=mask, other=0.0).to(tl.float32)
+            z_off = offset(n, c, s, C, S, (LAYOUTS >> 2) & 1)
+            z = tl.load(noise_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
             prev = tl.where(noisy, mean + std * z, mean)
         elif DRAW_NOISE:
             seed = tl.load(seed_ptr)
@@ -156,9 +143,9 @@ def posterior_kernel(
             prev = tl.where(noisy, mean + std * z, mean)
         else:
             prev = mean
-        tl.store(prev_ptr + n * p_sn + c * p_sc + s * p_ss, prev.to(out_ty), mask=mask)
+        tl.store(prev_ptr + offset(n, c, s, C, S, (LAYOUTS >> 3) & 1), prev.to(out_ty), mask=mask)
         if WRITE_X0:
-            tl.store(x0_ptr + n * o_sn + c * o_sc + s * o_ss, x0.to(out_ty), mask=mask)
+            tl.store(aux_ptr + offset(n, c, s, C, S, (LAYOUTS >> 4) & 1), x0.to(out_ty), mask=mask)
 
 
 def posterior_step_triton(
@@ -184,43 +171,45 @@ def posterior_step_triton(
     guidance: bool,
     use_clipped_model_output: bool,
 ) -> None:
-    """Same arguments as torch.ops.ddpm_fast_C.posterior_step, on (N, C, S) views."""
+    """Same arguments as torch.ops.ddpm_fast_C.posterior_step, on (N, C, S) views. NCHW and NHWC
+    views are read and written where they are; other layouts go through copies (launch.Operands)."""
     n, c, s = sample.shape
     if clip == THRESHOLD.value and thresh_scale is None and abs_x0 is None:
         raise ValueError("thresholding needs the per-sample scale (phase 2) or the abs_x0 buffer (phase 1)")
-    block, num_warps = elementwise_config(s, sample.device)
-    dummy = prev
-    z = noise if noise is not None else dummy
-    o = pred_x0 if pred_x0 is not None else dummy
-    a = abs_x0 if abs_x0 is not None else dummy
-    grid = (n * c, triton.cdiv(s, block))
-    posterior_kernel[grid](
-        model_output,
-        sample,
-        z,
-        prev,
-        o,
-        a,
-        t,
-        prev_t,
-        alphas_cumprod,
-        thresh_scale if thresh_scale is not None else alphas_cumprod,
-        seed if seed is not None else t,
-        c,
-        s,
-        alphas_cumprod.numel(),
-        n * model_output.stride(0),
-        c * model_output.stride(1),
-        float(final_alpha_cumprod),
-        float(guidance_scale),
-        float(clip_range),
-        float(eta),
-        *model_output.stride(),
-        *sample.stride(),
-        *z.stride(),
-        *prev.stride(),
-        *o.stride(),
-        *a.stride(),
+    if pred_x0 is not None and abs_x0 is not None:
+        raise ValueError("phase 1 (abs_x0) writes no pred_x0")
+    block, num_warps = elementwise_config(s)
+    ops = Operands()
+    mo, x, z = ops.read(model_output), ops.read(sample), ops.read(noise)
+    prev = ops.write(prev)
+    aux = ops.write(pred_x0 if abs_x0 is None else abs_x0)
+    launch(
+        posterior_kernel,
+        (n * c, cdiv(s, block)),
+        (
+            mo,
+            x,
+            z if z is not None else prev,  # a valid pointer for the arguments a specialisation never reads
+            prev,
+            aux if aux is not None else prev,
+            t,
+            prev_t,
+            alphas_cumprod,
+            thresh_scale if thresh_scale is not None else alphas_cumprod,
+            seed if seed is not None else t,
+        ),
+        (
+            n,
+            c,
+            s,
+            alphas_cumprod.numel(),
+            float(final_alpha_cumprod),
+            float(guidance_scale),
+            float(clip_range),
+            float(eta),
+        ),
+        num_warps,
+        LAYOUTS=ops.code,
         KIND=kind,
         PRED=pred,
         VAR=var,
@@ -234,5 +223,5 @@ def posterior_step_triton(
         PHASE1=abs_x0 is not None,
         QUAD_NOISE=noise is None and seed is not None and quad_noise(s),
         BLOCK=block,
-        num_warps=num_warps,
     )
+    ops.finish()
