@@ -8,6 +8,11 @@ Implementations: each fast backend on the device (cpp on CPU; triton and cuda on
 reference in eager mode ("eager": noise from torch.randn with a generator) and under
 torch.compile ("compile": torch.randn_like inside the graph). Fast backends run under
 no_value_checks(), as a training loop calls them: no host-side check of t.
+
+Launch-bound case: on CUDA, 256x3x32x32 moves 3-5 MB, a few microseconds at copy speed, so its
+per-call time is host time (the op wrapper, the launch). Its benchmarks carry
+``extra_info["regime"] = "launch-bound"`` on CUDA (the larger shapes "bandwidth");
+test_bench_launch.py times the layers of such a call one by one.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import functools
 
 import pytest
 import torch
-from conftest import CASES, DEVICE, DTYPES, compile_fn, kernel_backends, op_cases, tensor_bytes
+from conftest import CASES, DEVICE, DTYPES, ON_CUDA, compile_fn, kernel_backends, op_cases, tensor_bytes
 
 from ddpm_fast import Schedule, q_sample, reference
 from ddpm_fast.ops import no_value_checks
 
 SCHEDULE = Schedule.from_config(device=DEVICE)
+LAUNCH_BOUND = (256, 3, 32, 32)  # the CIFAR batch: host time on a GPU
 VARIANTS = {"given": 3, "drawn": 3, "drawn-v": 4}  # tensors read + written
 IMPLS = [*kernel_backends(), "eager", "compile"]
 
@@ -76,4 +82,6 @@ def test_q_sample(roofline, impl, shape, dtype, variant):
             with no_value_checks():
                 return q_sample(x0, t, SCHEDULE, target=target, backend=impl, **kwargs)
 
+    if ON_CUDA:
+        roofline.benchmark.extra_info["regime"] = "launch-bound" if shape == LAUNCH_BOUND else "bandwidth"
     roofline(fn, bytes_moved=tensor_bytes(shape, torch_dtype, VARIANTS[variant]))

@@ -15,6 +15,11 @@ reference in eager mode ("eager": noise from torch.randn with a generator) and u
 torch.compile ("compile": torch.randn_like inside the graph). Fast backends run under
 no_value_checks(), as the sampling loop calls them. Timesteps are per sample, t in [20, 1000);
 DDPM steps to t - 1, DDIM to t - 20 (50 steps).
+
+Launch-bound case: on CUDA, 256x3x32x32 moves 3-5 MB, a few microseconds at copy speed, so its
+per-call time is host time (the op wrapper, the launch). Its benchmarks carry
+``extra_info["regime"] = "launch-bound"`` on CUDA (the larger shapes "bandwidth");
+test_bench_launch.py times the layers of such a call one by one.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import functools
 
 import pytest
 import torch
-from conftest import CASES, DEVICE, DTYPES, compile_fn, kernel_backends, op_cases, tensor_bytes
+from conftest import CASES, DEVICE, DTYPES, ON_CUDA, compile_fn, kernel_backends, op_cases, tensor_bytes
 
 from ddpm_fast import Schedule, StepConfig, posterior_step, reference
 from ddpm_fast.ops import no_value_checks
 
 SCHEDULE = Schedule.from_config(device=DEVICE)
+LAUNCH_BOUND = (256, 3, 32, 32)  # the CIFAR batch: host time on a GPU
 DDPM = StepConfig(kind="ddpm", prediction_type="epsilon", variance_type="fixed_small", clip_sample=True)
 DDIM = StepConfig(kind="ddim", prediction_type="epsilon", clip_sample=True, eta=0.0)
 THRESHOLD = StepConfig(kind="ddpm", thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
@@ -108,4 +114,6 @@ def test_posterior_step(roofline, impl, shape, dtype, variant):
             with no_value_checks():
                 return posterior_step(*args, SCHEDULE, config, guidance_scale=guidance, backend=impl, **kwargs)
 
+    if ON_CUDA:
+        roofline.benchmark.extra_info["regime"] = "launch-bound" if shape == LAUNCH_BOUND else "bandwidth"
     roofline(fn, bytes_moved=tensor_bytes(shape, torch_dtype, tensors))
