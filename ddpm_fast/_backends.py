@@ -175,6 +175,18 @@ def _select_backend(requested: str | None, device_type: str, interpreting: bool)
     return requested
 
 
+@cache
+def cpu_has_amx() -> bool:
+    """The CPU has AMX bf16 tile units (Intel Sapphire Rapids and later; Linux reports it in
+    /proc/cpuinfo). There bf16 convolutions run ~2.4x faster than fp32 (issue 21: the cifar10
+    U-Net forward at batch 8, 136 vs 331 ms on a 2-core Xeon), so sample() autocasts by default."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags
+
+
 # ---------------------------------------------------------------- per-op choice
 # Every default below comes from benchmarks/results on each device; this is the one place that
 # decides which backend runs an op (the ops, the sampler and the U-Net all ask `choose`).

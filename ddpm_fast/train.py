@@ -356,7 +356,9 @@ class Trainer:
                 "variances need the hybrid loss, which this trainer does not implement"
             )
         self.ema = EMA(self.model, config.ema_decay)
-        fused = self.device.type == "cuda"
+        # The fused AdamW kernel (one pass per tensor) on CUDA and on the CPU: on the CPU the foreach
+        # path costs 12 ms a step for the tiny preset's 166 tensors, the fused one 3.2 ms.
+        fused = self.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=_lr_at(config, 0),

@@ -35,6 +35,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def fp32_by_default(monkeypatch):
+    """sample()'s default dtype is bf16 autocast on a CPU with AMX (an Intel Xeon CI machine may have
+    it): the equivalence tests compare fp32 runs, as if the CPU had none; test_default_dtype_follows_the_cpu
+    checks the choice itself."""
+    monkeypatch.setattr(ddpm_sampler, "cpu_has_amx", lambda: False)
+
+
 # One tiny architecture in diffusers' terms (UNet2DModel's arguments), built as either model; both
 # take the same overrides (num_class_embeds = classes + the null label).
 TINY_UNET = dict(
@@ -523,6 +531,18 @@ def test_bf16_autocast_on_cpu(unet):
     bf16 = sample(unet, dtype=torch.bfloat16, **kw)
     assert bf16.dtype == torch.float32
     assert 0 < (bf16 - fp32).abs().max() < 0.1
+
+
+def test_default_dtype_follows_the_cpu(monkeypatch, unet):
+    """By default the model runs under bf16 autocast on a CPU with AMX units, in fp32 elsewhere on
+    the CPU; dtype=torch.float32 keeps fp32 on AMX too."""
+    kw = dict(batch_size=2, scheduler="ddim", num_inference_steps=3, progress=False)
+    fp32 = sample(unet, generator=gen(0), **kw)
+    bf16 = sample(unet, generator=gen(0), dtype=torch.bfloat16, **kw)
+    monkeypatch.setattr(ddpm_sampler, "cpu_has_amx", lambda: True)
+    torch.testing.assert_close(sample(unet, generator=gen(0), **kw), bf16, rtol=0, atol=0)
+    torch.testing.assert_close(sample(unet, generator=gen(0), dtype=torch.float32, **kw), fp32, rtol=0, atol=0)
+    assert not torch.equal(fp32, bf16)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
