@@ -1,4 +1,4 @@
-"""Command line: `ddpm-fast check | train | sample | bench [--aot] | demo` (also `python -m ddpm_fast ...`).
+"""Command line: `ddpm-fast check | train | sample | bench [--aot | --headline] | demo` (or `python -m ddpm_fast`).
 
 `train` and `sample` also read their options from a TOML file (`--config run.toml`, keys named
 as the flags, with dashes or underscores, at the top level or in a [train] / [sample] table);
@@ -22,7 +22,40 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+HEADLINE_OPTIONS = ("out", "device", "sizes", "only", "budget_s", "threads", "compile")
+
+
+def _headline(args: argparse.Namespace) -> int:
+    from .headline import run_headline
+
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    try:
+        _, _, code = run_headline(
+            device=args.device or "auto",
+            sizes=args.sizes or "auto",
+            out=args.out,
+            only=only,
+            budget_s=args.budget_s,
+            threads=args.threads,
+            compile=args.compile,
+            argv=args.argv,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
 def _bench(args: argparse.Namespace) -> int:
+    given = [f"--{name.replace('_', '-')}" for name in HEADLINE_OPTIONS if getattr(args, name) is not None]
+    if args.headline:
+        if args.aot or args.pytest_args:
+            print("error: --headline takes no --aot and no pytest arguments", file=sys.stderr)
+            return 2
+        return _headline(args)
+    if given:
+        print(f"error: {', '.join(given)}: only with --headline", file=sys.stderr)
+        return 2
     if args.aot:
         from . import _aot
 
@@ -292,9 +325,41 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="print the backends and compare each with the reference")
     check.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default 1e-4)")
     check.set_defaults(func=_check)
-    bench = sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks/ --benchmark-only)")
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark suite (pytest benchmarks/ --benchmark-only), or --headline",
+        description="Without options: pytest benchmarks/ --benchmark-only (extra arguments go to pytest). "
+        "--headline: one command, one table: sample() and training against diffusers, the U-Net's TFLOP/s, "
+        "the kernels against eager/compiled torch; full sizes on a GPU (<= 8 min), small ones on the CPU.",
+    )
     bench.add_argument(
         "--aot", action="store_true", help="instead, compile every Triton kernel for sm_90/sm_80 and report resources"
+    )
+    bench.add_argument(
+        "--headline",
+        action="store_true",
+        help="instead, run the headline benchmark and write benchmarks/results/<device>-<date>-headline.json",
+    )
+    bench.add_argument("--out", default=None, help="--headline: write the JSON here instead")
+    bench.add_argument("--device", default=None, help="--headline: auto (default), cpu or cuda")
+    bench.add_argument(
+        "--sizes", default=None, choices=("auto", "full", "small"), help="--headline: auto = full on CUDA, small on CPU"
+    )
+    bench.add_argument("--only", default=None, help="--headline: comma-separated sections of sample,train,unet,kernels")
+    bench.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="--headline: skip (and list) items that no longer fit this many seconds (default: 420 on CUDA, no limit)",
+    )
+    bench.add_argument(
+        "--threads", type=int, default=None, help="--headline: torch CPU threads (default: 1 at the small sizes)"
+    )
+    bench.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--headline: torch.compile on or off (default: on for the full sizes, off for the small)",
     )
     bench.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
     bench.set_defaults(func=_bench)
@@ -302,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_sample_parser(sub)
     _add_demo_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":  # the headline JSON records the command line
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args.func(args)
 
 
