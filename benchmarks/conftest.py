@@ -205,6 +205,27 @@ def peak_flops(dtype: torch.dtype) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------- the roofline fixture
+def time_split(fn: Callable[[], object]) -> dict[str, float]:
+    """One profiled call of fn on the CPU: milliseconds in convolutions (forward and backward)
+    and in everything else, so a report can say where the non-convolution time goes (the
+    profiler's own cost inflates both a little). Empty on CUDA (kernels run asynchronously)."""
+    if ON_CUDA:
+        return {}
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key)
+    top = sorted((e for e in events if "conv" not in e.key), key=lambda e: -e.self_cpu_time_total)[:5]
+    return {
+        "conv_ms": conv / 1e3,
+        "other_ms": (total - conv) / 1e3,
+        "other_top": {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in top},
+    }
+
+
 class Roofline:
     """Runs one benchmark and reports it against the device's bandwidth and FLOP/s peaks."""
 

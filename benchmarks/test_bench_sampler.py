@@ -8,18 +8,20 @@ Groups:
                     autocast and the CUDA-graph loop)
     ddpm_fast-torch-noise   the same with noise="torch" (diffusers' draws; the GPU one uses a CUDA
                     generator, so the loop is still captured)
-    ddpm_fast-unet  sample() with ddpm_fast.UNet holding the same weights (when ddpm_fast.UNet exists)
+    ddpm_fast-unet  sample() with ddpm_fast.UNet holding the same weights
   sampler-loop-<kind><steps>-b<batch>   the loop alone: the toy model (x, t) -> x * t / (t + 1)
     diffusers       DDPMScheduler / DDIMScheduler.step loop (the pipelines' loop body)
     eager           the loop over ddpm_fast.reference.posterior_step
     compile         the loop over torch.compile(reference.posterior_step)
     ddpm_fast       sample(toy)
-Models: CPU the "tiny" preset at 16 x 16, batch 4 (DDPM 20 and DDIM 10 steps; the loop alone
-at batch 8, DDPM 200 and DDIM 50 steps), one torch thread; CUDA the cifar10 preset (35.7M
-parameters), batch 256, DDPM 1000 and DDIM 50 steps (the loop alone too). The U-Net comes from
-ddpm_fast.UNet (diffusers' copy via to_diffusers()) when it exists, else a diffusers UNet2DModel
-of the same architecture. extra_info: images/s, TFLOP/s of the U-Net forwards (counted with
-torch's FlopCounterMode), and speedup_vs_diffusers (diffusers' median / this one's, same group).
+Models: CPU (one torch thread, fp32) the cifar10 preset at 32 x 32, 8 images x 10 DDIM steps, and
+the "tiny" preset at 16 x 16, 64 images x 50 DDIM steps and 4 images x 20 DDPM steps (issue 21's
+CPU cases; the loop alone at batch 8, DDPM 200 and DDIM 50 steps); CUDA the cifar10 preset
+(35.7M parameters), batch 256, DDPM 1000 and DDIM 50 steps (the loop alone too). diffusers' U-Net
+is ddpm_fast.UNet's copy (to_diffusers()): the same weights. extra_info: images/s, TFLOP/s of
+the U-Net forwards (counted with torch's FlopCounterMode), speedup_vs_diffusers (diffusers' median
+/ this one's, same group) and, on the CPU, time_split_3_steps (a profiled 3-step run's time in
+convolutions and elsewhere).
 U-Net runs: a 3-step warm-up, then 3 timed runs (one at 1000 steps).
 """
 
@@ -30,7 +32,7 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE, ON_CUDA, compile_fn, sync
+from conftest import DEVICE, ON_CUDA, compile_fn, sync, time_split
 
 import ddpm_fast
 from ddpm_fast import Schedule, StepConfig, reference, sample
@@ -38,72 +40,42 @@ from ddpm_fast import Schedule, StepConfig, reference, sample
 diffusers = pytest.importorskip("diffusers")
 
 DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
-if ON_CUDA:
-    UNET_PRESET, SIZE, BATCH = "cifar10", 32, 256
-    UNET_RUNS = [("ddpm", 1000), ("ddim", 50)]
+SIZES = {"cifar10": 32, "tiny": 16}
+if ON_CUDA:  # (preset, images, kind, steps)
+    UNET_RUNS = [("cifar10", 256, "ddpm", 1000), ("cifar10", 256, "ddim", 50)]
     LOOP_SHAPE = (256, 3, 32, 32)
 else:
-    UNET_PRESET, SIZE, BATCH = "tiny", 16, 4
-    UNET_RUNS = [("ddpm", 20), ("ddim", 10)]
+    UNET_RUNS = [("cifar10", 8, "ddim", 10), ("tiny", 64, "ddim", 50), ("tiny", 4, "ddpm", 20)]
     LOOP_SHAPE = (8, 3, 32, 32)
 LOOP_RUNS = [("ddpm", 1000 if ON_CUDA else 200), ("ddim", 50)]
-HAS_UNET = hasattr(ddpm_fast, "UNet")
-UNET_IMPLS = ["diffusers", "ddpm_fast", "ddpm_fast-torch-noise", *(["ddpm_fast-unet"] if HAS_UNET else [])]
+UNET_IMPLS = ["diffusers", "ddpm_fast", "ddpm_fast-torch-noise", "ddpm_fast-unet"]
 LOOP_IMPLS = ["diffusers", "eager", "compile", "ddpm_fast"]
 _DIFFUSERS_MEDIAN: dict[str, float] = {}
 
 
-def _diffusers_twin_config() -> dict:
-    """A diffusers UNet2DModel config with the preset's architecture, for when ddpm_fast.UNet is missing."""
-    if UNET_PRESET == "cifar10":
-        channels, down = (128, 256, 256, 256), ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
-        layers, groups = 2, 32
-    else:
-        channels, down = (32, 64, 64), ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
-        layers, groups = 1, 8
-    up = tuple(reversed([name.replace("Down", "Up") for name in down]))
-    return dict(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=channels,
-        down_block_types=down,
-        up_block_types=up,
-        layers_per_block=layers,
-        norm_num_groups=groups,
-        attention_head_dim=None,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-    )
-
-
 @functools.cache
-def models():
-    """(diffusers UNet2DModel, ddpm_fast.UNet or None) with identical weights, in eval mode on DEVICE."""
+def models(preset: str):
+    """(diffusers UNet2DModel, ddpm_fast.UNet) with identical weights, in eval mode on DEVICE."""
+    from ddpm_fast.unet import preset_config
+
     torch.manual_seed(0)
-    if HAS_UNET:
-        from ddpm_fast.unet import preset_config
-
-        ours = ddpm_fast.UNet(preset_config(UNET_PRESET, sample_size=SIZE, dropout=0.0)).eval().to(DEVICE)
-        theirs = ours.to_diffusers().eval()
-        return theirs, ours
-    return diffusers.UNet2DModel(**_diffusers_twin_config()).eval().to(DEVICE), None
+    ours = ddpm_fast.UNet(preset_config(preset, sample_size=SIZES[preset], dropout=0.0)).eval().to(DEVICE)
+    return ours.to_diffusers().eval(), ours
 
 
 @functools.cache
-def diffusers_unet():
+def diffusers_unet(preset: str):
     """The diffusers pipelines' copy of the U-Net, in DTYPE (bf16 on CUDA)."""
-    return copy.deepcopy(models()[0]).to(DTYPE)
+    return copy.deepcopy(models(preset)[0]).to(DTYPE)
 
 
 @functools.cache
-def flops_per_image() -> int:
+def flops_per_image(preset: str) -> int:
     """FLOPs of one U-Net forward on one image (FlopCounterMode: matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    theirs, _ = models()
-    x = torch.randn(1, 3, SIZE, SIZE, device=DEVICE)
+    theirs, _ = models(preset)
+    x = torch.randn(1, 3, SIZES[preset], SIZES[preset], device=DEVICE)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         theirs(x, torch.tensor([10], device=DEVICE))
     return counter.get_total_flops()
@@ -126,35 +98,38 @@ def _generator() -> torch.Generator:
     return torch.Generator(DEVICE).manual_seed(0)
 
 
-def unet_fn(impl: str, kind: str, steps: int):
-    theirs, ours = models()
+def unet_fn(impl: str, preset: str, batch: int, kind: str, steps: int):
+    theirs, ours = models(preset)
     scheduler = diffusers.DDPMScheduler() if kind == "ddpm" else diffusers.DDIMScheduler()
     if impl == "diffusers":
-        pipe = (diffusers.DDPMPipeline if kind == "ddpm" else diffusers.DDIMPipeline)(diffusers_unet(), scheduler)
+        pipe = (diffusers.DDPMPipeline if kind == "ddpm" else diffusers.DDIMPipeline)(diffusers_unet(preset), scheduler)
         pipe.set_progress_bar_config(disable=True)
 
         def run(n=steps):
             with torch.no_grad():
-                return pipe(batch_size=BATCH, generator=_generator(), num_inference_steps=n, output_type="pt").images
+                return pipe(batch_size=batch, generator=_generator(), num_inference_steps=n, output_type="pt").images
 
         return run
     model = ours if impl == "ddpm_fast-unet" else theirs
     noise = "torch" if impl == "ddpm_fast-torch-noise" else "kernel"
 
     def run(n=steps):
-        return sample(model, batch_size=BATCH, scheduler=scheduler, num_inference_steps=n, noise=noise,
-                      generator=_generator(), output_type="pt", progress=False)  # fmt: skip
+        return sample(model, batch_size=batch, scheduler=scheduler, num_inference_steps=n, noise=noise,
+                      generator=_generator(), output_type="pt", progress=False, dtype=DTYPE)  # fmt: skip
 
     return run
 
 
 def _unet_cases():
-    for kind, steps in UNET_RUNS:
-        group = f"sampler-unet-{UNET_PRESET}-{kind}{steps}-b{BATCH}"
+    for preset, batch, kind, steps in UNET_RUNS:
+        group = f"sampler-unet-{preset}-{kind}{steps}-b{batch}"
         for impl in UNET_IMPLS:
             if ON_CUDA and steps >= 1000 and impl == "ddpm_fast-torch-noise":
                 continue  # one timed run each at 1000 steps: keep the device time down
-            yield pytest.param(impl, kind, steps, id=f"{impl}-{kind}{steps}", marks=pytest.mark.benchmark(group=group))
+            yield pytest.param(
+                impl, preset, batch, kind, steps, id=f"{impl}-{preset}-b{batch}-{kind}{steps}",
+                marks=pytest.mark.benchmark(group=group),
+            )  # fmt: skip
 
 
 def _timed(benchmark, roofline, fn, flops: int, rounds: int) -> None:
@@ -182,14 +157,16 @@ def _report(benchmark, group: str, impl: str, images: int) -> None:
         benchmark.extra_info["speedup_vs_diffusers"] = _DIFFUSERS_MEDIAN[group] / median
 
 
-@pytest.mark.parametrize(("impl", "kind", "steps"), list(_unet_cases()))
-def test_sample_unet(benchmark, roofline, impl, kind, steps):
-    fn = unet_fn(impl, kind, steps)
-    _timed(benchmark, roofline, fn, flops_per_image() * BATCH * steps, rounds=1 if steps >= 1000 else 3)
+@pytest.mark.parametrize(("impl", "preset", "batch", "kind", "steps"), list(_unet_cases()))
+def test_sample_unet(benchmark, roofline, impl, preset, batch, kind, steps):
+    fn = unet_fn(impl, preset, batch, kind, steps)
+    _timed(benchmark, roofline, fn, flops_per_image(preset) * batch * steps, rounds=1 if steps >= 1000 else 3)
     benchmark.extra_info.update(
-        batch=BATCH, steps=steps, model=UNET_PRESET, ddpm_fast_unet=HAS_UNET, torch_threads=torch.get_num_threads()
+        batch=batch, steps=steps, model=preset, dtype=str(DTYPE), torch_threads=torch.get_num_threads()
     )
-    _report(benchmark, f"unet-{kind}{steps}", impl, BATCH)
+    if benchmark.stats is not None and not ON_CUDA:  # where the time goes: one profiled 3-step run
+        benchmark.extra_info["time_split_3_steps"] = time_split(lambda: fn(3))
+    _report(benchmark, f"unet-{preset}-{kind}{steps}-b{batch}", impl, batch)
 
 
 # ---------------------------------------------------------------- the loop alone

@@ -4,9 +4,11 @@ grad clip + a Python-loop EMA), same architecture (``UNet.to_diffusers``), batch
 
 One step = noise + timesteps + q_sample (ours: fused, noise drawn in-kernel) + forward + loss +
 backward + clip + AdamW + EMA. FLOPs are 3x the forward pass's (counted with FlopCounterMode).
-CUDA: the cifar10 preset (35.7M parameters), batch 128, bf16 autocast, eager and torch.compile'd
-model. CPU: the tiny preset at 32x32, batch 16, fp32, eager (torch.compile of a training step costs
-minutes on 2 cores: set DDPM_FAST_BENCH_COMPILE=1 to include it).
+CUDA: the cifar10 preset (35.7M parameters) at 32x32, batch 128, bf16 autocast, eager and
+torch.compile'd model. CPU: the tiny preset at 16x16, batch 64, fp32, one torch thread, eager
+(issue 21's CPU case; torch.compile of a training step costs minutes on 2 cores: set
+DDPM_FAST_BENCH_COMPILE=1 to include it); extra_info.time_split: one profiled step's time in
+convolutions and elsewhere.
 """
 
 from __future__ import annotations
@@ -17,22 +19,35 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, ON_CUDA
+from conftest import DEVICE, ON_CUDA, time_split
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_fast.train import TrainConfig, Trainer
 
-PRESET, BATCH = ("cifar10", 128) if ON_CUDA else ("tiny", 16)
+PRESET, BATCH, SIZE = ("cifar10", 128, 32) if ON_CUDA else ("tiny", 64, 16)
 MIXED = "bf16" if ON_CUDA else "no"
 COMPILE = ON_CUDA or os.environ.get("DDPM_FAST_BENCH_COMPILE") == "1"
 IMPLS = ["ddpm_fast", "diffusers"] + (["ddpm_fast-compile", "diffusers-compile"] if COMPILE else [])
-GROUP = f"train-step-{PRESET}-b{BATCH}-{MIXED if ON_CUDA else 'fp32'}"
+GROUP = f"train-step-{PRESET}-{SIZE}px-b{BATCH}-{MIXED if ON_CUDA else 'fp32'}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """CPU: one torch thread, as the sampler benchmarks (two threads on cores shared with other
+    processes made the times swing far more than the difference measured)."""
+    if ON_CUDA:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _trainer(tmp_path, compile_model: bool) -> Trainer:
     config = TrainConfig(
         dataset="shapes",
-        image_size=32,
+        image_size=SIZE,
         preset=PRESET,
         batch_size=BATCH,
         warmup_steps=0,
@@ -57,7 +72,7 @@ def _forward_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> 
 def test_train_step(roofline, tmp_path, impl):
     trainer = _trainer(tmp_path, compile_model=impl == "ddpm_fast-compile")
     gen = torch.Generator().manual_seed(0)
-    x0 = (torch.rand(BATCH, 3, 32, 32, generator=gen) * 2 - 1).to(DEVICE)
+    x0 = (torch.rand(BATCH, 3, SIZE, SIZE, generator=gen) * 2 - 1).to(DEVICE)
     labels = torch.zeros(BATCH, dtype=torch.int64, device=DEVICE)
     t_probe = torch.randint(0, 1000, (BATCH,), device=DEVICE)
     flops = 3 * _forward_flops(trainer.model, x0, t_probe)
@@ -97,3 +112,6 @@ def test_train_step(roofline, tmp_path, impl):
         roofline.benchmark.extra_info["images_per_s"] = BATCH / stats.stats.median
         roofline.benchmark.extra_info["batch"] = BATCH
         roofline.benchmark.extra_info["preset"] = PRESET
+        roofline.benchmark.extra_info["image_size"] = SIZE
+        roofline.benchmark.extra_info["torch_threads"] = torch.get_num_threads()
+        roofline.benchmark.extra_info["time_split"] = time_split(fn)
