@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device-machine session: build the CUDA kernels, run the tests and the benchmarks, and
-# leave logs and the results JSON under $OUT (default ./gpu_out). Prepared ahead so that a
+# One device-machine session: build the CUDA kernels, run the headline benchmark, the tests and the
+# benchmarks, and leave logs and the results JSON under $OUT (default ./gpu_out). Prepared ahead so that a
 # short GPU lease is spent measuring, not typing. Usage: DDPM_FAST_COMMIT=<sha> bash benchmarks/run_gpu.sh
 # WHEELS (default .whl, made beforehand by benchmarks/fetch_gpu_wheels.sh and carried along) holds
 # diffusers and pytorch-fid for the tests and benchmarks that compare with them; without it they skip.
@@ -41,6 +41,15 @@ fi
 
 log "self-check"
 python3 -m ddpm_fast check 2>&1 | tee "$OUT/check.txt"
+
+# The headline first (issue 21: <= 8 minutes on one H100/H200 including compilation): the figures
+# that matter most if the lease runs out. HEADLINE=0 skips it.
+if [ "${HEADLINE:-1}" != 0 ]; then
+  log "headline"
+  timeout "${HEADLINE_TIMEOUT:-540}" python3 -m ddpm_fast bench --headline --out "$OUT/headline.json" \
+    >"$OUT/headline.log" 2>&1
+  echo "headline exit code $?"; tail -60 "$OUT/headline.log"
+fi
 
 log "tests"
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
