@@ -90,7 +90,9 @@ def test_hot_kernels_are_recorded_at_head_dims_up_to_512(reports):
 
 # ---------------------------------------------------------------- the launchers (kernels/launch.py)
 def _launcher_cases(device: str = "cpu") -> tuple[dict, list[torch.Tensor]]:
-    """({name: a call of a Triton launcher}, the outputs they write), (N, C, S) = (2, 3, 20)."""
+    """({name: a call of a Triton launcher}, the outputs they write), small shapes."""
+    from ddpm_fast.kernels.triton_attention import attention_bwd_triton, attention_fwd_triton
+    from ddpm_fast.kernels.triton_groupnorm import group_norm_silu_bwd_triton, group_norm_silu_fwd_triton
     from ddpm_fast.kernels.triton_noising import q_sample_triton
     from ddpm_fast.kernels.triton_posterior import posterior_step_triton
 
@@ -106,6 +108,12 @@ def _launcher_cases(device: str = "cpu") -> tuple[dict, list[torch.Tensor]]:
     misaligned = torch.randn(n * c * s + 1, generator=gen).to(device)[1:].view(n, c, s)  # 4 bytes off a boundary
     flags = (0, 2, 4, 1, True, False)  # ddpm, v prediction, learned_range, clip, guided
     threshold = (0, 0, 0, 2, False, False)  # ddpm, eps, fixed_small, dynamic thresholding (phase 1: |x0|)
+    gx, w = torch.randn(1, 8, 64, generator=gen).to(device), torch.rand(8, generator=gen).to(device) + 0.5
+    out_gn = [torch.zeros_like(gx)]
+    stats = (torch.zeros(1, 4, device=device), torch.zeros(1, 4, device=device))  # mean, rstd
+    sums = (torch.zeros(1, 8, device=device), torch.zeros(1, 8, device=device))
+    q = torch.randn(1, 2, 32, 64, generator=gen).to(device=device, dtype=torch.float16)
+    out_at, lse = [torch.zeros_like(q) for _ in range(4)], torch.zeros(1, 2, 32, device=device)
     cases = {
         "q_sample-given": lambda: q_sample_triton(x, t, table, table, z, None, out[0], None, None, 0),
         "q_sample-drawn-v-nhwc": lambda: q_sample_triton(x_cl, t, table, table, None, seed, *out_cl, 3),
@@ -116,15 +124,25 @@ def _launcher_cases(device: str = "cpu") -> tuple[dict, list[torch.Tensor]]:
         "posterior-phase1-nhwc": lambda: posterior_step_triton(
             x_cl, x_cl, t, prev_t, table, z, None, None, out[0], None, out[2], 1.0, 1.0, 1.0, 0.0, *threshold
         ),
+        # several kernels a call: GroupNorm's split path (N * G < 2 x SMs), attention's backward
+        "group_norm_silu-split-fwd": lambda: group_norm_silu_fwd_triton(
+            gx, w, w, None, None, None, None, 4, 1e-5, True, out_gn[0], *stats, sms=132
+        ),
+        "group_norm_silu-split-bwd": lambda: group_norm_silu_bwd_triton(
+            gx, gx, w, w, None, None, None, *stats, 4, True, out_gn[0], *sums, None, sms=132
+        ),
+        "attention-fwd": lambda: attention_fwd_triton(q, q, q, out_at[0], lse, 0.125),
+        "attention-bwd": lambda: attention_bwd_triton(q, q, q, q, q, lse, *out_at[1:], 0.125),
     }
-    return cases, out + out_cl
+    return cases, out + out_cl + out_gn + list(stats) + list(sums) + out_at + [lse]
 
 
 def _cached_launch_report() -> dict:
     """Each launcher case three times through ddpm_fast._aot.StandInDriver (the JIT compiles for
-    sm_90, the launcher records): once with the cached launch off, twice with it on. Per case: the
-    JIT runs of the two cached calls, and whether all three passed the compiled kernel's launcher
-    the same arguments (the launch metadata, a fresh object per call, aside)."""
+    sm_90, the launcher records): once with the cached launch off, twice with it on. Per case: its
+    kernel launches a call, the JIT runs of the two cached calls, and whether all three passed the
+    compiled kernels' launcher the same arguments (tensors by dtype, shape and strides; the launch
+    metadata, a fresh object per call, aside)."""
     from triton.runtime.jit import JITFunction
 
     from ddpm_fast._aot import StandInDriver
@@ -137,24 +155,31 @@ def _cached_launch_report() -> dict:
         runs[0] += 1
         return jit_run(self, *args, **kwargs)
 
-    def last(driver):
-        return tuple(id(a) if isinstance(a, torch.Tensor) else a for i, a in enumerate(driver.launches[-1]) if i != 6)
+    def launched(call) -> tuple:
+        driver.launches.clear()
+        call()
+        return tuple(
+            tuple(
+                (a.dtype, a.shape, a.stride()) if isinstance(a, torch.Tensor) else a
+                for i, a in enumerate(args)
+                if i != 6
+            )
+            for args in driver.launches
+        )
 
     JITFunction.run = counted
     report = {}
-    with StandInDriver() as driver:
+    with StandInDriver(keep=64) as driver:
         for name, call in _launcher_cases()[0].items():
             launch.CACHED_LAUNCH = False
-            call()
-            plain = last(driver)
+            plain = launched(call)
             launch.CACHED_LAUNCH = True
             jit_runs, seen = [], []
             for _ in range(2):
                 before = runs[0]
-                call()
+                seen.append(launched(call))
                 jit_runs.append(runs[0] - before)
-                seen.append(last(driver))
-            report[name] = {"jit_runs": jit_runs, "same_args": seen[0] == plain and seen[1] == plain}
+            report[name] = {"launches": len(plain), "jit_runs": jit_runs, "same_args": seen[0] == plain == seen[1]}
     return report
 
 
@@ -179,7 +204,9 @@ def test_cached_launch_passes_what_the_jit_passes():
     assert set(report) == set(_launcher_cases()[0])
     for name, case in report.items():
         assert case["same_args"], name
-        assert case["jit_runs"] == ([1, 1] if name.endswith("misaligned") else [1, 0]), (name, case)
+        calls = case["launches"]
+        assert case["jit_runs"] == ([calls, calls] if name.endswith("misaligned") else [calls, 0]), (name, case)
+    assert report["group_norm_silu-split-bwd"]["launches"] == 2 and report["attention-bwd"]["launches"] == 3
 
 
 def test_launchers_read_and_write_any_layout(schedule_table):

@@ -32,13 +32,20 @@ NCHW, NHWC = 0, 1
 def elementwise_config(row_len: int, device: torch.device | None = None) -> tuple[int, int]:
     """(BLOCK, num_warps) for a kernel whose program covers BLOCK elements of one row of
     length ``row_len``: the whole row up to 1024 (fewer, fuller programs), at least 16."""
-    block = max(16, min(MAX_BLOCK, 1 << (max(row_len, 1) - 1).bit_length()))  # next power of 2
+    block = max(16, min(MAX_BLOCK, next_power_of_2(row_len)))
     return block, max(1, min(8, block // 128))
 
 
+# triton.cdiv and triton.next_power_of_2 are constexpr functions since triton 3.9 (~2 us a call
+# from Python): the launchers use these.
 def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) (triton.cdiv is a constexpr function since triton 3.9: ~2 us a call)."""
+    """ceil(a / b)."""
     return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 # ---------------------------------------------------------------- layouts
@@ -127,10 +134,18 @@ _MAX_ENTRIES = 4096
 _compiled: dict = {}
 
 
-def launch(kernel, grid: tuple[int, ...], tensors: tuple, scalars: tuple, num_warps: int, **constexprs) -> None:
-    """``kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps)``: the kernel takes its
-    pointer arguments first, then its int and float ones, then its constexprs (given by name, in
-    the kernel's order).
+def launch(
+    kernel,
+    grid: tuple[int, ...],
+    tensors: tuple,
+    scalars: tuple,
+    num_warps: int,
+    num_stages: int | None = None,
+    **constexprs,
+) -> None:
+    """``kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages)``
+    (num_stages: Triton's default when None): the kernel takes its pointer arguments first, then
+    its int and float ones, then its constexprs (given by name, in the kernel's order).
 
     The first call per (kernel, current device, key) goes through the JIT (compiling if needed)
     and keeps the compiled kernel that it ran; later calls launch that kernel directly with what
@@ -152,6 +167,7 @@ def launch(kernel, grid: tuple[int, ...], tensors: tuple, scalars: tuple, num_wa
                 id(kernel),
                 device,
                 num_warps,
+                num_stages,
                 *constexprs.values(),
                 *[tensor.dtype for tensor in tensors],
                 *[float if type(value) is float else value for value in scalars],
@@ -176,7 +192,8 @@ def launch(kernel, grid: tuple[int, ...], tensors: tuple, scalars: tuple, num_wa
                     *args,
                 )
                 return
-    result = kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps)
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    result = kernel[grid](*tensors, *scalars, **constexprs, **options)
     if key is not None and _cacheable(kernel, result, len(tensors) + len(scalars), constexprs):
         if len(_compiled) >= _MAX_ENTRIES:
             _compiled.clear()

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .._backends import triton_interpreting
+from .launch import cdiv, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634  # scores run in base 2: exp(x) = exp2(x log2 e)
 # Widest head held whole by a program; wider heads are split (module docstring).
@@ -54,7 +55,7 @@ class AttentionConfig:
 
 
 def _pow2(x: int, low: int = 16) -> int:
-    return max(low, triton.next_power_of_2(max(x, 1)))
+    return max(low, next_power_of_2(max(x, 1)))
 
 
 def attention_config(
@@ -351,14 +352,14 @@ def attention_fwd_triton(
     sk = k.shape[2]
     _check_offsets(q, k, v, o)
     cfg = attention_config(sq, sk, d, q.dtype, arch or _arch(q.device))
-    num_m = triton.cdiv(sq, cfg.block_m)
-    grid = (num_m * bsz * heads, triton.cdiv(d, cfg.block_dv))
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse,
-        heads, sq, sk, d, scale * LOG2E, num_m,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+    num_m = cdiv(sq, cfg.block_m)
+    grid = (num_m * bsz * heads, cdiv(d, cfg.block_dv))
+    launch(
+        _attn_fwd_kernel, grid, (q, k, v, o, lse),
+        (heads, sq, sk, d, scale * LOG2E, num_m, *q.stride(), *k.stride(), *v.stride(), *o.stride()),
+        cfg.num_warps, cfg.num_stages,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=cfg.block_dk, NUM_DK=cfg.num_dk, BLOCK_DV=cfg.block_dv,
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
     )  # fmt: skip
 
 
@@ -385,24 +386,25 @@ def attention_bwd_triton(
     precision = _precision(q.dtype)
     delta = torch.empty_like(lse)
     block_m_delta = 64
-    num_m = triton.cdiv(sq, block_m_delta)
-    _attn_bwd_delta_kernel[(num_m * bsz * heads, 1)](
-        o, do, delta, heads, sq, d, num_m, *o.stride(), *do.stride(),
-        BLOCK_M=block_m_delta, BLOCK_D=min(128, cfg.block_d), num_warps=4,
+    num_m = cdiv(sq, block_m_delta)
+    launch(
+        _attn_bwd_delta_kernel, (num_m * bsz * heads, 1), (o, do, delta),
+        (heads, sq, d, num_m, *o.stride(), *do.stride()), 4, BLOCK_M=block_m_delta, BLOCK_D=min(128, cfg.block_d),
     )  # fmt: skip
     blocks = dict(
-        BLOCK_DK=cfg.block_dk, NUM_DK=cfg.num_dk, BLOCK_DV=cfg.block_dv, PRECISION=precision, UPCAST=_upcast(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_DK=cfg.block_dk, NUM_DK=cfg.num_dk, BLOCK_DV=cfg.block_dv, PRECISION=precision, UPCAST=_upcast(q.dtype)
     )  # fmt: skip
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    num_n = triton.cdiv(sk, cfg.block_n)
+    num_n = cdiv(sk, cfg.block_n)
     qk_scale = scale * LOG2E
-    _attn_bwd_dkdv_kernel[(num_n * bsz * heads, triton.cdiv(d, cfg.block_dv))](
-        q, k, v, do, lse, delta, dk, dv, heads, sq, sk, d, qk_scale, scale, num_n,
-        *strides, *dk.stride(), *dv.stride(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **blocks,
+    launch(
+        _attn_bwd_dkdv_kernel, (num_n * bsz * heads, cdiv(d, cfg.block_dv)), (q, k, v, do, lse, delta, dk, dv),
+        (heads, sq, sk, d, qk_scale, scale, num_n, *strides, *dk.stride(), *dv.stride()),
+        cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **blocks,
     )  # fmt: skip
-    num_m = triton.cdiv(sq, cfg.block_m)
-    _attn_bwd_dq_kernel[(num_m * bsz * heads, triton.cdiv(d, cfg.block_dv))](
-        q, k, v, do, lse, delta, dq, heads, sq, sk, d, qk_scale, scale, num_m,
-        *strides, *dq.stride(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **blocks,
+    num_m = cdiv(sq, cfg.block_m)
+    launch(
+        _attn_bwd_dq_kernel, (num_m * bsz * heads, cdiv(d, cfg.block_dv)), (q, k, v, do, lse, delta, dq),
+        (heads, sq, sk, d, qk_scale, scale, num_m, *strides, *dq.stride()),
+        cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **blocks,
     )  # fmt: skip

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv, launch, next_power_of_2
+
 # Elements of one [BLOCK_C, BLOCK_S] tile held by a program (16 fp32 values a thread at 8 warps).
 MAX_TILE = 4096
 # Positions per split at least (smaller slices cost more in prologue than they win in parallelism).
@@ -65,14 +67,14 @@ def num_sms(device: torch.device) -> int:
 
 def groupnorm_config(n: int, c: int, groups: int, s: int, sms: int) -> GroupNormConfig:
     """Tile shape and split count for an (n, c, s) view: split the positions when N * G < 2 x SMs."""
-    block_c = triton.next_power_of_2(c // groups)
-    block_s = min(triton.next_power_of_2(max(s, 1)), max(1, MAX_TILE // block_c))
+    block_c = next_power_of_2(c // groups)
+    block_s = min(next_power_of_2(max(s, 1)), max(1, MAX_TILE // block_c))
     s_per_split = max(s, 1)
     if n * groups < 2 * sms:
-        want = triton.cdiv(2 * sms, n * groups)
-        block_s = min(block_s, max(MIN_SPLIT_BLOCK_S, triton.next_power_of_2(triton.cdiv(s, want))))
-        s_per_split = triton.cdiv(triton.cdiv(s, want), block_s) * block_s
-    splits = triton.cdiv(s, s_per_split)
+        want = cdiv(2 * sms, n * groups)
+        block_s = min(block_s, max(MIN_SPLIT_BLOCK_S, next_power_of_2(cdiv(s, want))))
+        s_per_split = cdiv(cdiv(s, want), block_s) * block_s
+    splits = cdiv(s, s_per_split)
     if splits == 1:
         s_per_split = max(s, 1)
     num_warps = max(1, min(8, block_c * block_s // 512))
@@ -517,45 +519,28 @@ def group_norm_silu_fwd_triton(
     part = torch.empty((n * num_groups, cfg.splits, 2), dtype=torch.float32, device=x.device) if split else dummy
     grid = (n * num_groups, cfg.splits)
     if split:
-        gn_fwd_stats_kernel[grid](
-            x,
-            ptrs[2],
-            part,
-            c,
-            s,
-            num_groups,
-            cfg.s_per_split,
-            cfg.splits,
-            *x.stride(),
+        launch(
+            gn_fwd_stats_kernel,
+            grid,
+            (x, ptrs[2], part),
+            (c, s, num_groups, cfg.s_per_split, cfg.splits, *x.stride()),
+            cfg.num_warps,
             **common,
             HAS_BNC=bias_nc is not None,
-            num_warps=cfg.num_warps,
         )
-    gn_fwd_kernel[grid](
-        x,
-        y,
-        res,
-        *ptrs,
-        mean,
-        rstd,
-        part,
-        c,
-        s,
-        num_groups,
-        cfg.s_per_split,
-        cfg.splits,
-        float(eps),
-        *x.stride(),
-        *y.stride(),
-        *res.stride(),
+    launch(
+        gn_fwd_kernel,
+        grid,
+        (x, y, res, *ptrs, mean, rstd, part),
+        (c, s, num_groups, cfg.s_per_split, cfg.splits, float(eps), *x.stride(), *y.stride(), *res.stride()),
+        cfg.num_warps,
         **common,
         SPLIT=split,
-        SPLITS_P2=triton.next_power_of_2(cfg.splits),
+        SPLITS_P2=next_power_of_2(cfg.splits),
         ONE_TILE=cfg.one_tile,
         **_flags(weight, bias, bias_nc, scale_nc, shift_nc),
         HAS_RES=residual is not None,
         SILU=bool(silu),
-        num_warps=cfg.num_warps,
     )
 
 
@@ -591,57 +576,34 @@ def group_norm_silu_bwd_triton(
     if split:
         pg = torch.empty((n, c, cfg.splits), dtype=torch.float32, device=x.device)
         pgx = torch.empty_like(pg)
-        gn_bwd_partials_kernel[grid](
-            x,
-            grad_y,
-            *ptrs,
-            mean,
-            rstd,
-            pg,
-            pgx,
-            c,
-            s,
-            num_groups,
-            cfg.s_per_split,
-            cfg.splits,
-            *x.stride(),
-            *grad_y.stride(),
+        launch(
+            gn_bwd_partials_kernel,
+            grid,
+            (x, grad_y, *ptrs, mean, rstd, pg, pgx),
+            (c, s, num_groups, cfg.s_per_split, cfg.splits, *x.stride(), *grad_y.stride()),
+            cfg.num_warps,
             **common,
             **flags,
             SILU=bool(silu),
-            num_warps=cfg.num_warps,
         )
     else:
         pg, pgx = sum_g, sum_g_xhat
     pdb = None
     if grad_bias_nc is not None:
         pdb = torch.empty((n, c, cfg.splits), dtype=torch.float32, device=x.device) if split else grad_bias_nc
-    gn_bwd_kernel[grid](
-        x,
-        grad_y,
-        grad_x,
-        *ptrs,
-        mean,
-        rstd,
-        pg,
-        pgx,
-        pdb if pdb is not None else dummy,
-        c,
-        s,
-        num_groups,
-        cfg.s_per_split,
-        cfg.splits,
-        1.0 / (c // num_groups * s),
-        *x.stride(),
-        *grad_y.stride(),
-        *grad_x.stride(),
+    launch(
+        gn_bwd_kernel,
+        grid,
+        (x, grad_y, grad_x, *ptrs, mean, rstd, pg, pgx, pdb if pdb is not None else dummy),
+        (c, s, num_groups, cfg.s_per_split, cfg.splits, 1.0 / (c // num_groups * s))
+        + (*x.stride(), *grad_y.stride(), *grad_x.stride()),
+        cfg.num_warps,
         **common,
         SPLIT=split,
-        SPLITS_P2=triton.next_power_of_2(cfg.splits),
+        SPLITS_P2=next_power_of_2(cfg.splits),
         ONE_TILE=cfg.one_tile,
         **flags,
         SILU=bool(silu),
-        num_warps=cfg.num_warps,
     )
     if split:  # the per-split partials, summed in a fixed order
         torch.sum(pg, dim=2, out=sum_g)
