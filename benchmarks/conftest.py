@@ -27,6 +27,7 @@ import pytest_benchmark
 import torch
 
 import ddpm_fast
+from ddpm_fast.headline.measure import cpu_cores, cpu_model, steady_malloc
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -59,23 +60,7 @@ NOMINAL_FLOPS = {
 }
 
 
-def _steady_malloc() -> str:
-    """On CPU, keep freed tensors' memory for reuse (glibc: no mmap below 32 MiB, no trimming), as a
-    long-running loop's allocator does: with glibc's defaults, whether an output lands on fresh pages
-    (one page fault per 4 KiB) depends on the malloc history, and the same call swings 2-3x between
-    runs. Applies to every implementation alike; DDPM_FAST_BENCH_MALLOC=default keeps glibc's."""
-    if ON_CUDA or os.environ.get("DDPM_FAST_BENCH_MALLOC") == "default" or platform.libc_ver()[0] != "glibc":
-        return "default"
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30):
-        return "glibc mmap_threshold=32MiB trim_threshold=1GiB"
-    return "default"
-
-
-MALLOC = _steady_malloc()
+MALLOC = steady_malloc(DEVICE)  # glibc keeps freed memory: see ddpm_fast.headline.measure
 
 
 def shape_id(shape: tuple[int, ...]) -> str:
@@ -128,22 +113,8 @@ def compile_fn(fn: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------- device facts and peaks
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def cpu_name() -> str:
-    return f"{_cpu_model()} ({_cpu_cores()} cores, {torch.get_num_threads()} torch threads)"
+    return f"{cpu_model()} ({cpu_cores()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def device_name() -> str:
@@ -205,6 +176,20 @@ def peak_flops(dtype: torch.dtype) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------- the roofline fixture
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """CPU: one torch thread for a module (pytestmark = pytest.mark.usefixtures("one_cpu_thread")).
+    Its models are small, and two threads on cores shared with other processes made the times
+    swing far more than the differences measured (both sides alike)."""
+    if ON_CUDA:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def time_split(fn: Callable[[], object]) -> dict[str, float]:
     """One profiled call of fn on the CPU: milliseconds in convolutions (forward and backward)
     and in everything else, so a report can say where the non-convolution time goes (the

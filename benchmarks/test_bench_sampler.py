@@ -81,17 +81,7 @@ def flops_per_image(preset: str) -> int:
     return counter.get_total_flops()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """CPU: one torch thread. These models are small, and two OpenMP threads on cores shared with
-    other processes were seen to take 10-20x longer per forward than one (both sides alike)."""
-    if ON_CUDA:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _generator() -> torch.Generator:

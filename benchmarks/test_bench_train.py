@@ -31,17 +31,7 @@ IMPLS = ["ddpm_fast", "diffusers"] + (["ddpm_fast-compile", "diffusers-compile"]
 GROUP = f"train-step-{PRESET}-{SIZE}px-b{BATCH}-{MIXED if ON_CUDA else 'fp32'}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """CPU: one torch thread, as the sampler benchmarks (two threads on cores shared with other
-    processes made the times swing far more than the difference measured)."""
-    if ON_CUDA:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _trainer(tmp_path, compile_model: bool) -> Trainer:
