@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import assert_close_to_reference
 from host_reads import no_host_reads
+from test_sampler import TINY_UNET  # the same tiny UNet2DModel architecture
 
 from ddpm_fast import Schedule, reference
 from ddpm_fast.solvers import (
@@ -230,18 +231,6 @@ def test_custom_timesteps(diffusers):
 
 def test_learned_variance(diffusers):
     check_against_diffusers(diffusers, learned_variance_toy, dict(variance_type="learned_range"), 10)
-
-
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(8, 16),
-    norm_num_groups=4,
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D"),
-)
 
 
 @pytest.fixture(scope="module")
