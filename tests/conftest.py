@@ -162,3 +162,13 @@ def seed_of(generator: torch.Generator) -> int:
     g = torch.Generator(device=generator.device)
     g.set_state(generator.get_state())
     return int(torch.randint(0, 2**62, (1,), generator=g, device=generator.device, dtype=torch.int64).item())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    faster than two there, and immune to other processes on the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

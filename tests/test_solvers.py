@@ -34,7 +34,10 @@ from ddpm_fast.solvers import (
 from ddpm_fast.solvers.dpmsolver import reference_step
 
 # diffusers 0.42 under numpy 2 (its set_timesteps' np.array of a tensor), not ours
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 SHAPE = (2, 3, 8, 8)
 TIGHT = 1e-5  # relative to max(1, |ref|): our float64 solver on diffusers' own table
@@ -49,15 +52,6 @@ TABLE, TABLE_SIGMA_0 = 1e-5, 6e-5
 def table_tolerance(config):
     uses_sigma_0 = config.get("use_karras_sigmas", False) or config.get("final_sigmas_type") == "sigma_min"
     return TABLE_SIGMA_0 if uses_sigma_0 else TABLE
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def toy(x, t):
