@@ -15,6 +15,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close_to_reference
@@ -31,6 +32,7 @@ from ddpm_fast.solvers import (
     run,
     schedule_from_dict,
 )
+from ddpm_fast.solvers.base import D0, HIST, NOISE, OUT, PlanBuilder, X
 from ddpm_fast.solvers.dpmsolver import reference_step
 
 # diffusers 0.42 under numpy 2 (its set_timesteps' np.array of a tensor), not ours
@@ -249,8 +251,19 @@ def test_unet(diffusers, diffusers_unet, config, steps):
 
 
 # ---------------------------------------------------------------- sensitivity of the comparisons
+MIX_COLUMNS = {"x": X, "out": OUT, "d0": D0, "noise": NOISE, "hist": slice(HIST, None)}
+
+
 def perturb(name):
-    """A plan edit: coefficient ``name`` times 1 + 1e-3 at every step."""
+    """A plan edit: coefficient ``name`` (a field, or a column of x_next's mix row) times 1 + 1e-3 at every step."""
+    if name in MIX_COLUMNS:
+
+        def edit(plan):
+            mix = plan.mix.clone()
+            mix[:, 0, MIX_COLUMNS[name]] *= 1 + 1e-3
+            return dataclasses.replace(plan, mix=mix)
+
+        return edit
     return lambda plan: dataclasses.replace(plan, **{name: getattr(plan, name) * (1 + 1e-3)})
 
 
@@ -259,11 +272,11 @@ def perturb(name):
     [
         ("to_d_x", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
         ("to_d_out", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
-        ("x_coef", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
-        ("out_coef", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
-        ("hist_coef", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
-        ("noise_coef", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
-        ("d0_coef", dict(solver_order=3, prediction_type="sample", thresholding=True, sample_max_value=1.5)),
+        ("x", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
+        ("out", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
+        ("hist", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
+        ("noise", dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
+        ("d0", dict(solver_order=3, prediction_type="sample", thresholding=True, sample_max_value=1.5)),
     ],
 )
 def test_comparison_sees_a_perturbed_coefficient(diffusers, name, config):
@@ -282,15 +295,15 @@ def test_plan_is_float64_on_the_requested_device():
     devices = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         plan = solver.plan(schedule, 10, device=device)
-        for name in (*plan.COEFFICIENTS, "hist_coef", "sigmas"):
+        for name in ("to_d_x", "to_d_out", "mix", "sigmas"):
             tensor = getattr(plan, name)
             assert tensor.dtype == torch.float64 and tensor.device.type == device, (name, tensor)
         assert plan.timesteps.dtype == plan.write_slot.dtype == torch.int64
         assert plan.timesteps.device.type == plan.write_slot.device.type == device
     plan = solver.plan(schedule, 10)
     assert plan.orders == (1, 2, 3, 3, 3, 3, 3, 3, 2, 1)  # warm-up, then lower_order_final (< 15 steps)
-    assert plan.hist_coef.shape == (10, 2) and plan.stochastic
-    assert plan.to("meta").x_coef.device.type == "meta"
+    assert plan.mix.shape == (10, 2, HIST + 2) and plan.write_slot.shape == (10, 1) and plan.stochastic
+    assert plan.to("meta").mix.device.type == "meta"
     assert plan.sigmas[-1].item() == 0.0  # final_sigmas_type="zero"
 
 
@@ -298,11 +311,14 @@ def test_plan_folds_the_conversion_unless_thresholding():
     schedule = Schedule.from_config()
     folded = DPMSolverMultistep(solver_order=2).plan(schedule, 10)
     apart = DPMSolverMultistep(solver_order=2, thresholding=True).plan(schedule, 10)
-    assert (folded.d0_coef == 0).all() and (folded.out_coef != 0).all()
-    assert (apart.out_coef == 0).all() and (apart.d0_coef != 0).all()
-    b0 = apart.d0_coef
-    torch.testing.assert_close(folded.x_coef, apart.x_coef + b0 * apart.to_d_x, rtol=1e-12, atol=0)
-    torch.testing.assert_close(folded.out_coef, b0 * apart.to_d_out, rtol=1e-12, atol=0)
+    folded_row, apart_row = folded.mix[:, 0], apart.mix[:, 0]
+    assert (folded_row[:, D0] == 0).all() and (folded_row[:, OUT] != 0).all()
+    assert (apart_row[:, OUT] == 0).all() and (apart_row[:, D0] != 0).all()
+    b0 = apart_row[:, D0]
+    torch.testing.assert_close(folded_row[:, X], apart_row[:, X] + b0 * apart.to_d_x, rtol=1e-12, atol=0)
+    torch.testing.assert_close(folded_row[:, OUT], b0 * apart.to_d_out, rtol=1e-12, atol=0)
+    # the ring: D_0 (alone) goes into slot s mod 1
+    assert (folded.mix[:, 1, D0] == 1).all() and (folded.mix[:, 1].abs().sum(1) == 1).all()
     assert apart.x0_limit is not None and folded.x0_limit is None
 
 
@@ -352,7 +368,7 @@ def test_step_matches_the_float64_reference(config, dtype):
         ref64, m0_64 = reference_step(*args, x.double(), out.double(), [p.double() for p in previous], noise.double())
         assert_close_to_reference(fast, ref.to(dtype), ref64)
         # D_0 went into the ring as the x0 prediction
-        assert_close_to_reference(history[plan.write_slot[step]], m0.to(dtype), m0_64)
+        assert_close_to_reference(history[plan.write_slot[step, 0]], m0.to(dtype), m0_64)
 
 
 @pytest.mark.parametrize(
@@ -455,3 +471,62 @@ def test_bad_step_inputs():
         apply_step(plan, 0, x, torch.cat([x, x], 1), new_history(plan, x))  # 2C without a learned variance
     with pytest.raises(ValueError, match="shape"):
         apply_step(plan, 0, x, x[:1], new_history(plan, x))
+
+
+def random_plan(steps=3, slots=3, writes=2, limit=None, seed=0):
+    """A plan with random coefficients (the interface, not a solver): every column used, writes
+    into real slots and into the scratch slot."""
+    g = torch.Generator().manual_seed(seed)
+    builder = PlanBuilder(steps, slots, writes)
+    builder.mix[:] = torch.randn(builder.mix.shape, generator=g, dtype=torch.float64).numpy()
+    builder.to_d_x[:], builder.to_d_out[:] = 0.9, -0.4
+    for s in range(steps):
+        builder.write(s, 0, (s + 1) % slots)
+        if s != 1:
+            builder.write(s, 1, s % slots)  # step 1's second write goes to the scratch slot
+    return builder.build(
+        device="cpu",
+        timesteps=np.arange(steps)[::-1].copy(),
+        sigmas=np.linspace(2, 0, steps + 1),
+        orders=[1] * steps,
+        draws=[True] * steps,
+        x0_limit=limit,
+    )
+
+
+@pytest.mark.parametrize("limit", [None, X0Limit("clip", clip_range=0.5)], ids=["linear", "clip"])
+def test_apply_step_is_the_mix_of_its_inputs(limit):
+    """The generic update written out element by element in float64: x_next from row 0, each write
+    from its row, all reads before the writes (write 0 of step s lands in the slot step s reads)."""
+    plan = random_plan(limit=limit)
+    g = gen(5)
+    x, out, noise = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(3))
+    history = torch.randn((plan.history_slots + 1, *SHAPE), generator=g, dtype=torch.float64)
+    for step in range(plan.num_steps):
+        before = history.clone()
+        got = apply_step(plan, step, x, out, history, noise)
+        d0 = 0.9 * x - 0.4 * out
+        if limit is not None:
+            d0 = d0.clamp(-0.5, 0.5)
+        values = [x, out, d0, noise, *before[:-1]]
+        rows = [sum(plan.mix[step, k, c].item() * v for c, v in enumerate(values)) for k in range(3)]
+        torch.testing.assert_close(got, rows[0], rtol=1e-12, atol=1e-12)
+        expected = before.clone()
+        for k in range(2):
+            expected[plan.write_slot[step, k]] = rows[1 + k]
+        torch.testing.assert_close(history[:-1], expected[:-1], rtol=1e-12, atol=1e-12)
+
+
+def test_plan_checks_its_shapes():
+    plan = random_plan()
+    assert (plan.history_slots, plan.num_writes, plan.stochastic) == (3, 2, True)
+    with pytest.raises(ValueError, match="write_slot"):
+        dataclasses.replace(plan, write_slot=plan.write_slot[:, :1])
+    with pytest.raises(ValueError, match="mix"):
+        dataclasses.replace(plan, mix=plan.mix[:, :, :3])
+    with pytest.raises(ValueError, match="draws"):
+        dataclasses.replace(plan, draws=(True,))
+    with pytest.raises(ValueError, match="timesteps"):
+        dataclasses.replace(plan, timesteps=plan.timesteps.double())
+    with pytest.raises(ValueError, match="slot"):
+        PlanBuilder(2, 2, 1).write(0, 0, 2)

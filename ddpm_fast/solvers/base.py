@@ -1,17 +1,24 @@
 """The solver interface: a solver turns (schedule, its options, timesteps) into a ``SolverPlan``
 of float64 per-step coefficients, computed once on the host and moved once to the device; every
-step of every solver is then the same linear update (DESIGN.md, "Decided later"):
+step (one model call) of every linear solver is then the same update (DESIGN.md, "Decided later"):
 
-    D_0    = limit(p_s x_t + q_s out)                       the model output converted (x0 or eps)
-    x_next = a_s x_t + e_s out + d_s D_0 + sum_j b_sj H_j + c_s z
+    D_0 = limit(p_s x + q_s out)             the model output converted (an x0 or eps prediction)
+    v   = [x, out, D_0, z, H_0, ..., H_{R-1}]
+    x_next = sum_c mix[s, 0, c] v_c
+    H[write_slot[s, k]] = sum_c mix[s, 1 + k, c] v_c      for k < W (all read before any write)
 
-``out`` is the model output, ``limit`` the optional x0 clip / dynamic threshold, ``H`` a ring of
-fixed buffers holding the earlier steps' D (the multistep history) and ``z`` standard normal
-noise. Without a limit the conversion is folded into the coefficients (d_s = 0, a_s and e_s take
-it), so the update reads x_t, out and the history once; D_0 is still computed, to be stored for
-the next steps. ``apply_step`` is that update in plain PyTorch: the reference of the fused kernel
-to come, written so that a CUDA graph can capture it (the step index may be a device tensor, the
-history has a fixed shape, nothing reads a tensor value on the host).
+``x`` is the state (in the VP scaling: the model's input, so no ``scale_model_input``), ``out``
+the model output, ``limit`` the optional x0 clip / dynamic threshold, ``z`` standard normal noise
+and ``H`` R fixed buffers of what earlier steps stored (x0 predictions for multistep solvers, a
+saved sample or a partial sum for Heun and UniPC) plus one scratch buffer, slot R, that is never
+read: a row that writes nothing that step names slot R, so a captured CUDA graph can write
+unconditionally (a fused kernel may skip it). Without a limit the conversion can be folded into
+the x and out columns (the D_0 column then only feeds the writes).
+
+``apply_step`` is that update in plain PyTorch: the reference of the fused kernel, written so that
+a CUDA graph can capture it (the step index may be a device tensor, the history has a fixed shape,
+nothing reads a tensor value on the host). Steps that are not linear in their inputs (a Langevin
+corrector's per-sample step size) are marked in the plan and stepped by their solver's own code.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ SCHEDULE_KEYS = (
     "rescale_betas_zero_snr",
     "prediction_type",
 )
+
+# Columns of the mix matrix; the history slots follow from column HIST on.
+X, OUT, D0, NOISE, HIST = 0, 1, 2, 3, 4
 
 
 def schedule_from_dict(config: Mapping[str, Any], device: torch.device | str = "cpu") -> Schedule:
@@ -68,71 +78,87 @@ class X0Limit:
 
 @dataclass(frozen=True, eq=False)
 class SolverPlan:
-    """One sampling run's steps, precomputed. S steps, R history slots.
+    """One sampling run's model calls ("steps"), precomputed. S steps, R history slots, W writes.
 
-    Tensors on one device; coefficients float64, indexed by the step s:
-        timesteps (S,) int64: the model's t at each step.
-        to_d_x, to_d_out (S,): D_0 = to_d_x x_t + to_d_out out (before ``x0_limit``).
-        x_coef, out_coef, d0_coef, noise_coef (S,): a_s, e_s, d_s, c_s of the update.
-        hist_coef (S, R): b_s per history slot (zero where a slot is not used at step s).
-        write_slot (S,) int64: the slot that D_0 goes into after the update (unused when R = 0).
-        sigmas (S + 1,): the noise level sigma = sqrt((1 - a_bar) / a_bar) before each step and
-            after the last (inspection and float64 references; the update does not read it).
+    Tensors on one device, indexed by the step s:
+        timesteps (S,) int64 or float32: the model's t at each step (float32 where diffusers
+            passes fractional timesteps, e.g. Euler's linspace spacing).
+        to_d_x, to_d_out (S,) float64: D_0 = to_d_x x + to_d_out out (before ``x0_limit``).
+        mix (S, 1 + W, 4 + R) float64: row 0 makes x_next, row 1 + k the value written into slot
+            ``write_slot[s, k]``; columns x, out, D_0, z, H_0..H_{R-1} (``X``, ``OUT``, ``D0``,
+            ``NOISE``, ``HIST``).
+        write_slot (S, W) int64 in [0, R]: R is the scratch slot (nothing is written that step).
+        sigmas (S + 1,) float64: the noise level sigma = sqrt((1 - a_bar) / a_bar) at each step's
+            input and after the last (inspection and float64 references; the update does not read it).
     Host values:
-        orders: the multistep order used at each step.
+        orders: the solver order used at each step (1 where the notion does not apply).
+        draws: whether step s takes fresh noise z (diffusers draws one randn of x's shape in each
+            such step's ``step``, after the model call); ``stochastic`` is any of them.
         x0_limit: the clip / threshold applied to D_0 (which is then an x0 prediction), or None.
-        init_noise_sigma: x_T = init_noise_sigma * z, as diffusers' pipelines scale their noise.
-        stochastic: whether any step adds noise (``run`` then draws z at every step, as diffusers
-            does); kept on the host so that nothing reads the device to know it.
+        init_noise_sigma: x_T = init_noise_sigma * z (the VP-scaled start: 1 for a start at the
+            top of the schedule).
         learned_variance: the model output may carry 2C channels, of which the first C are used.
+        langevin_snr: per step, 0.0 for a linear step, else the signal-to-noise ratio of a
+            Langevin corrector step (the "pc" solver), which ``apply_step`` does not take.
     """
 
     timesteps: torch.Tensor
     to_d_x: torch.Tensor
     to_d_out: torch.Tensor
-    x_coef: torch.Tensor
-    out_coef: torch.Tensor
-    d0_coef: torch.Tensor
-    hist_coef: torch.Tensor
-    noise_coef: torch.Tensor
+    mix: torch.Tensor
     write_slot: torch.Tensor
     sigmas: torch.Tensor
     orders: tuple[int, ...]
-    stochastic: bool
+    draws: tuple[bool, ...]
     x0_limit: X0Limit | None = None
     init_noise_sigma: float = 1.0
     learned_variance: bool = False
-
-    COEFFICIENTS = ("to_d_x", "to_d_out", "x_coef", "out_coef", "d0_coef", "noise_coef")
+    langevin_snr: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         n = self.timesteps.shape[0]
-        if self.timesteps.dtype != torch.int64 or self.timesteps.shape != (n,) or n == 0:
+        if self.timesteps.dtype not in (torch.int64, torch.float32) or self.timesteps.shape != (n,) or n == 0:
             raise ValueError(
-                f"timesteps must be a non-empty int64 (S,) tensor, got {self.timesteps.dtype} "
+                f"timesteps must be a non-empty int64 or float32 (S,) tensor, got {self.timesteps.dtype} "
                 f"{tuple(self.timesteps.shape)}"
             )
         device = self.timesteps.device
-        for name in (*self.COEFFICIENTS, "hist_coef", "sigmas", "write_slot"):
+        if self.mix.dim() != 3 or self.mix.shape[0] != n or self.mix.shape[2] < HIST:
+            raise ValueError(f"plan.mix: expected (S, 1 + W, 4 + R) with S = {n}, got {tuple(self.mix.shape)}")
+        writes, slots = self.mix.shape[1] - 1, self.mix.shape[2] - HIST
+        want = {
+            "to_d_x": ((n,), torch.float64),
+            "to_d_out": ((n,), torch.float64),
+            "mix": ((n, 1 + writes, HIST + slots), torch.float64),
+            "write_slot": ((n, writes), torch.int64),
+            "sigmas": ((n + 1,), torch.float64),
+        }
+        for name, (shape, dtype) in want.items():
             t = getattr(self, name)
-            want = {"hist_coef": (n, t.shape[-1]), "sigmas": (n + 1,)}.get(name, (n,))
-            dtype = torch.int64 if name == "write_slot" else torch.float64
-            if t.shape != want or t.dtype != dtype or t.device != device:
+            if t.shape != shape or t.dtype != dtype or t.device != device:
                 raise ValueError(
-                    f"plan.{name}: expected {dtype} {want} on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+                    f"plan.{name}: expected {dtype} {shape} on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
                 )
-        if len(self.orders) != n:
-            raise ValueError(f"plan.orders has {len(self.orders)} entries for {n} steps")
+        for name in ("orders", "draws") + (("langevin_snr",) if self.langevin_snr is not None else ()):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"plan.{name} has {len(getattr(self, name))} entries for {n} steps")
 
     @classmethod
     def from_host(cls, *, device: torch.device | str, **fields: Any) -> SolverPlan:
-        """Build from numpy arrays (float64 coefficients, int timesteps and slots), moved once to
-        ``device``; ``stochastic`` is read from the host's noise coefficients."""
-        tensors = {"stochastic": bool(np.any(fields["noise_coef"]))}
+        """Build from numpy arrays (float64 coefficients; int timesteps and slots, or float
+        timesteps, kept as float32), moved once to ``device``; tuples and scalars as given."""
+        tensors = {}
         for name, value in fields.items():
             if isinstance(value, np.ndarray):
-                dtype = torch.int64 if name in ("timesteps", "write_slot") else torch.float64
+                if name == "write_slot":
+                    dtype = torch.int64
+                elif name == "timesteps":
+                    dtype = torch.int64 if np.issubdtype(value.dtype, np.integer) else torch.float32
+                else:
+                    dtype = torch.float64
                 value = torch.as_tensor(np.ascontiguousarray(value), dtype=dtype).to(device)
+            elif name in ("orders", "draws", "langevin_snr") and value is not None:
+                value = tuple(value)
             tensors[name] = value
         return cls(**tensors)
 
@@ -142,7 +168,16 @@ class SolverPlan:
 
     @property
     def history_slots(self) -> int:
-        return self.hist_coef.shape[1]
+        """R: the history buffers a step can read (the ring holds R + 1, the last a scratch)."""
+        return self.mix.shape[2] - HIST
+
+    @property
+    def num_writes(self) -> int:
+        return self.mix.shape[1] - 1
+
+    @property
+    def stochastic(self) -> bool:
+        return any(self.draws)
 
     @property
     def device(self) -> torch.device:
@@ -171,9 +206,51 @@ class Solver(Protocol):
     ) -> SolverPlan: ...
 
 
+class PlanBuilder:
+    """Host-side float64 arrays of a plan under construction: ``row(s, k)`` is the mix row that
+    makes x_next (k = 0) or write k - 1; ``write(s, k, slot)`` names the slot of write k."""
+
+    def __init__(self, steps: int, slots: int, writes: int):
+        self.steps, self.slots, self.writes = steps, slots, writes
+        self.to_d_x, self.to_d_out = np.zeros(steps), np.zeros(steps)
+        self.mix = np.zeros((steps, 1 + writes, HIST + slots))
+        self.write_slot = np.full((steps, writes), slots, dtype=np.int64)  # the scratch slot by default
+
+    def row(self, s: int, k: int = 0) -> np.ndarray:
+        return self.mix[s, k]
+
+    def write(self, s: int, k: int, slot: int) -> None:
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} out of range for {self.slots} history slots")
+        self.write_slot[s, k] = slot
+
+    def build(self, *, device: torch.device | str, **fields: Any) -> SolverPlan:
+        return SolverPlan.from_host(
+            device=device,
+            to_d_x=self.to_d_x,
+            to_d_out=self.to_d_out,
+            mix=self.mix,
+            write_slot=self.write_slot,
+            **fields,
+        )
+
+
 def new_history(plan: SolverPlan, x: torch.Tensor) -> torch.Tensor:
-    """Zeroed history buffers (R, *x.shape) in x's dtype (zero: an unused slot must not hold NaN)."""
-    return x.new_zeros((plan.history_slots, *x.shape))
+    """Zeroed history buffers (R + 1, *x.shape) in x's dtype, the last the scratch slot (zero: an
+    unused slot must not hold NaN, since a zero coefficient times NaN is NaN)."""
+    return x.new_zeros((plan.history_slots + 1, *x.shape))
+
+
+def split_output(plan: SolverPlan, x: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    """The model output's first C channels (a learned variance's 2C are allowed when the plan says so)."""
+    channels = x.shape[1]
+    if model_output.shape[1] != channels:
+        if not (plan.learned_variance and model_output.shape[1] == 2 * channels):
+            raise ValueError(f"model output has {model_output.shape[1]} channels, the sample {channels}")
+        model_output = model_output[:, :channels]
+    if model_output.shape != x.shape:
+        raise ValueError(f"model output shape {tuple(model_output.shape)} != sample shape {tuple(x.shape)}")
+    return model_output
 
 
 def apply_step(
@@ -184,38 +261,35 @@ def apply_step(
     history: torch.Tensor,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One planned step x_t -> x_next (returned in x's dtype); stores D_0 into ``history`` in place.
+    """One planned linear step x -> x_next (returned in x's dtype); does the plan's writes into
+    ``history`` in place.
 
     x: (N, C, ...); model_output: shaped like x (or (N, 2C, ...) with a learned variance);
-    history: (R, *x.shape) from ``new_history``; noise: shaped like x, or None to add none (``run``
-    passes it at every step of a stochastic plan). ``step``: a Python int or a
-    0-dim int64 tensor on the plan's device (no host read either way). Computes in float32
+    history: (R + 1, *x.shape) from ``new_history``; noise: shaped like x, or None for none (the
+    noise column is then skipped: pass it wherever ``plan.draws`` says). ``step``: a Python int or
+    a 0-dim int64 tensor on the plan's device (no host read either way). Computes in float32
     (float64 for float64 x), as ``reference.posterior_step`` does.
     """
     cd = compute_dtype(x)
-    channels = x.shape[1]
-    if model_output.shape[1] != channels:
-        if not (plan.learned_variance and model_output.shape[1] == 2 * channels):
-            raise ValueError(f"model output has {model_output.shape[1]} channels, the sample {channels}")
-        model_output = model_output[:, :channels]
-    if model_output.shape != x.shape:
-        raise ValueError(f"model output shape {tuple(model_output.shape)} != sample shape {tuple(x.shape)}")
-    shape = (-1, *([1] * x.dim()))
-
-    def coef(name: str) -> torch.Tensor:
-        return getattr(plan, name)[step].to(cd)
-
+    model_output = split_output(plan, x, model_output)
     xc, out = x.to(cd), model_output.to(cd)
-    d0 = coef("to_d_x") * xc + coef("to_d_out") * out
+    to_d_x, to_d_out = plan.to_d_x[step].to(cd), plan.to_d_out[step].to(cd)
+    d0 = to_d_x * xc + to_d_out * out
     if plan.x0_limit is not None:
         d0 = plan.x0_limit(d0)
-    x_next = coef("x_coef") * xc + coef("out_coef") * out + coef("d0_coef") * d0
-    if plan.history_slots:
-        x_next = x_next + (plan.hist_coef[step].to(cd).reshape(shape) * history.to(cd)).sum(0)
-        history.index_copy_(0, plan.write_slot[step].reshape(1), d0.to(history.dtype).unsqueeze(0))
-    if noise is not None:
-        x_next = x_next + coef("noise_coef") * noise.to(cd)
-    return x_next.to(x.dtype)
+    mix = plan.mix[step].to(cd)  # (1 + W, 4 + R)
+    values = [xc, out, d0] + ([noise.to(cd)] if noise is not None else [])
+    hist = history[: plan.history_slots].to(cd)
+    shape = (-1, *([1] * x.dim()))
+    rows = []
+    for k in range(1 + plan.num_writes):
+        r = sum(mix[k, c] * v for c, v in enumerate(values))
+        if plan.history_slots:
+            r = r + (mix[k, HIST:].reshape(shape) * hist).sum(0)
+        rows.append(r)
+    for k in range(plan.num_writes):  # after every read: a write may reuse a slot read this step
+        history.index_copy_(0, plan.write_slot[step, k].reshape(1), rows[1 + k].to(history.dtype).unsqueeze(0))
+    return rows[0].to(x.dtype)
 
 
 def run(
@@ -223,18 +297,22 @@ def run(
     x_T: torch.Tensor,
     plan: SolverPlan,
     noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    step_fn: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The whole sampling loop over a plan, in plain PyTorch; returns the final sample (x_T's dtype).
 
     x_T: (N, C, ...) standard normal noise (scaled here by ``plan.init_noise_sigma``). The model is
-    called as ``model(x, t)`` with t int64 (N,); a returned object's ``.sample`` is read (diffusers'
-    UNet2DModel). ``noise_fn(x)`` returns fresh noise shaped like x; a stochastic plan calls it once
-    per step after the model, as diffusers' ``step`` draws (pass one that draws from the same
-    generator to reproduce diffusers' noise).
+    called as ``model(x, t)`` with t (N,) of the plan's timestep dtype; a returned object's
+    ``.sample`` is read (diffusers' UNet2DModel). ``noise_fn(x)`` returns fresh noise shaped like
+    x; it is called after the model in every step that ``plan.draws`` marks, as diffusers' ``step``
+    draws (pass one that draws from the same generator to reproduce diffusers' noise).
+    ``step_fn``: the step (default ``apply_step``; a solver with non-linear steps passes its own).
     """
-    stochastic = plan.stochastic
-    if stochastic and noise_fn is None:
+    if plan.stochastic and noise_fn is None:
         raise ValueError("this plan adds noise: pass noise_fn")
+    if plan.langevin_snr is not None and any(plan.langevin_snr) and step_fn is None:
+        raise ValueError("this plan has Langevin corrector steps: pass its solver's step_fn")
+    step_fn = apply_step if step_fn is None else step_fn
     plan = plan.to(x_T.device)
     x = x_T * plan.init_noise_sigma
     history = new_history(plan, x)
@@ -242,6 +320,6 @@ def run(
     for s in range(plan.num_steps):
         out = model(x, plan.timesteps[s].expand(batch))
         out = getattr(out, "sample", out)
-        noise = noise_fn(x) if stochastic else None
-        x = apply_step(plan, s, x, out, history, noise)
+        noise = noise_fn(x) if plan.draws[s] else None
+        x = step_fn(plan, s, x, out, history, noise)
     return x

@@ -34,7 +34,7 @@ import torch
 
 from ..reference import compute_dtype, dynamic_threshold
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
-from .base import SCHEDULE_KEYS, SolverPlan, X0Limit
+from .base import D0, HIST, NOISE, OUT, SCHEDULE_KEYS, PlanBuilder, SolverPlan, X, X0Limit
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -190,13 +190,13 @@ class DPMSolverMultistep:
         return tuple(orders)
 
     def _plan_from_sigmas(self, ts: np.ndarray, sigmas: np.ndarray, device: torch.device | str) -> SolverPlan:
+        """x_next = a x + b0 m0 + b1 m1 + b2 m2 + c z with m0 = D_0 written into the ring slot
+        s mod R (R = order - 1), where steps s + 1 and s + 2 read it as m1 and m2."""
         n = len(ts)
         orders = self.step_orders(n)
         slots = self.solver_order - 1
         fold = not self.thresholding
-        cols = {name: np.zeros(n) for name in SolverPlan.COEFFICIENTS}
-        hist = np.zeros((n, slots))
-        write = np.arange(n) % slots if slots else np.zeros(n, dtype=np.int64)
+        plan = PlanBuilder(n, slots, writes=1 if slots else 0)
         for s in range(n):
             if orders[s] > 1 and any(sigmas[s - k] == sigmas[s - k + 1] for k in range(orders[s])):
                 raise ValueError(
@@ -205,26 +205,29 @@ class DPMSolverMultistep:
                 )
             p, q = x0_conversion(sigmas[s], self.prediction_type)
             a, b, c = update_coefficients(sigmas, s, orders[s], self.algorithm_type, self.solver_type)
-            cols["to_d_x"][s], cols["to_d_out"][s], cols["noise_coef"][s] = p, q, c
+            plan.to_d_x[s], plan.to_d_out[s] = p, q
+            row = plan.row(s)
+            row[NOISE] = c
             if fold:  # x_next = a x + b0 (p x + q out) + ...
-                cols["x_coef"][s], cols["out_coef"][s] = a + b[0] * p, b[0] * q
+                row[X], row[OUT] = a + b[0] * p, b[0] * q
             else:  # D_0 = limit(p x + q out) is not linear: keep it apart
-                cols["x_coef"][s], cols["d0_coef"][s] = a, b[0]
+                row[X], row[D0] = a, b[0]
             for j in range(1, orders[s]):
-                hist[s, (s - j) % slots] = b[j]
+                row[HIST + (s - j) % slots] = b[j]
+            if slots:
+                plan.row(s, 1)[D0] = 1.0
+                plan.write(s, 0, s % slots)
         limit = None
         if self.thresholding:
             limit = X0Limit("dynamic", ratio=self.dynamic_thresholding_ratio, max_value=self.sample_max_value)
-        return SolverPlan.from_host(
+        return plan.build(
             device=device,
             timesteps=ts,
-            hist_coef=hist,
-            write_slot=write,
             sigmas=sigmas,
             orders=orders,
+            draws=[self.algorithm_type == "sde-dpmsolver++"] * n,
             x0_limit=limit,
             learned_variance=self.variance_type is not None,
-            **cols,
         )
 
 
