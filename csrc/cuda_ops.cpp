@@ -5,6 +5,8 @@
 
 #include "cuda_launch.h"
 #include "op_args.h"
+#include "solver_step_cuda.h"
+#include "solver_step_op_args.h"
 
 namespace ddpm_fast {
 namespace {
@@ -43,11 +45,28 @@ void posterior_step_cuda(const at::Tensor& model_output, const at::Tensor& sampl
                "posterior_step");
 }
 
+void solver_step_cuda(const at::Tensor& model_output, const at::Tensor& x, const at::Tensor& history,
+                      const std::optional<at::Tensor>& step_t, int64_t step, const at::Tensor& to_d_x,
+                      const at::Tensor& to_d_out, const at::Tensor& mix, const at::Tensor& write_slot,
+                      const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+                      const std::optional<at::Tensor>& thresh_scale, const at::Tensor& x_next,
+                      const std::optional<at::Tensor>& abs_d0, double guidance_scale, double clip_range,
+                      int64_t limit, bool guidance) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const SolverStepArgs a =
+      make_solver_step_args(model_output, x, history, step_t, step, to_d_x, to_d_out, mix, write_slot, noise, seed,
+                            thresh_scale, x_next, abs_d0, guidance_scale, clip_range, limit, guidance);
+  check_launch(launch_solver_step_cuda(a, dtype_code(model_output.scalar_type()), dtype_code(x.scalar_type()),
+                                       at::cuda::getCurrentCUDAStream()),
+               "solver_step");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddpm_fast_C, CUDA, m) {
   m.impl("q_sample", &q_sample_cuda);
   m.impl("posterior_step", &posterior_step_cuda);
+  m.impl("solver_step", &solver_step_cuda);
 }
 
 }  // namespace ddpm_fast

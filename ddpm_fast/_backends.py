@@ -195,6 +195,7 @@ def cpu_has_amx() -> bool:
 OP_BACKENDS = {
     "q_sample": ("reference", "cpp", "cuda", "triton"),
     "posterior_step": ("reference", "cpp", "cuda", "triton"),
+    "solver_step": ("reference", "cpp", "cuda", "triton"),
     "group_norm_silu": ("reference", "cpp", "triton"),
     "attention": ("triton", "sdpa", "reference"),
 }

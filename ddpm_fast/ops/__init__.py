@@ -5,5 +5,14 @@ from .attention import attention, attention_block
 from .groupnorm_silu import group_norm_silu
 from .noising import q_sample
 from .posterior import posterior_step
+from .solver_step import solver_step
 
-__all__ = ["attention", "attention_block", "group_norm_silu", "no_value_checks", "posterior_step", "q_sample"]
+__all__ = [
+    "attention",
+    "attention_block",
+    "group_norm_silu",
+    "no_value_checks",
+    "posterior_step",
+    "q_sample",
+    "solver_step",
+]
