@@ -3,10 +3,10 @@
 // of dynamic thresholding instead (writes |D_0| only).
 //
 // fp32 compute (every x dtype but float64): each (n, c) row goes kChunk elements at a time through
-// float buffers (or the tensors themselves where they are float and stride 1), and the rows of the
-// mix run as one loop each, specialised on the number of history slots and on the noise column so
+// float buffers (or the tensors themselves where they are float and stride 1); every row of the mix
+// is computed in one loop, specialised on the number of slots, of writes and on the noise column so
 // that it vectorises; built per vector ISA (cpu_isa.h) and, with -ffp-contract=off, the same bits in
-// each build. Every history value of a chunk is read before any of its writes.
+// each build. Every history value of an element is read before any write to it.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -83,7 +83,8 @@ struct SolverChunkParams {
 };
 
 // The rows of one chunk: inputs (read only), buffers and destinations. rows[0] receives x_next,
-// rows[1 + w] write w (buffers, stored into the history after every row is computed).
+// rows[1 + w] write w: the history slot itself where it is float and stride 1 (each element's
+// values are all read before its writes), else a buffer stored into the slot afterwards.
 struct SolverChunkRows {
   const float* out;   // model output (uncond half when guided)
   const float* cond;  // cond half (guided)
@@ -96,38 +97,73 @@ struct SolverChunkRows {
   float* rows[1 + kSolverMaxWrites];
 };
 
+// One row of the mix at one element, in apply_step's order (solver_step.h: solver_row).
 template <int NH, bool Z>
-DDPM_BODY void mix_row_loop(const float* m, int64_t len, const float* __restrict__ x, const float* __restrict__ o,
-                            const float* __restrict__ d, const float* __restrict__ z, const float* __restrict__ h0,
-                            const float* __restrict__ h1, const float* __restrict__ h2, const float* __restrict__ h3,
-                            float* __restrict__ dst) {
-  const float mx = m[kColX], mo = m[kColOut], md = m[kColD0], mz = m[kColNoise];
-  const float m0 = m[kColHist], m1 = m[kColHist + 1], m2 = m[kColHist + 2], m3 = m[kColHist + 3];
+DDPM_BODY float mix_value(const float* m, float x, float o, float d, float z, float h0, float h1, float h2,
+                          float h3) {
+  float acc = m[kColX] * x + m[kColOut] * o;
+  acc = acc + m[kColD0] * d;
+  if constexpr (Z) acc = acc + m[kColNoise] * z;
+  if constexpr (NH > 0) {
+    float hs = m[kColHist] * h0;
+    if constexpr (NH > 1) hs = hs + m[kColHist + 1] * h1;
+    if constexpr (NH > 2) hs = hs + m[kColHist + 2] * h2;
+    if constexpr (NH > 3) hs = hs + m[kColHist + 3] * h3;
+    acc = acc + hs;
+  }
+  return acc;
+}
+
+// Every row of the mix in one loop: each element's inputs are read, then its 1 + NW values
+// written (no element is read after another one's write, so the history slots may be written in
+// place; ivdep: no dependence between iterations).
+template <int NH, int NW, bool Z>
+DDPM_BODY void mix_rows_loop(const SolverChunkParams& p, int64_t len, const float* x, const float* o,
+                             const float* d, const float* z, const float* const* h, float* const* rows) {
+  float m[1 + kSolverMaxWrites][kSolverCols];
+  for (int k = 0; k <= NW; ++k)
+    for (int c = 0; c < kSolverCols; ++c) m[k][c] = p.mix[k][c];
+  const float* h0 = h[0];
+  const float* h1 = h[1];
+  const float* h2 = h[2];
+  const float* h3 = h[3];
+  float* r0 = rows[0];
+  float* r1 = rows[1];
+  float* r2 = rows[2];
 #pragma GCC ivdep
   for (int64_t i = 0; i < len; ++i) {
-    float acc = mx * x[i] + mo * o[i];
-    acc = acc + md * d[i];
-    if constexpr (Z) acc = acc + mz * z[i];
-    if constexpr (NH > 0) {
-      float hs = m0 * h0[i];
-      if constexpr (NH > 1) hs = hs + m1 * h1[i];
-      if constexpr (NH > 2) hs = hs + m2 * h2[i];
-      if constexpr (NH > 3) hs = hs + m3 * h3[i];
-      acc = acc + hs;
-    }
-    dst[i] = acc;
+    const float xv = x[i], ov = o[i], dv = d[i];
+    const float zv = Z ? z[i] : 0.0f;
+    const float a = NH > 0 ? h0[i] : 0.0f, b = NH > 1 ? h1[i] : 0.0f;
+    const float c = NH > 2 ? h2[i] : 0.0f, e = NH > 3 ? h3[i] : 0.0f;
+    const float v0 = mix_value<NH, Z>(m[0], xv, ov, dv, zv, a, b, c, e);
+    const float v1 = NW > 0 ? mix_value<NH, Z>(m[1], xv, ov, dv, zv, a, b, c, e) : 0.0f;
+    const float v2 = NW > 1 ? mix_value<NH, Z>(m[2], xv, ov, dv, zv, a, b, c, e) : 0.0f;
+    r0[i] = v0;
+    if constexpr (NW > 0) r1[i] = v1;
+    if constexpr (NW > 1) r2[i] = v2;
+  }
+}
+
+template <int NW, bool Z>
+DDPM_BODY void mix_rows_slots(const SolverChunkParams& p, int64_t len, const float* x, const float* o,
+                              const float* d, const float* z, const float* const* h, float* const* rows) {
+  switch (p.R) {
+    case 0: mix_rows_loop<0, NW, Z>(p, len, x, o, d, z, h, rows); break;
+    case 1: mix_rows_loop<1, NW, Z>(p, len, x, o, d, z, h, rows); break;
+    case 2: mix_rows_loop<2, NW, Z>(p, len, x, o, d, z, h, rows); break;
+    case 3: mix_rows_loop<3, NW, Z>(p, len, x, o, d, z, h, rows); break;
+    default: mix_rows_loop<4, NW, Z>(p, len, x, o, d, z, h, rows); break;
   }
 }
 
 template <bool Z>
-DDPM_BODY void mix_row(const float* m, int R, int64_t len, const float* x, const float* o, const float* d,
-                       const float* z, const float* const* h, float* dst) {
-  switch (R) {
-    case 0: mix_row_loop<0, Z>(m, len, x, o, d, z, h[0], h[1], h[2], h[3], dst); break;
-    case 1: mix_row_loop<1, Z>(m, len, x, o, d, z, h[0], h[1], h[2], h[3], dst); break;
-    case 2: mix_row_loop<2, Z>(m, len, x, o, d, z, h[0], h[1], h[2], h[3], dst); break;
-    case 3: mix_row_loop<3, Z>(m, len, x, o, d, z, h[0], h[1], h[2], h[3], dst); break;
-    default: mix_row_loop<4, Z>(m, len, x, o, d, z, h[0], h[1], h[2], h[3], dst); break;
+DDPM_BODY void mix_rows(const SolverChunkParams& p, int64_t len, const float* x, const float* o, const float* d,
+                        const float* z, const float* const* h, float* const* rows) {
+  switch (p.W) {
+    case 0: mix_rows_slots<0, Z>(p, len, x, o, d, z, h, rows); break;
+    case 1: mix_rows_slots<1, Z>(p, len, x, o, d, z, h, rows); break;
+    default: mix_rows_slots<2, Z>(p, len, x, o, d, z, h, rows); break;
   }
 }
 
@@ -164,10 +200,8 @@ DDPM_BODY void solver_chunk_f32_body(const SolverChunkParams& p, int64_t len, co
     const float s = p.thresh;
     for (int64_t i = 0; i < len; ++i) d[i] = clampf(d[i], -s, s) / s;
   }
-  for (int k = 0; k <= p.W; ++k) {
-    if (p.has_z) mix_row<true>(p.mix[k], p.R, len, r.x, o, d, r.z, r.h, r.rows[k]);
-    else mix_row<false>(p.mix[k], p.R, len, r.x, o, d, r.z, r.h, r.rows[k]);
-  }
+  if (p.has_z) mix_rows<true>(p, len, r.x, o, d, r.z, r.h, r.rows);
+  else mix_rows<false>(p, len, r.x, o, d, r.z, r.h, r.rows);
 }
 
 DDPM_ISA_VARIANTS(solver_chunk_f32, (const SolverChunkParams& p, int64_t len, const SolverChunkRows& r), (p, len, r))
@@ -230,11 +264,15 @@ void solver_rows_f32(const SolverStepArgs& a) {
         }
         X* next_dst = x_next + a.x_next.at(n, c, s0);
         r.rows[0] = row_out(next_dst, a.x_next.ss, row_b[0]);
-        for (int w = 0; w < a.W; ++w) r.rows[1 + w] = row_b[1 + w];
+        for (int w = 0; w < kSolverMaxWrites; ++w) {  // the scratch slot: computed, not stored
+          r.rows[1 + w] = w < a.W && k.slot[w] < a.R
+                              ? row_out(hist + h_at + k.slot[w] * a.hist_slot, a.history.ss, row_b[1 + w])
+                              : row_b[1 + w];
+        }
         solver_chunk_f32(p, len, r);
         row_out_done(r.rows[0], len, next_dst, a.x_next.ss);
-        for (int w = 0; w < a.W; ++w) {  // after every read of the chunk (a write may reuse a slot read)
-          if (k.slot[w] < a.R) store_row(row_b[1 + w], len, hist + h_at + k.slot[w] * a.hist_slot, a.history.ss);
+        for (int w = 0; w < a.W; ++w) {  // buffered writes, after every read of the chunk
+          if (k.slot[w] < a.R) row_out_done(r.rows[1 + w], len, hist + h_at + k.slot[w] * a.hist_slot, a.history.ss);
         }
       }
     }
