@@ -4,12 +4,13 @@ Every fast backend (cpp once per vector-ISA build, triton under the interpreter 
 GPU, the CUDA C++ kernel compiled with g++ against tests/cuda_emulation/) against apply_step in the
 inputs' dtype and in float64, under the tolerance rule (conftest.assert_close_to_reference), for
 x_next and every history slot; the scratch slot R is never written by the kernels. Plans from
-DPMSolverMultistep (orders 1-3, ODE and SDE, dynamic thresholding) and random plans over every
-(R, W) up to (4, 2) with no limit, a clip and dynamic thresholding; dtypes (x fp32, bf16, fp16,
-fp64 on cpp; model outputs of another dtype), layouts (channels_last, non-contiguous, odd rows,
-batch 1, rows longer than a chunk), guidance, learned variance (its channels NaN: never read),
-in-kernel Philox noise (= reference.philox_randn), a step index on the device read by no host
-code, a whole sampling loop, and bad inputs.
+DPMSolverMultistep (orders 1-3, ODE and SDE, dynamic thresholding) and random plans with (R, W)
+from (0, 0) to (4, 2) (writes into the slot a step reads, and into the scratch slot) with no
+limit, a clip and dynamic thresholding; dtypes (x fp32, bf16, fp16, fp64 on cpp; model outputs of
+another dtype), layouts (channels_last x and/or history slots, sliced inputs and history, odd
+rows, batch 1, 2-D and 5-D, rows longer than a chunk), guidance, learned variance (its channels
+NaN: never read), in-kernel Philox noise (= reference.philox_randn), a step index on the device
+read by no host code, a whole sampling loop against solvers.run, torch.compile, and bad inputs.
 """
 
 from __future__ import annotations
