@@ -217,6 +217,62 @@ def _posterior_launches() -> list[Launch]:
     return launches
 
 
+def _solver_launches() -> list[Launch]:
+    from .kernels import triton_solver as mod
+
+    launches: list[Launch] = []
+    steps = 10
+    cases = {  # (R slots, W writes, limit, guided, noise, step on the device, channels factor)
+        "R2W1-drawn-device": (2, 1, 0, False, "drawn", True, 1),  # DPM-Solver++ order 3, SDE
+        "R2W1-dynamic": (2, 1, 2, False, None, True, 1),  # with dynamic thresholding (two phases)
+        "R4W2-clip-guided-given": (4, 2, 1, True, "given", False, 1),  # the largest plan taken
+        "R0W0-learned": (0, 0, 0, False, None, False, 2),  # Euler, a 2C model output
+    }
+    # every case NCHW; at fp32 and bf16 also a channels_last x against the NCHW history new_history gives
+    layouts = [(dtype, False) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    layouts += [(torch.float32, True), (torch.bfloat16, True)]
+    for dtype, channels_last in layouts:
+        n, c, s = 256, 3, 32 * 32
+        x = _view_3d((n, c, s), dtype, channels_last)
+        for case, (slots, writes, limit, guided, noise, on_device, factor) in cases.items():
+            mo = _view_3d(((2 if guided else 1) * n, factor * c, s), dtype, channels_last)
+            history = torch.empty((slots + 1, n, c, s), dtype=dtype)
+            mix = torch.ones((steps, 1 + writes, 4 + slots), dtype=torch.float64)
+            write_slot = torch.zeros((steps, writes), dtype=torch.int64)
+            coef = torch.ones(steps, dtype=torch.float64)
+            step_t = torch.zeros((), dtype=torch.int64) if on_device else None
+            seed = torch.zeros((), dtype=torch.int64) if noise == "drawn" else None
+            z = torch.empty_like(x) if noise == "given" else None
+            for phase1 in (True, False) if limit == 2 else (False,):
+                name = (
+                    f"solver_step[{str(dtype)[6:]}{'-cl' if channels_last else ''}-{case}{'-phase1' if phase1 else ''}]"
+                )
+                abs_d0 = torch.empty((n, c, s)) if phase1 else None
+                scale = torch.ones(n) if limit == 2 and not phase1 else None
+                with _recording(mod, "solver_step_kernel", name, launches):
+                    mod.solver_step_triton(
+                        mo,
+                        x,
+                        history,
+                        step_t,
+                        3,
+                        coef,
+                        coef,
+                        mix,
+                        write_slot,
+                        z,
+                        None if phase1 else seed,
+                        scale,
+                        torch.empty_like(x),
+                        abs_d0,
+                        3.0,
+                        1.0,
+                        limit,
+                        guided,
+                    )
+    return launches
+
+
 def _groupnorm_launches() -> list[Launch]:
     from .kernels import triton_groupnorm as mod
 
@@ -306,7 +362,9 @@ def _attention_launches() -> list[Launch]:
 
 def recorded_launches() -> list[Launch]:
     """Every Triton launch the package makes at its representative shapes and dtypes."""
-    return _noising_launches() + _posterior_launches() + _groupnorm_launches() + _attention_launches()
+    return (
+        _noising_launches() + _posterior_launches() + _solver_launches() + _groupnorm_launches() + _attention_launches()
+    )
 
 
 def _cuobjdump() -> str:

@@ -232,6 +232,8 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_sample_parser(sub) -> None:
+    from .solvers.registry import SCHEDULER_NAMES
+
     sample = sub.add_parser(
         "sample",
         help="sample images from a checkpoint into a PNG grid",
@@ -243,8 +245,13 @@ def _add_sample_parser(sub) -> None:
     sample.add_argument("--checkpoint", help="run directory, checkpoints directory or step_XXXXXXXX directory")
     sample.add_argument("--out", help="output PNG (default: samples.png)")
     sample.add_argument("--num-images", type=int, help="number of images (default: 64)")
-    sample.add_argument("--steps", type=int, help="sampler steps (default: 50 for ddim, 1000 for ddpm)")
-    sample.add_argument("--scheduler", choices=("ddim", "ddpm"), help="sampler (default: ddim)")
+    sample.add_argument(
+        "--steps",
+        type=int,
+        help="sampler timesteps (default: 50 for ddim, euler, euler_ancestral; 20 for dpmsolver++, unipc; 25 for "
+        "heun; all T for ddpm and pc)",
+    )
+    sample.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="sampler (default: ddim)")
     sample.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: 0)")
     sample.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: none)")
     sample.add_argument(

@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import reference
-from ._backends import choose, cpu_has_amx
+from ._backends import cpu_has_amx
 from .ops import no_value_checks
 from .ops.noising import q_sample
-from .ops.posterior import CLIP, CLIP_NONE, KINDS, PREDICTIONS, THRESHOLD, VARIANCES, _posterior_impl, posterior_step
-from .schedule import SAMPLER_KINDS, Schedule, SchedulerConfig, StepConfig, normalize_choice, select_timesteps
+from .schedule import Schedule, SchedulerConfig
+from .solvers.posterior import PosteriorPlan
+from .solvers.registry import default_steps, resolve, step_fn_for
+from .steppers import make_stepper
 
 NOISE_MODES = ("kernel", "torch")
 OUTPUT_TYPES = ("tensor", "pt", "np", "pil")
@@ -124,26 +125,20 @@ def sample(
     noise = _choice("noise", noise, NOISE_MODES)
     output_type = _choice("output_type", output_type, OUTPUT_TYPES)
     device = _resolve_device(device, model, x_T, image)
-    kind, config = _resolve_scheduler(scheduler, scheduler_config)
-    if isinstance(scheduler_config, Schedule):
-        schedule = scheduler_config.to(device)
-    else:
-        schedule = Schedule.from_config(config, device=device)
-    step_config = _step_config(config, kind, eta, use_clipped_model_output)
-    T = config.num_train_timesteps
 
-    # Timesteps and where each step goes, on the host (they are known before the loop).
+    # Arguments -> a plan: the solver, its timesteps and coefficients, on the device before the loop.
+    name, solver, source = resolve(scheduler, scheduler_config, eta, use_clipped_model_output)
+    schedule = source.to(device) if isinstance(source, Schedule) else Schedule.from_config(source, device=device)
     if timesteps is None and num_inference_steps is None:
-        num_inference_steps = T if kind == "ddpm" else min(50, T)
-    ts = select_timesteps(config, num_inference_steps, timesteps)
-    if kind == "ddim" and timesteps is None:
-        prev_ts = np.maximum(ts - T // len(ts), -1)  # diffusers' DDIM: t - T // n whatever the spacing
-    else:
-        prev_ts = np.append(ts[1:], -1)
+        num_inference_steps = default_steps(name, solver, schedule)
+    plan = solver.plan(schedule, num_inference_steps, timesteps, device=device)
     if image is not None:
-        ts, prev_ts = _strength_steps(ts, prev_ts, strength)
+        if not isinstance(plan, PosteriorPlan):
+            raise ValueError(f"image= (SDEdit / img2img) is implemented for scheduler='ddpm' and 'ddim', not {name!r}")
+        plan = plan.tail(_strength_steps(plan.num_steps, strength))
     elif strength != 1.0:
         raise ValueError("strength applies to image= (SDEdit / img2img); pass image or leave strength at 1.0")
+    host_ts = plan.timesteps.cpu().tolist()  # for the callback (read once, before the loop)
 
     # Images: how many, what shape.
     if x_T is not None and image is not None:
@@ -179,10 +174,9 @@ def sample(
 
     generators = _resolve_generators(generator, batch_size, device)
     torch_noise = noise == "torch" or isinstance(generators, list)
-    adds_noise = kind == "ddpm" or step_config.eta > 0
-    # diffusers draws DDPM noise only where t > 0, DDIM's wherever eta > 0.
-    # The captured step draws or not; a step that differs (DDPM's last, torch noise) runs uncaptured.
-    draws = [adds_noise and (kind == "ddim" or int(t) > 0 or not torch_noise) for t in ts]
+    # The captured step draws or not; a step that differs (DDPM's last with torch noise) runs uncaptured.
+    # Kernel noise draws wherever the sampler is stochastic (DDPM's last step ignores it).
+    draws = list(plan.draws) if torch_noise or not isinstance(plan, PosteriorPlan) else [plan.stochastic] * len(host_ts)
 
     chunk = _chunk_size(chunk_size, image_shape, guided)
     if cuda_graph and device.type != "cuda":
@@ -193,38 +187,39 @@ def sample(
     guidance = guidance_scale if guided else None
     # CPU-generator draws (diffusers' order) cannot be captured: those loops run uncaptured.
     graph_wanted = _graphs_possible(device) and cuda_graph is not False and not (torch_noise and _any_cpu(generators))
-    stepper = _Stepper(schedule, step_config, backend, device, state_dtype, step_numel, graph_wanted, guidance)
-    use_graph = graph_wanted and stepper.backend != "reference"
+    stepper = make_stepper(
+        plan, schedule, backend, device, state_dtype, step_numel, graph_wanted, guidance, step_fn_for(solver, plan)
+    )
+    use_graph = graph_wanted and stepper.capturable
     checked = False
 
     def body(
         x: torch.Tensor,
+        t_row: torch.Tensor,
         row: torch.Tensor,
         chunk_labels: torch.Tensor | None,
         gens: Any,
         draw: bool,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One step on x: the model on [uncond, cond] (or x), then the fused step. ``row`` packs
-        (t for the model batch, prev_t, seed) for this step; torch noise is ``z`` when given (drawn
-        by the caller), else drawn here from ``gens`` where the step draws."""
+        """One step on x: the model on [uncond, cond] (or x), then the step. ``t_row`` holds the
+        model batch's t, ``row`` the step's int64 arguments (stepper.row_for); torch noise is ``z``
+        when given (drawn by the caller), else drawn here from ``gens`` where the step draws."""
         nonlocal checked
         n = x.shape[0]
         n_model = 2 * n if guided else n
         with no_value_checks():  # t and the labels were checked before the loop: no per-step device reads
-            out = runner(x, row[:n_model], chunk_labels)
+            out = runner(x, t_row, chunk_labels)
             if not checked:
-                _check_model_output(out, x, n_model, step_config)
+                _check_model_output(out, x, n_model, plan)
                 checked = True
             if z is None and torch_noise and draw:
                 z = _randn(x.shape, gens, device, x.dtype)
-            return stepper(out, x, row[:n], row[n_model : n_model + n], z, row[-1:])
+            return stepper(out, x, t_row, row, z, draw)
 
-    ts_dev = torch.as_tensor(ts, device=device)
-    prev_dev = torch.as_tensor(prev_ts, device=device)
     result = torch.empty((batch_size, *image_shape), dtype=state_dtype, device=device)
     graphs: dict[int, _CudaGraphStep] = {}
-    bar = _progress_bar(progress, len(ts) * math.ceil(batch_size / chunk))
+    bar = _progress_bar(progress, len(host_ts) * math.ceil(batch_size / chunk))
     with torch.no_grad():
         for lo in range(0, batch_size, chunk):
             hi = min(lo + chunk, batch_size)
@@ -235,7 +230,7 @@ def sample(
                 x_T[lo:hi] if x_T is not None else None,
                 image[lo:hi] if image is not None else None,
                 (n, *image_shape),
-                ts[0],
+                host_ts[0],
                 schedule,
                 gens,
                 dev_gen,
@@ -243,40 +238,42 @@ def sample(
                 device,
                 state_dtype,
             )
-            if torch_noise or not adds_noise:
-                seeds = torch.zeros(len(ts), dtype=torch.int64, device=device)  # unused by the step
+            if plan.init_noise_sigma != 1.0:  # diffusers' pipelines scale x_T, drawn or given, so
+                x = x * plan.init_noise_sigma
+            if torch_noise or not plan.stochastic:
+                seeds = torch.zeros(len(host_ts), dtype=torch.int64, device=device)  # unused by the step
             else:
-                seeds = torch.randint(0, 2**62, (len(ts),), generator=dev_gen, device=device, dtype=torch.int64)
+                seeds = torch.randint(0, 2**62, (len(host_ts),), generator=dev_gen, device=device, dtype=torch.int64)
             n_model = 2 * n if guided else n
-            rows = torch.cat(
-                [ts_dev[:, None].expand(-1, n_model), prev_dev[:, None].expand(-1, n), seeds[:, None]], dim=1
-            )
+            t_rows = plan.timesteps[:, None].expand(-1, n_model).contiguous()
+            rows = [stepper.row_for(i, n, seeds) for i in range(len(host_ts))]
             if stepper.backend == "reference":
                 stepper.host_seeds = seeds.tolist()  # the reference draws its Philox noise from host ints
+            stepper.begin_chunk(x)
             chunk_labels = None
             if labels is not None:
                 chunk_labels = labels[lo:hi]
                 if guided:
                     chunk_labels = torch.cat([torch.full_like(chunk_labels, int(null)), chunk_labels])
             graph = graphs.get(n)
-            for i, t in enumerate(ts):
+            for i, t in enumerate(host_ts):
                 stepper.step_index = i
                 if graph is not None and graph.draw == draws[i]:
-                    x = graph.replay(x, rows[i], chunk_labels, gens)
+                    x = graph.replay(x, t_rows[i], rows[i], chunk_labels, gens)
                     if callback is not None:
-                        callback(i, int(t), x.clone())
+                        callback(i, t, x.clone())
                 else:
-                    warm_up = use_graph and graph is None and i + 1 < len(ts) and len(ts) > 2
+                    warm_up = use_graph and graph is None and i + 1 < len(host_ts) and len(host_ts) > 2
                     on_side = warm_up and device.type == "cuda"
                     with _side_stream(device) if on_side else contextlib.nullcontext():
-                        x = body(x, rows[i], chunk_labels, gens, draws[i])
+                        x = body(x, t_rows[i], rows[i], chunk_labels, gens, draws[i])
                     if on_side:
                         x.record_stream(torch.cuda.current_stream(device))  # made on the side stream, used here
                     if callback is not None:
-                        callback(i, int(t), x)
+                        callback(i, t, x)
                     if warm_up:
                         graph = _CudaGraphStep.capture(
-                            body, x, rows[i + 1], chunk_labels, gens, draws[i + 1], torch_noise, graphs
+                            body, x, t_rows[i + 1], rows[i + 1], chunk_labels, gens, draws[i + 1], torch_noise, graphs
                         )
                         if graph is None:
                             use_graph = False
@@ -309,53 +306,14 @@ def _resolve_device(
     return torch.device("cpu")
 
 
-def _resolve_scheduler(
-    scheduler: str | Any, scheduler_config: SchedulerConfig | Mapping[str, Any] | Schedule | None
-) -> tuple[str, SchedulerConfig]:
-    """(kind, config) from a kind string plus config, or from a diffusers scheduler object."""
-    if isinstance(scheduler, str):
-        kind = normalize_choice("scheduler", scheduler.lower(), SAMPLER_KINDS)
-        if scheduler_config is None:
-            return kind, SchedulerConfig()
-        if isinstance(scheduler_config, Schedule):
-            return kind, scheduler_config.config
-        if isinstance(scheduler_config, SchedulerConfig):
-            return kind, scheduler_config
-        if isinstance(scheduler_config, Mapping):
-            return kind, SchedulerConfig.from_dict(scheduler_config)
-        raise TypeError(
-            "scheduler_config must be a SchedulerConfig, a diffusers scheduler config dict or a Schedule, "
-            f"got {type(scheduler_config).__name__}"
-        )
-    name = type(scheduler).__name__
-    if name not in _DIFFUSERS_SCHEDULERS or not hasattr(scheduler, "config"):
-        raise TypeError(
-            f"scheduler must be 'ddpm', 'ddim' or a diffusers DDPMScheduler/DDIMScheduler, got {name}: "
-            "ddpm_fast samples with DDPM and DDIM only"
-        )
-    if scheduler_config is not None:
-        raise ValueError("a diffusers scheduler carries its config: do not pass scheduler_config as well")
-    return _DIFFUSERS_SCHEDULERS[name], SchedulerConfig.from_dict(dict(scheduler.config))
-
-
-def _step_config(config: SchedulerConfig, kind: str, eta: float, use_clipped_model_output: bool) -> StepConfig:
-    if kind == "ddpm":
-        if eta != 0:
-            raise ValueError(f"eta={eta} is a DDIM option: use scheduler='ddim' (DDPM's noise is set by variance_type)")
-        if use_clipped_model_output:
-            raise ValueError("use_clipped_model_output is a DDIM option: use scheduler='ddim'")
-        return StepConfig.from_scheduler(config, "ddpm")
-    return StepConfig.from_scheduler(config, "ddim", eta=float(eta), use_clipped_model_output=use_clipped_model_output)
-
-
-def _strength_steps(ts: np.ndarray, prev_ts: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray]:
+def _strength_steps(num_steps: int, strength: float) -> int:
     """diffusers' img2img rule: keep the last int(n * strength) steps."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    keep = min(int(len(ts) * strength), len(ts))
+    keep = min(int(num_steps * strength), num_steps)
     if keep == 0:
-        raise ValueError(f"strength={strength} with {len(ts)} steps leaves no step to run: raise either")
-    return ts[len(ts) - keep :], prev_ts[len(ts) - keep :]
+        raise ValueError(f"strength={strength} with {num_steps} steps leaves no step to run: raise either")
+    return keep
 
 
 def _check_start(start: torch.Tensor, name: str, device: torch.device) -> None:
@@ -625,7 +583,7 @@ class _ModelRunner:
         raise TypeError(f"the model must return a tensor or an object with .sample, got {type(out).__name__}")
 
 
-def _check_model_output(out: torch.Tensor, x: torch.Tensor, n_model: int, config: StepConfig) -> None:
+def _check_model_output(out: torch.Tensor, x: torch.Tensor, n_model: int, plan: Any) -> None:
     c, spatial = x.shape[1], tuple(x.shape[2:])
     if not out.dtype.is_floating_point:
         raise TypeError(f"the model returned {out.dtype}; expected a floating-point prediction")
@@ -637,88 +595,15 @@ def _check_model_output(out: torch.Tensor, x: torch.Tensor, n_model: int, config
             f"{', '.join(map(str, spatial))}); expected ({n_model}, {c} (or {2 * c} with a learned variance), "
             f"{', '.join(map(str, spatial))})"
         )
-    if config.kind == "ddpm" and config.learned_variance and out.shape[1] != 2 * c:
+    ddpm = isinstance(plan, PosteriorPlan) and plan.config.kind == "ddpm"
+    variance = plan.config.variance_type if isinstance(plan, PosteriorPlan) else None
+    if ddpm and plan.learned_variance and out.shape[1] != 2 * c:
+        raise ValueError(f"variance_type={variance!r} needs a model output with 2 x {c} channels, got {out.shape[1]}")
+    if (ddpm or not isinstance(plan, PosteriorPlan)) and not plan.learned_variance and out.shape[1] == 2 * c:
         raise ValueError(
-            f"variance_type={config.variance_type!r} needs a model output with 2 x {c} channels, got {out.shape[1]}"
+            f"the model returns {2 * c} channels (a learned variance) but variance_type={variance!r}: pass a "
+            "scheduler_config with variance_type='learned_range' (improved-diffusion) or 'learned'"
         )
-    if config.kind == "ddpm" and not config.learned_variance and out.shape[1] == 2 * c:
-        raise ValueError(
-            f"the model returns {2 * c} channels (a learned variance) but variance_type={config.variance_type!r}: "
-            "pass a scheduler_config with variance_type='learned_range' (improved-diffusion) or 'learned'"
-        )
-
-
-class _Stepper:
-    """posterior_step with everything constant worked out once: the fused kernel is called
-    directly with a per-step seed tensor (the public op draws its seed from a generator, which
-    a replayed CUDA graph could not vary per step). The reference backend goes through the op."""
-
-    def __init__(
-        self,
-        schedule: Schedule,
-        config: StepConfig,
-        backend: str | None,
-        device: torch.device,
-        dtype: torch.dtype,
-        numel: int,
-        graphed: bool,
-        guidance_scale: float | None,
-    ):
-        self.schedule, self.config = schedule, config
-        self.backend = choose("posterior_step", backend, device, numel=numel, dtype=dtype, launch_bound=not graphed)
-        if config.prediction_type == "epsilon" and schedule.zero_terminal_snr:
-            raise ValueError(
-                "epsilon prediction divides by zero on a zero-terminal-SNR schedule: use v_prediction or sample"
-            )
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
-        self.adds_noise = config.kind == "ddpm" or config.eta > 0
-        self.host_seeds: list[int] = []
-        self.step_index = 0
-        if self.backend != "reference":
-            self.table = schedule.kernel_table("alphas_cumprod", dtype, device)
-            clip = THRESHOLD if config.thresholding else (CLIP if config.clip_sample else CLIP_NONE)
-            self.args = (
-                1.0 if config.kind == "ddpm" else schedule.final_alpha_cumprod,
-                KINDS[config.kind],
-                PREDICTIONS[config.prediction_type],
-                VARIANCES[config.variance_type],
-                clip,
-                config.clip_sample_range,
-                config.dynamic_thresholding_ratio,
-                config.sample_max_value,
-                config.eta,
-                config.use_clipped_model_output,
-                self.guidance_scale,
-                False,
-                self.backend,
-            )
-
-    def __call__(
-        self,
-        model_output: torch.Tensor,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        prev_t: torch.Tensor,
-        noise: torch.Tensor | None,
-        seed: torch.Tensor,
-    ) -> torch.Tensor:
-        if self.backend == "reference":
-            if noise is None and self.adds_noise and self.host_seeds:
-                seed_int = self.host_seeds[self.step_index]
-                noise = reference.philox_randn(seed_int, tuple(x.shape), x.device).to(x.dtype)
-            return posterior_step(
-                model_output,
-                x,
-                t,
-                prev_t,
-                self.schedule,
-                self.config,
-                noise=noise,
-                guidance_scale=self.guidance_scale,
-                backend="reference",
-            )[0]
-        seed_arg = seed if noise is None and self.adds_noise else None
-        return _posterior_impl(model_output, x, t, prev_t, self.table, noise, seed_arg, *self.args)[0]
 
 
 @contextlib.contextmanager
@@ -763,12 +648,14 @@ class _CudaGraphStep:
         self,
         graph: Any,
         x: torch.Tensor,
+        t_row: torch.Tensor,
         row: torch.Tensor,
         labels: torch.Tensor | None,
         draw: bool,
         noise: torch.Tensor | None = None,
     ):
-        self.graph, self.x, self.row, self.labels, self.draw, self.noise = graph, x, row, labels, draw, noise
+        self.graph, self.x, self.t_row, self.row = graph, x, t_row, row
+        self.labels, self.draw, self.noise = labels, draw, noise
         self.labels_from: torch.Tensor | None = labels
 
     @classmethod
@@ -776,6 +663,7 @@ class _CudaGraphStep:
         cls,
         body: Callable[..., torch.Tensor],
         x: torch.Tensor,
+        t_row: torch.Tensor,
         row: torch.Tensor,
         labels: torch.Tensor | None,
         gens: Any,
@@ -791,12 +679,12 @@ class _CudaGraphStep:
             if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
                 return None  # this torch cannot replay a user generator's draws: run uncaptured
             generators = [gens]
-        static_x, static_row = x.clone(), row.clone()
+        static_x, static_t_row, static_row = x.clone(), t_row.clone(), row.clone()
         static_labels = None if labels is None else labels.clone()
         static_noise = torch.empty(x.shape, dtype=x.dtype, device=x.device) if per_image else None
 
         def step() -> None:
-            static_x.copy_(body(static_x, static_row, static_labels, gens, draw, static_noise))
+            static_x.copy_(body(static_x, static_t_row, static_row, static_labels, gens, draw, static_noise))
 
         pool = next(iter(graphs.values())).graph.pool() if graphs else None
         try:
@@ -804,11 +692,13 @@ class _CudaGraphStep:
         except Exception as err:  # noqa: BLE001 (any capture failure falls back to eager steps)
             warnings.warn(f"CUDA-graph capture failed ({err}); sampling without a graph", stacklevel=3)
             return None
-        captured = cls(graph, static_x, static_row, static_labels, draw, static_noise)
+        captured = cls(graph, static_x, static_t_row, static_row, static_labels, draw, static_noise)
         captured.labels_from = labels
         return captured
 
-    def replay(self, x: torch.Tensor, row: torch.Tensor, labels: torch.Tensor | None, gens: Any) -> torch.Tensor:
+    def replay(
+        self, x: torch.Tensor, t_row: torch.Tensor, row: torch.Tensor, labels: torch.Tensor | None, gens: Any
+    ) -> torch.Tensor:
         """One step: x, the row, the labels (a new chunk's) and, with one generator per image,
         this step's noise from ``gens`` go into the static buffers; then the graph runs."""
         if x is not self.x:
@@ -816,6 +706,7 @@ class _CudaGraphStep:
         if labels is not None and labels is not self.labels_from:  # a new chunk's labels
             self.labels.copy_(labels)
             self.labels_from = labels
+        self.t_row.copy_(t_row)
         self.row.copy_(row)
         if self.noise is not None:
             _randn(self.noise.shape, gens, self.noise.device, self.noise.dtype, out=self.noise)

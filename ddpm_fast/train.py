@@ -38,6 +38,7 @@ from . import reference
 from .ema import EMA
 from .ops import no_value_checks, q_sample
 from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, Schedule, SchedulerConfig, normalize_choice
+from .solvers.registry import SCHEDULER_NAMES
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 NOISE_SOURCES = ("kernel", "torch")
@@ -99,7 +100,7 @@ class TrainConfig:
     sample_every: int = _opt(0, "write a sample grid from the EMA weights every N steps (0: only at the end)")
     sample_images: int = _opt(64, "images per sample grid (0: no grids)")
     sample_steps: int = _opt(50, "sampler steps for the grids")
-    sample_scheduler: str = _opt("ddim", "sampler for the grids: ddim or ddpm")
+    sample_scheduler: str = _opt("ddim", "sampler for the grids: " + ", ".join(SCHEDULER_NAMES))
     log_every: int = _opt(50, "append metrics to metrics.jsonl every N steps")
     progress: bool = _opt(True, "show a tqdm progress bar")
 
@@ -138,8 +139,7 @@ class TrainConfig:
             raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
         if self.noise not in NOISE_SOURCES:
             raise ValueError(f"unknown noise {self.noise!r}; valid: {', '.join(NOISE_SOURCES)}")
-        if self.sample_scheduler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sample_scheduler {self.sample_scheduler!r}; valid: ddpm, ddim")
+        self.sample_scheduler = normalize_choice("sample_scheduler", self.sample_scheduler, SCHEDULER_NAMES)
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("--dataset folder needs --data-dir")
 

@@ -581,8 +581,12 @@ def test_bad_inputs(unet):
         sample(toy, batch_size=3, generator=[gen(0), gen(1)], **kw)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         sample(toy, generator=0, **kw)
-    with pytest.raises(ValueError, match="unknown scheduler 'euler'; valid: ddpm, ddim"):
-        sample(toy, scheduler="euler", **kw)
+    with pytest.raises(ValueError, match="unknown scheduler 'lms'; valid: ddpm, ddim, dpmsolver"):
+        sample(toy, scheduler="lms", **kw)
+    with pytest.raises(ValueError, match="eta and use_clipped_model_output are DDIM options"):
+        sample(toy, scheduler="dpmsolver++", eta=0.5, **kw)
+    with pytest.raises(ValueError, match="SDEdit.*not 'unipc'"):
+        sample(toy, scheduler="unipc", image=torch.zeros(1, 3, 4, 4), **kw)
     with pytest.raises(ValueError, match="unknown noise 'numpy'"):
         sample(toy, noise="numpy", **kw)
     with pytest.raises(ValueError, match="unknown output_type 'jpeg'"):
@@ -610,9 +614,9 @@ def test_bad_inputs(unet):
 
 
 def test_bad_diffusers_inputs(diffusers):
-    """A diffusers scheduler that is not DDPM/DDIM; a class-conditional diffusers model has no null label."""
-    with pytest.raises(TypeError, match="DDPMScheduler/DDIMScheduler, got EulerDiscreteScheduler"):
-        sample(toy, scheduler=diffusers.EulerDiscreteScheduler(), shape=(3, 4, 4), progress=False)
+    """A diffusers scheduler we have no solver for; a class-conditional diffusers model has no null label."""
+    with pytest.raises(TypeError, match="diffusers scheduler .*got LMSDiscreteScheduler"):
+        sample(toy, scheduler=diffusers.LMSDiscreteScheduler(), shape=(3, 4, 4), progress=False)
     conditional = tiny_diffusers_unet(diffusers, num_class_embeds=3)
     with pytest.raises(ValueError, match="null .*class label"):
         sample(conditional, class_labels=[1], guidance_scale=2.0, progress=False)
