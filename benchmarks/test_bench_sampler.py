@@ -23,6 +23,16 @@ the U-Net forwards (counted with torch's FlopCounterMode), speedup_vs_diffusers 
 / this one's, same group) and, on the CPU, time_split_3_steps (a profiled 3-step run's time in
 convolutions and elsewhere).
 U-Net runs: a 3-step warm-up, then 3 timed runs (one at 1000 steps).
+
+  sampler-unet-<model>-dpmsolver++<steps>-b<batch>   DPM-Solver++ (solver_order=2, diffusers'
+  DPMSolverMultistepScheduler defaults otherwise) with the same U-Net; CPU: the tiny preset at
+  16 x 16, 64 images x 20 steps, fp32, one thread; CUDA: the cifar10 preset, 256 x 20, bf16
+    diffusers       the manual loop: set_timesteps, x_T * init_noise_sigma, then per step
+                    scale_model_input, the U-Net, scheduler.step (no pipeline exists for it)
+    ddpm_fast       sample(scheduler=DPMSolverMultistepScheduler(solver_order=2)), the same U-Net
+    ddpm_fast-ddim  sample() with DDIM at the same number of steps, for reference: its ratio to
+                    diffusers' DPM-Solver++ run is vs_diffusers_dpmsolver (not a speedup of the same
+                    sampler)
 """
 
 from __future__ import annotations
@@ -218,3 +228,68 @@ def test_sample_loop(benchmark, roofline, impl, kind, steps):
         batch=LOOP_SHAPE[0], steps=steps, model="toy x * t / (t + 1)", torch_threads=torch.get_num_threads()
     )
     _report(benchmark, f"loop-{kind}{steps}", impl, LOOP_SHAPE[0])
+
+
+# ---------------------------------------------------------------- DPM-Solver++ with the U-Net
+DPM_RUNS = [("cifar10", 256, 20)] if ON_CUDA else [("tiny", 64, 20)]  # (preset, images, steps)
+DPM_IMPLS = ["diffusers", "ddpm_fast", "ddpm_fast-ddim"]
+
+
+def dpm_fn(impl: str, preset: str, batch: int, steps: int):
+    size = SIZES[preset]
+    if impl == "diffusers":
+        unet = diffusers_unet(preset)
+        scheduler = diffusers.DPMSolverMultistepScheduler(solver_order=2)
+
+        def run(n=steps):
+            scheduler.set_timesteps(n, device=DEVICE)
+            x = torch.randn((batch, 3, size, size), generator=_generator(), device=DEVICE, dtype=DTYPE)
+            x = x * scheduler.init_noise_sigma
+            with torch.no_grad():
+                for t in scheduler.timesteps:
+                    out = unet(scheduler.scale_model_input(x, t), t).sample
+                    x = scheduler.step(out, t, x).prev_sample
+            return x
+
+        return run
+    theirs, _ = models(preset)
+    scheduler = (
+        diffusers.DDIMScheduler() if impl == "ddpm_fast-ddim" else diffusers.DPMSolverMultistepScheduler(solver_order=2)
+    )
+
+    def run(n=steps):
+        return sample(theirs, batch_size=batch, scheduler=scheduler, num_inference_steps=n, generator=_generator(),
+                      output_type="tensor", progress=False, dtype=DTYPE)  # fmt: skip
+
+    return run
+
+
+def _dpm_cases():
+    for preset, batch, steps in DPM_RUNS:
+        group = f"sampler-unet-{preset}-dpmsolver++{steps}-b{batch}"
+        for impl in DPM_IMPLS:
+            yield pytest.param(
+                impl, preset, batch, steps, id=f"{impl}-{preset}-b{batch}-dpmsolver++{steps}",
+                marks=pytest.mark.benchmark(group=group),
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize(("impl", "preset", "batch", "steps"), list(_dpm_cases()))
+def test_sample_dpmsolver(benchmark, roofline, impl, preset, batch, steps):
+    fn = dpm_fn(impl, preset, batch, steps)
+    _timed(benchmark, roofline, fn, flops_per_image(preset) * batch * steps, rounds=3)
+    benchmark.extra_info.update(
+        batch=batch, steps=steps, model=preset, dtype=str(DTYPE), torch_threads=torch.get_num_threads(),
+        sampler="DDIM (eta 0)" if impl == "ddpm_fast-ddim" else "DPM-Solver++ (solver_order=2)",
+    )  # fmt: skip
+    if benchmark.stats is not None and not ON_CUDA:
+        benchmark.extra_info["time_split_3_steps"] = time_split(lambda: fn(3))
+    key = f"dpm-{preset}-{steps}-b{batch}"
+    if impl == "ddpm_fast-ddim":  # a different sampler: a ratio, not speedup_vs_diffusers
+        if benchmark.stats is not None:
+            median = benchmark.stats.stats.median
+            benchmark.extra_info["images/s"] = batch / median
+            if key in _DIFFUSERS_MEDIAN:
+                benchmark.extra_info["vs_diffusers_dpmsolver"] = _DIFFUSERS_MEDIAN[key] / median
+        return
+    _report(benchmark, key, impl, batch)
