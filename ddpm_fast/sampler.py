@@ -1,12 +1,16 @@
-"""sample(): the drop-in sampling loop (DDPM ancestral, DDIM, classifier-free guidance, SDEdit).
+"""sample(): the drop-in sampling loop (DDPM ancestral, DDIM, DPM-Solver++, UniPC, Euler, Euler
+ancestral, Heun, score-SDE predictor-corrector; classifier-free guidance, SDEdit).
 
-Per step: one model call and one fused ``posterior_step`` kernel. Timesteps, per-step seeds and
-the coefficient table live on the device before the loop starts, and the value checks (timestep
-and label ranges) run once before it, so the loop never waits for the device (no ``.item()``, no
-branching on tensor values). On CUDA the model call and the step are captured once per chunk size
-in a CUDA graph and replayed per step, reading t, prev_t and the seed from one static device
-buffer (and, with one generator per image, the step's noise, drawn from the chunk's generators
-just before the replay); the model runs under bf16 autocast while the step math stays in fp32.
+Arguments -> a plan -> one loop: the solver (``ddpm_fast.solvers.resolve``) plans the run (its
+timesteps and coefficients, on the device before the loop starts), and a stepper
+(``ddpm_fast.steppers``) applies each step: one model call and one fused kernel
+(``posterior_step`` for DDPM/DDIM, ``solver_step`` for the linear solvers). The value checks
+(timestep and label ranges) run once before the loop, so it never waits for the device (no
+``.item()``, no branching on tensor values). On CUDA the model call and the step are captured
+once per chunk size in a CUDA graph and replayed per step, reading the model's t and the step's
+int64 row (prev_t / step index, seed) from static device buffers (and, with one generator per
+image, the step's noise, drawn from the chunk's generators just before the replay); the model
+runs under bf16 autocast while the step math stays in fp32.
 
 With ``noise="torch"`` every random tensor is drawn as diffusers draws it (``randn_tensor``:
 same shapes, generator(s), order, and the same skipped draw at DDPM's t = 0), so
@@ -74,7 +78,7 @@ def sample(
     device: torch.device | str | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | np.ndarray | list:
-    """Generate images with DDPM or DDIM from a noise-prediction model.
+    """Generate images from a noise-prediction model with DDPM, DDIM or a few-step solver.
 
     Args:
         model: a callable ``model(x, t) -> prediction`` (``t`` int64 (N,) on the device), called
@@ -84,12 +88,16 @@ def sample(
         shape: one image's shape, e.g. (3, 32, 32); default: the model's ``in_channels`` and
             ``sample_size`` (``model.config`` for diffusers), else taken from ``x_T`` / ``image``.
         batch_size: number of images (diffusers' meaning); default 1, or x_T's / image's batch.
-        num_inference_steps: default all T training steps for DDPM, 50 for DDIM (at most T).
-        timesteps: custom descending timesteps instead (both kinds step to the next entry).
-        scheduler: "ddpm", "ddim", or a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` (its config
-            is used; its own state is not touched).
-        scheduler_config: a ``SchedulerConfig``, a diffusers scheduler config dict or a ``Schedule``;
-            default: diffusers' defaults (linear betas, T = 1000, epsilon, fixed_small, clip_sample).
+        num_inference_steps: timesteps; default all T for DDPM and "pc", 50 for DDIM, Euler and
+            Euler ancestral, 20 for DPM-Solver++ and UniPC, 25 for Heun (2 model calls each).
+        timesteps: custom descending timesteps instead (where the solver takes them).
+        scheduler: "ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_ancestral", "heun",
+            "pc", or the diffusers scheduler object of one of them (its config is used; its own
+            state is not touched). Each is a solver of ``ddpm_fast.solvers`` that plans the run.
+        scheduler_config: a ``SchedulerConfig``, a diffusers scheduler config dict (with the
+            solver's options under diffusers' names) or a ``Schedule``; default: diffusers'
+            defaults (linear betas, T = 1000, epsilon). From a ``SchedulerConfig`` the few-step
+            solvers take the schedule and the prediction / variance type only.
         eta, use_clipped_model_output: DDIM's options.
         guidance_scale: classifier-free guidance s (s = 1 or None: no unconditional pass). Needs
             ``class_labels`` and a null label (``model.null_class_label`` or ``null_class_label``);
