@@ -641,8 +641,8 @@ def _capture(fn: Callable[[], None], generators: list[torch.Generator], pool: An
 
 
 class _CudaGraphStep:
-    """Model + step captured once for one chunk size. Replays read the packed (t, prev_t, seed)
-    row and the labels from static buffers and update the static sample in place.
+    """Model + step captured once for one chunk size. Replays read the model's t row, the step row
+    and the labels from static buffers and update the static sample in place.
 
     Torch noise from one generator (or torch's default one) is drawn inside the graph: the
     generator is registered with it, and every replay draws from it and advances it. With one

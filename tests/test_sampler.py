@@ -685,7 +685,7 @@ def fake_graphs(monkeypatch) -> list:
 @pytest.mark.parametrize("noise", ["kernel", "torch"])
 def test_graph_replay_bookkeeping(monkeypatch, noise):
     """The captured-loop logic on the CPU, with the graph replaced by a function replay: static
-    buffers, packed (t, prev_t, seed) rows, labels per chunk, a graph per chunk size, and the
+    buffers, t rows and (prev_t, step, seed) rows, labels per chunk, a graph per chunk size, and the
     uncaptured last DDPM step with torch noise (no draw at t = 0) give the eager loop's images."""
     made = fake_graphs(monkeypatch)
     kw = dict(shape=(2, 3, 3), batch_size=5, chunk_size=2, class_labels=[0, 1, 2, 1, 0], guidance_scale=2.0)
