@@ -18,6 +18,7 @@ wall seconds; the machine, torch version, git commit and the training settings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -47,9 +48,23 @@ SAMPLERS = [
     ("euler", 20),
     ("euler_ancestral", 20),
     ("heun", 20),
+    # fairness rows: DDIM without its x0 clip (the solvers do not clip), and the SDE solver
+    ("ddim", 50, {"clip_sample": False}),
+    ("dpmsolver++", 20, {"algorithm_type": "sde-dpmsolver++"}),
 ]
 REFERENCE = ("ddim", 50)
 COMPARED = [("dpmsolver++", 10), ("dpmsolver++", 20), ("unipc", 10), ("unipc", 20)]
+
+
+def with_options(config, name: str, options: dict):
+    """The checkpoint's config with a row's options: DDPM/DDIM fields replaced, or for a solver a
+    diffusers-style dict of the schedule, the prediction type and the options."""
+    if not options:
+        return config
+    if name in ("ddpm", "ddim"):
+        return dataclasses.replace(config, **options)
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+    return {**{k: v for k, v in config.to_dict().items() if k in keep}, **options}
 
 
 def cpu_model() -> str:
@@ -144,7 +159,9 @@ def main() -> None:
     rows = []
     calls, handle = count_calls(model)
     try:
-        for name, steps in SAMPLERS:
+        for name, steps, *extra in SAMPLERS:
+            options = extra[0] if extra else {}
+            config = with_options(scheduler_config, name, options)
             calls[0] = 0
             start = time.perf_counter()
             images = sample(
@@ -152,7 +169,7 @@ def main() -> None:
                 batch_size=n,
                 num_inference_steps=steps,
                 scheduler=name,
-                scheduler_config=scheduler_config,
+                scheduler_config=config,
                 class_labels=labels,
                 generator=torch.Generator().manual_seed(seed),
                 output_type="tensor",
@@ -162,6 +179,7 @@ def main() -> None:
             row = {
                 "name": name,
                 "steps": steps,
+                "options": options,
                 "model_calls": calls[0],
                 "fid": classifier_fid(classifier, images, test_x),
                 "class_accuracy": class_accuracy(classifier, images, labels) if labels is not None else None,
@@ -172,7 +190,7 @@ def main() -> None:
     finally:
         handle.remove()
 
-    by_key = {(r["name"], r["steps"]): r for r in rows}
+    by_key = {(r["name"], r["steps"]): r for r in rows if not r["options"]}  # the fairness rows stay apart
     ref = by_key[REFERENCE]["fid"]
     comparison = {
         f"{name}-{steps}": {"fid": by_key[(name, steps)]["fid"], "at_most_ddim50": by_key[(name, steps)]["fid"] <= ref}
