@@ -116,11 +116,19 @@ def _per_sample_max(err: torch.Tensor) -> torch.Tensor:
 
 
 def assert_close_to_reference(
-    fast: torch.Tensor, ref_same_dtype: torch.Tensor, ref64: torch.Tensor, factor: float = 2.0
+    fast: torch.Tensor,
+    ref_same_dtype: torch.Tensor,
+    ref64: torch.Tensor,
+    factor: float = 2.0,
+    reduction: bool = False,
 ) -> None:
     """fast and ref_same_dtype are the fast op and the reference in dtype D; ref64 the reference
     computed from the same inputs upcast to float64. Per sample (dim 0), the fast op's max error
-    against ref64 may be at most ``factor`` times the reference's own, plus tolerance_floor."""
+    against ref64 may be at most ``factor`` times the reference's own, plus tolerance_floor.
+    ``reduction``: the values are long sums (a parameter's gradient over a batch and its positions),
+    whose floor is 10x an elementwise one (DESIGN.md: ~1e-4 vs ~1e-5): the fp32 reference's own
+    error there depends on how ATen's kernels for this CPU order the sums, so 2x it alone is not a
+    bound that holds on every CPU."""
     assert fast.shape == ref_same_dtype.shape == ref64.shape, (fast.shape, ref_same_dtype.shape, ref64.shape)
     assert fast.dtype == ref_same_dtype.dtype, (fast.dtype, ref_same_dtype.dtype)
     f, r, e = (x.detach().to("cpu", torch.float64) for x in (fast, ref_same_dtype, ref64))
@@ -131,7 +139,7 @@ def assert_close_to_reference(
     f, r, e = (torch.where(finite, x, torch.zeros_like(x)) for x in (f, r, e))
     fast_err = _per_sample_max((f - e).abs())
     ref_err = _per_sample_max((r - e).abs())
-    floor = tolerance_floor(fast.dtype, e.abs().max().item())
+    floor = tolerance_floor(fast.dtype, e.abs().max().item()) * (10 if reduction else 1)
     allowed = factor * ref_err + floor
     worst = (fast_err - allowed).argmax()
     assert (fast_err <= allowed).all(), (
