@@ -360,10 +360,35 @@ def _attention_launches() -> list[Launch]:
     return launches
 
 
+def _vlb_terms_launches() -> list[Launch]:
+    from .kernels import triton_vlb_terms as mod
+
+    launches: list[Launch] = []
+    table = torch.ones(1000, mod.TABLE_COLS)
+    shape = (256, 3, 32 * 32)  # the CIFAR training batch
+    for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        x = _view_3d(shape, dtype, channels_last)
+        out = _view_3d((shape[0], 2 * shape[1], shape[2]), dtype, channels_last)
+        t = torch.zeros(shape[0], dtype=torch.int64)
+        tag = f"{str(dtype)[6:]}-{'x'.join(map(str, shape))}{'-cl' if channels_last else ''}"
+        with _recording(mod, "vlb_terms_fwd_kernel", f"vlb_terms_fwd[{tag}]", launches):
+            mod.vlb_terms_fwd_triton(out, x, x, t, table, mod.LEARNED_RANGE, False)
+        with _recording(mod, "vlb_terms_bwd_kernel", f"vlb_terms_bwd[{tag}]", launches):
+            mod.vlb_terms_bwd_triton(
+                torch.ones(shape[0]), out, x, x, t, table, mod.LEARNED_RANGE, False, False, torch.empty_like(out)
+            )
+    return launches
+
+
 def recorded_launches() -> list[Launch]:
     """Every Triton launch the package makes at its representative shapes and dtypes."""
     return (
-        _noising_launches() + _posterior_launches() + _solver_launches() + _groupnorm_launches() + _attention_launches()
+        _noising_launches()
+        + _posterior_launches()
+        + _solver_launches()
+        + _groupnorm_launches()
+        + _attention_launches()
+        + _vlb_terms_launches()
     )
 
 

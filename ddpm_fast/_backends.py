@@ -197,6 +197,7 @@ OP_BACKENDS = {
     "posterior_step": ("reference", "cpp", "cuda", "triton"),
     "solver_step": ("reference", "cpp", "cuda", "triton"),
     "group_norm_silu": ("reference", "cpp", "triton"),
+    "vlb_terms": ("reference", "cpp", "triton"),
     "attention": ("triton", "sdpa", "reference"),
 }
 
@@ -246,7 +247,7 @@ def choose(
     if requested is not None and requested not in valid:
         if op == "attention" and requested in ("cpp", "cuda"):
             hint = " (attention has no C++ kernel; SDPA is torch's own)"
-        elif op == "group_norm_silu" and requested == "cuda":
+        elif op in ("group_norm_silu", "vlb_terms") and requested == "cuda":
             hint = " (no CUDA C++ kernel: use backend='triton', or 'reference', on CUDA)"
         else:
             hint = ""
@@ -260,7 +261,7 @@ def choose(
         return name
     if name == "triton" and dtype == torch.float64:
         return "cuda" if device.type == "cuda" and "cuda" in valid and _cuda_cpp_available() else "reference"
-    if op == "group_norm_silu" and name == "cuda":
+    if op in ("group_norm_silu", "vlb_terms") and name == "cuda":
         return "reference"  # Triton missing on CUDA: no CUDA C++ kernel to fall back to
     small = launch_bound and numel < ELEMENTWISE_CUDA_CPP_BELOW
     if name == "triton" and device.type == "cuda" and small and "cuda" in valid:

@@ -6,6 +6,7 @@ from .groupnorm_silu import group_norm_silu
 from .noising import q_sample
 from .posterior import posterior_step
 from .solver_step import solver_step
+from .vlb_terms import vlb_terms
 
 __all__ = [
     "attention",
@@ -15,4 +16,5 @@ __all__ = [
     "posterior_step",
     "q_sample",
     "solver_step",
+    "vlb_terms",
 ]
