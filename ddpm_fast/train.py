@@ -34,14 +34,17 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import reference
+from . import reference, vlb
 from .ema import EMA
-from .ops import no_value_checks, q_sample
+from .ops import no_value_checks, q_sample, vlb_terms
 from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, Schedule, SchedulerConfig, normalize_choice
 from .solvers.registry import SCHEDULER_NAMES
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 NOISE_SOURCES = ("kernel", "torch")
+TRAIN_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+LOSSES = ("simple", "hybrid", "kl")
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -68,7 +71,21 @@ class TrainConfig:
     beta_end: float = _opt(0.02, "last beta (linear, scaled_linear, sigmoid)")
     prediction_type: str = _opt("epsilon", "what the model predicts: epsilon, sample (x0) or v_prediction")
     variance_type: str = _opt(
-        "fixed_small", "sampling variance: fixed_small or fixed_large (learned variances need the hybrid loss)"
+        "fixed_small",
+        "variance of p(x_{t-1} | x_t): fixed_small, fixed_large, or learned by the model (2x output channels; "
+        "--loss hybrid or kl): learned_range (improved-diffusion's interpolation, recommended) or learned "
+        "(diffusers' meaning: the variance itself, trainable only where the output is > 0)",
+    )
+    loss: str = _opt(
+        "simple",
+        "simple (MSE on the prediction, Ho et al.), hybrid (simple + vlb_weight x L_vlb with the gradient into "
+        "the variance only, Nichol & Dhariwal) or kl (the variational bound alone, x T)",
+    )
+    vlb_weight: float = _opt(0.001, "lambda of the hybrid loss: L_simple + lambda T E_t[L_t] (bits/dim)")
+    timestep_sampler: str = _opt(
+        "uniform",
+        "timesteps: uniform, or loss-second-moment (importance sampling by the RMS of each t's last 10 losses, "
+        "uniform until every t has 10; weights 1 / (T p_t); Nichol & Dhariwal)",
     )
     min_snr_gamma: float | None = _opt(None, "min-SNR-gamma loss weighting (e.g. 5); off by default")
     # optimisation
@@ -107,14 +124,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.prediction_type = normalize_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         self.beta_schedule = normalize_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        if self.variance_type in ("learned", "learned_range"):
+        if self.variance_type not in TRAIN_VARIANCE_TYPES:
+            raise ValueError(f"unknown variance_type {self.variance_type!r}; valid: {', '.join(TRAIN_VARIANCE_TYPES)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
+        if self.timestep_sampler not in TIMESTEP_SAMPLERS:
             raise ValueError(
-                f"variance_type={self.variance_type!r}: training a learned variance needs the hybrid loss "
-                "(L_simple + 0.001 L_vlb, Nichol & Dhariwal 2021), which this trainer does not implement; "
-                "use fixed_small or fixed_large"
+                f"unknown timestep_sampler {self.timestep_sampler!r}; valid: {', '.join(TIMESTEP_SAMPLERS)}"
             )
-        if self.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
-            raise ValueError(f"unknown variance_type {self.variance_type!r}; valid: fixed_small, fixed_large")
+        learned = self.variance_type in ("learned", "learned_range")
+        if learned and self.loss == "simple":
+            raise ValueError(
+                f"variance_type={self.variance_type!r}: L_simple does not train a variance; use the hybrid loss "
+                "(--loss hybrid: L_simple + 0.001 L_vlb, Nichol & Dhariwal 2021) or --loss kl"
+            )
+        if self.loss == "hybrid" and not learned:
+            raise ValueError(
+                f"--loss hybrid trains a learned variance with L_vlb, but variance_type={self.variance_type!r} is "
+                "fixed: use --variance-type learned_range (or learned), or --loss simple"
+            )
+        if not (self.vlb_weight >= 0 and math.isfinite(self.vlb_weight)):
+            raise ValueError(f"vlb_weight must be a number >= 0, got {self.vlb_weight}")
         for name in ("steps", "batch_size", "grad_accum", "image_size", "num_train_timesteps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -191,6 +221,10 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+# Options added after checkpoints were first written, with the behaviour those runs had (resume fills them in).
+ADDED_OPTION_DEFAULTS = {"loss": "simple", "vlb_weight": 0.001, "timestep_sampler": "uniform"}
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
@@ -255,7 +289,8 @@ def _lr_at(config: TrainConfig, step: int) -> float:
 
 
 def build_model(config: TrainConfig, in_channels: int, num_classes: int | None) -> nn.Module:
-    """The U-Net preset for this data (1 or 3 channels, image_size, classes when conditional)."""
+    """The U-Net preset for this data (1 or 3 channels, image_size, classes when conditional; twice the
+    output channels for a learned variance)."""
     from .unet import UNet
 
     return UNet.from_preset(
@@ -264,7 +299,87 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int | None) 
         out_channels=in_channels,
         sample_size=config.image_size,
         num_classes=num_classes if config.class_conditional else None,
+        learned_variance=config.variance_type in ("learned", "learned_range"),
     )
+
+
+class LossSecondMomentResampler:
+    """Loss-aware importance sampling of timesteps (improved-diffusion's ``LossSecondMomentResampler``,
+    Nichol & Dhariwal 2021 sec. 3.3): keep each t's last ``history`` losses; once every t has that
+    many, draw t with p_t proportional to sqrt(E[L_t^2]) (mixed with ``uniform_prob`` of the uniform
+    law) and weight its loss by 1 / (T p_t), so the expected loss is unchanged. Until then t is uniform
+    (drawn exactly as the uniform sampler draws it) with weights 1.
+
+    The history lives on the host in float64 (``update`` reads the losses: one device sync per
+    micro-batch); under DDP every rank all-gathers (t, loss) of every rank and applies them in rank
+    order, so all ranks hold the same history. ``state_dict`` goes into the checkpoint."""
+
+    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
+        if history < 2:
+            raise ValueError(
+                f"loss-second-moment sampling needs a history of at least 2 losses per timestep, got {history}"
+            )
+        self.num_timesteps, self.history, self.uniform_prob = num_timesteps, history, uniform_prob
+        self.losses = torch.zeros(num_timesteps, history, dtype=torch.float64)
+        self.counts = torch.zeros(num_timesteps, dtype=torch.int64)
+
+    def warmed_up(self) -> bool:
+        return bool((self.counts == self.history).all())
+
+    def probabilities(self) -> torch.Tensor:
+        """(T,) float64 p_t of the importance law. Raises before every t has a full history."""
+        if not self.warmed_up():
+            missing = int((self.counts < self.history).sum())
+            raise ValueError(
+                f"loss-second-moment sampling has too little history: {missing} of {self.num_timesteps} timesteps "
+                f"have fewer than {self.history} losses (it samples uniformly until then)"
+            )
+        w = self.losses.pow(2).mean(1).sqrt()
+        w = w / w.sum() * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        return w / w.sum()
+
+    def sample(
+        self, n: int, generator: torch.Generator, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(t, weights): t (n,) int64 on ``device``; weights (n,) float32, or None while uniform."""
+        if not self.warmed_up():
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device), None
+        p = self.probabilities()
+        t = torch.multinomial(p.to(device), n, replacement=True, generator=generator)
+        return t, (1.0 / (self.num_timesteps * p.to(device)[t])).float()
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Append each (t, loss) in order, the oldest dropped once a t has ``history`` of them."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t, losses = _all_gather_cat(t), _all_gather_cat(losses.detach().float())
+        for ti, loss in zip(t.tolist(), losses.detach().double().cpu().tolist(), strict=True):
+            k = int(self.counts[ti])
+            if k == self.history:
+                self.losses[ti, :-1] = self.losses[ti, 1:].clone()
+                self.losses[ti, -1] = loss
+            else:
+                self.losses[ti, k] = loss
+                self.counts[ti] = k + 1
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        losses, counts = state["losses"], state["counts"]
+        if tuple(losses.shape) != (self.num_timesteps, self.history) or tuple(counts.shape) != (self.num_timesteps,):
+            raise ValueError(
+                f"the timestep sampler's saved history has shape {tuple(losses.shape)}, expected "
+                f"({self.num_timesteps}, {self.history})"
+            )
+        self.losses = losses.to(torch.float64).clone()
+        self.counts = counts.to(torch.int64).clone()
+
+
+def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x (same shape on each), concatenated in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 class _Distributed:
@@ -350,11 +465,18 @@ class Trainer:
             self.device
         )
         out_channels = getattr(getattr(self.model, "config", None), "model_out_channels", None)
-        if out_channels is not None and out_channels != self.in_channels:
+        self.learned_variance = config.variance_type in ("learned", "learned_range")
+        want = 2 * self.in_channels if self.learned_variance else self.in_channels
+        if out_channels is not None and out_channels != want:
             raise ValueError(
-                f"the model predicts {out_channels} channels for {self.in_channels}-channel images: learned "
-                "variances need the hybrid loss, which this trainer does not implement"
+                f"the model predicts {out_channels} channels for {self.in_channels}-channel images; "
+                f"variance_type={config.variance_type!r} needs {want}"
             )
+        self.resampler = (
+            LossSecondMomentResampler(config.num_train_timesteps)
+            if config.timestep_sampler == "loss-second-moment"
+            else None
+        )
         self.ema = EMA(self.model, config.ema_decay)
         # The fused AdamW kernel (one pass per tensor) on CUDA and on the CPU: on the CPU the foreach
         # path costs 12 ms a step for the tiny preset's 166 tensors, the fused one 3.2 ms.
@@ -415,6 +537,7 @@ class Trainer:
             "rng": rng,
             "data": self.loader.state_dict(),
             "world_size": self.dist.world_size,
+            **({"timestep_sampler": self.resampler.state_dict()} if self.resampler is not None else {}),
         }
 
     def save(self) -> Path | None:
@@ -440,7 +563,9 @@ class Trainer:
         """Load weights, EMA, optimizer, scaler, RNG and data position from a checkpoint: a step
         directory, or a run (checkpoints) directory's newest intact one (``ckpt.load_for_resume``)."""
         loaded = ckpt.load_for_resume(path)
-        diffs = _config_differences(loaded.train_config, self.config.to_dict())
+        # checkpoints from before these options existed trained with their defaults
+        saved_config = {**ADDED_OPTION_DEFAULTS, **loaded.train_config}
+        diffs = _config_differences(saved_config, self.config.to_dict())
         if loaded.model_config != self.model_config_dict():
             diffs.append("the U-Net config differs")
         if loaded.scheduler_config != self.scheduler_config.to_dict():
@@ -460,6 +585,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
+        if self.resampler is not None:
+            if "timestep_sampler" not in state:
+                raise ValueError(
+                    f"checkpoint {loaded.path} holds no timestep-sampler history: it cannot resume "
+                    "--timestep-sampler loss-second-moment exactly"
+                )
+            self.resampler.load_state_dict(state["timestep_sampler"])
         # torch's global RNG (used only by dropout inside the model) is rank 0's; the other ranks
         # keep their own stream, so a DDP resume is exact except for dropout masks on ranks > 0.
         if self.dist.is_main:
@@ -476,7 +608,10 @@ class Trainer:
         g = self.generator
         g.manual_seed(_step_seed(config.seed, self.step, self.dist.rank, micro))
         n = x0.shape[0]
-        t = torch.randint(0, config.num_train_timesteps, (n,), generator=g, device=self.device)
+        if self.resampler is None:
+            t, weights = torch.randint(0, config.num_train_timesteps, (n,), generator=g, device=self.device), None
+        else:
+            t, weights = self.resampler.sample(n, g, self.device)
         if labels is not None and config.cfg_dropout > 0:
             drop = torch.rand(n, generator=g, device=self.device) < config.cfg_dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
@@ -495,7 +630,50 @@ class Trainer:
             kwargs = {"class_labels": labels} if labels is not None else {}
             pred = self.forward_model(x_t, t, **kwargs)
         pred = getattr(pred, "sample", pred)
-        return reference.diffusion_loss(pred, target, t, self.schedule, config.prediction_type, config.min_snr_gamma)
+        if config.loss == "simple" and self.resampler is None:
+            return reference.diffusion_loss(
+                pred, target, t, self.schedule, config.prediction_type, config.min_snr_gamma
+            )
+        per_sample = self._per_sample_loss(pred, x0, x_t, target, t)
+        if self.resampler is not None:
+            self.resampler.update(t, per_sample.detach())
+        return (per_sample if weights is None else per_sample * weights).mean()
+
+    def _per_sample_loss(
+        self, pred: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """(N,) float32: L_simple (min-SNR weighted when asked), + lambda T L_t (hybrid: the bound's term in
+        bits/dim with the gradient into the variance channels only), or T L_t alone (kl)."""
+        config = self.config
+        c = x0.shape[1]
+        mse = None
+        if config.loss != "kl":
+            mean_pred = pred[:, :c] if self.learned_variance else pred
+            mse = (mean_pred.float() - target.float()).pow(2).flatten(1).mean(1)
+            if config.min_snr_gamma is not None:
+                snr = self.schedule.snr.to(mse.device)[t].float()
+                mse = mse * reference.min_snr_weight(snr, config.min_snr_gamma, config.prediction_type)
+            if config.loss == "simple":
+                return mse
+        terms = vlb_terms(
+            pred,
+            x0,
+            x_t,
+            t,
+            self.schedule,
+            prediction_type=config.prediction_type,
+            variance_type=config.variance_type,
+            mean_grad=config.loss == "kl",
+        )
+        scale = float(config.num_train_timesteps) * (config.vlb_weight if config.loss == "hybrid" else 1.0)
+        bound = terms.float() * scale
+        return bound if mse is None else mse + bound
+
+    def _check_data_range(self, x0: torch.Tensor) -> None:
+        """The bound's decoder models 8-bit data in [-1, 1]: the batch is checked on the host before it
+        moves (the op's own check would sync the device every step)."""
+        if x0.device.type == "cpu":
+            vlb.check_8bit_range(x0, "the training data")
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         """The batch's labels, checked on the host before they move (a check on the device would
@@ -516,6 +694,8 @@ class Trainer:
         for micro in range(config.grad_accum):
             x0, labels = next(batches)
             x0 = x0.to(self.device, non_blocking=True)
+            if config.loss != "simple":
+                self._check_data_range(x0)
             if config.class_conditional:
                 self._check_labels(labels)
                 labels = labels.to(self.device, non_blocking=True)
