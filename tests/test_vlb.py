@@ -236,3 +236,52 @@ def test_vlb_terms_refuse_bad_inputs():
         vlb.vlb_terms(schedule, out, x0, x0, torch.tensor([3, 5]), variance_type="fixed_small")
     with pytest.raises(ValueError, match="unknown variance_type"):
         vlb.vlb_terms(schedule, out, x0, x0, torch.tensor([3, 5]), variance_type="learnt")
+
+
+class _ToyModel(torch.nn.Module):
+    """eps = 0.1 x_t + 0.01 t, variance values tanh(x_t) (learned_range): a fixed function of (x_t, t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, x, t):
+        eps = self.w * x + 0.01 * t.reshape(-1, 1, 1, 1)
+        return torch.cat([eps, torch.tanh(x)], 1)
+
+
+def test_bpd_terms_full_and_strided():
+    from ddpm_fast.likelihood import bits_per_dim, bpd_column_names, bpd_terms, bpd_timesteps
+
+    schedule = Schedule.from_config(num_train_timesteps=20)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, 256, (3, 2, 4, 4), generator=g) / 127.5 - 1
+    model = _ToyModel()
+    kw = dict(prediction_type="epsilon", variance_type="learned_range")
+    full = bpd_terms(model, x0, schedule, generator=torch.Generator().manual_seed(0), **kw)
+    assert full.shape == (3, 21) and full.dtype == torch.float64
+    assert bpd_column_names(20)[:2] == ["prior", "L_1"] and bpd_column_names(20)[-1] == "decoder"
+    # the same draws, term by term through the float64 reference
+    draws = torch.Generator().manual_seed(0)
+    want = [vlb.prior_bpd(schedule, x0)]
+    for t_value in [*range(1, 20), 0]:
+        noise = torch.randn(x0.shape, generator=draws)
+        t = torch.full((3,), t_value)
+        ab = schedule.alphas_cumprod[t_value]
+        x_t = (ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()).float()
+        out = model(x_t, t).detach()
+        want.append(vlb.vlb_terms(schedule, out.double(), x0.double(), x_t.double(), t, clip_denoised=True))
+    want = torch.stack(want, 1)  # prior, L_1..L_19, decoder
+    torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-7)
+    # stride 4: t = 1, 5, 9, 13, 17 with weights 4, 4, 4, 4, 3 (they cover t = 1..19)
+    ts, weights = bpd_timesteps(20, 4)
+    assert ts.tolist() == [1, 5, 9, 13, 17] and weights.tolist() == [4, 4, 4, 4, 3]
+    strided = bpd_terms(model, x0, schedule, t_stride=4, generator=torch.Generator().manual_seed(0), **kw)
+    assert strided.shape == (3, 7)
+    torch.testing.assert_close(strided[:, 1], 4 * full[:, 1], rtol=1e-6, atol=0)  # same first draw (t = 1)
+    result = bits_per_dim(model, x0, schedule, batch_size=2, t_stride=4, **kw)
+    assert result["num_images"] == 3 and result["timesteps_evaluated"] == 5
+    assert result["bpd"] == pytest.approx(result["prior"] + result["kl"] + result["decoder"])
+    assert list(result["terms"]) == ["L_1", "L_5", "L_9", "L_13", "L_17"]
+    with pytest.raises(ValueError, match="8-bit data"):
+        bpd_terms(model, x0 * 2, schedule, **kw)
