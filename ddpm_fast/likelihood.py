@@ -115,7 +115,13 @@ def bpd_terms(
 
 
 def _batches(data: Any, batch_size: int) -> Iterable:
-    """Batches of (images, labels or None) from a DataLoader-like iterable or an indexable dataset."""
+    """Batches of (images, labels or None) from a DataLoader-like iterable, an indexable dataset, an
+    images tensor or an (images, labels) pair of tensors."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, torch.Tensor) for d in data):
+        images, labels = data
+        for i in range(0, images.shape[0], batch_size):
+            yield images[i : i + batch_size], labels[i : i + batch_size]
+        return
     if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, torch.Tensor):
         from torch.utils.data import DataLoader
 
@@ -147,9 +153,10 @@ def bits_per_dim(
 ) -> dict[str, Any]:
     """Bits per dimension of a dataset under the model, with the per-term breakdown.
 
-    ``data``: a Dataset (indexable, items ``(image, label)`` or images), a DataLoader or any iterable
-    of batches, or an (N, C, H, W) tensor; images 8-bit data scaled to [-1, 1]. Labels are passed to
-    the model only with ``class_conditional``. Draws come from one generator seeded ``seed``.
+    ``data``: a Dataset (indexable, items ``(image, label)`` or images), a DataLoader or any
+    iterable of batches, an (N, C, H, W) tensor or an (images, labels) pair of tensors; images are
+    8-bit data scaled to [-1, 1]. Labels are passed to the model only with ``class_conditional``.
+    Draws come from one generator seeded ``seed``.
 
     Returns a dict: ``bpd`` (the mean over images of the bound's estimate), ``prior``, ``decoder``,
     ``kl`` (the sum of the weighted KL terms), ``terms`` ({"L_<t>": mean weighted term}), ``num_images``,
