@@ -18,6 +18,14 @@ DDPM_BODY void guide(int64_t len, float* out, const float* cond, float s) {
   for (int64_t i = 0; i < len; ++i) out[i] = out[i] + s * (cond[i] - out[i]);
 }
 
+// DDIM with a guidance gradient g: out <- out + guide_coef g (step_math.h: guided_output)
+DDPM_BODY void shift_output(const StepChunkParams& p, int64_t len, float* __restrict__ out,
+                            const float* __restrict__ g) {
+  if (!g || p.kind != kDDIM) return;
+  const float c = p.k.guide_coef;
+  for (int64_t i = 0; i < len; ++i) out[i] = out[i] + c * g[i];
+}
+
 DDPM_BODY void predict_x0_loop(const StepChunkParams& p, int64_t len, const float* out, const float* x, float* x0) {
   const float sa = p.k.sqrt_a_t, s1a = p.k.sqrt_1m_a_t;
   if (p.pred == kPredEps) {
@@ -33,17 +41,19 @@ DDPM_BODY void predict_x0_loop(const StepChunkParams& p, int64_t len, const floa
 
 DDPM_BODY void abs_x0_chunk_f32_body(const StepChunkParams& p, int64_t len, float* __restrict__ out,
                                      const float* __restrict__ cond, const float* __restrict__ x,
-                                     float* __restrict__ abs_x0) {
+                                     const float* __restrict__ g, float* __restrict__ abs_x0) {
   if (p.guided) guide(len, out, cond, p.guidance_scale);
+  shift_output(p, len, out, g);
   predict_x0_loop(p, len, out, x, abs_x0);
   for (int64_t i = 0; i < len; ++i) abs_x0[i] = std::fabs(abs_x0[i]);
 }
 
 DDPM_BODY void step_chunk_f32_body(const StepChunkParams& p, int64_t len, float* __restrict__ out,
                                    const float* __restrict__ cond, const float* __restrict__ var,
-                                   const float* __restrict__ x, const float* __restrict__ z, float* __restrict__ prev,
-                                   float* __restrict__ x0) {
+                                   const float* __restrict__ x, const float* __restrict__ z,
+                                   const float* __restrict__ g, float* __restrict__ prev, float* __restrict__ x0) {
   if (p.guided) guide(len, out, cond, p.guidance_scale);
+  shift_output(p, len, out, g);
   predict_x0_loop(p, len, out, x, x0);
   if (p.clip == kClip) {
     const float r = p.clip_range;
@@ -55,6 +65,23 @@ DDPM_BODY void step_chunk_f32_body(const StepChunkParams& p, int64_t len, float*
   const StepCoefs<float>& k = p.k;
   if (p.kind == kDDPM) {
     for (int64_t i = 0; i < len; ++i) prev[i] = k.coef_x0 * x0[i] + k.coef_xt * x[i];
+    if (g) {  // condition_mean: + sigma_t^2 g, sigma_t as the noise below takes it
+      if (p.var == kLearned) {
+        for (int64_t i = 0; i < len; ++i) {
+          const float sd = std::sqrt(var[i]);
+          prev[i] = prev[i] + sd * sd * g[i];
+        }
+      } else if (p.var == kLearnedRange) {
+        for (int64_t i = 0; i < len; ++i) {
+          const float frac = (var[i] + 1.0f) / 2.0f;
+          const float sd = std::exp(0.5f * (frac * k.log_beta + (1.0f - frac) * k.log_beta_tilde));
+          prev[i] = prev[i] + sd * sd * g[i];
+        }
+      } else {
+        const float v = k.std * k.std;
+        for (int64_t i = 0; i < len; ++i) prev[i] = prev[i] + v * g[i];
+      }
+    }
     if (!k.noisy || !z) return;
     if (p.var == kLearned) {
       for (int64_t i = 0; i < len; ++i) prev[i] = prev[i] + std::sqrt(var[i]) * z[i];
@@ -159,13 +186,13 @@ DDPM_BODY void q_sample_chunk_f32_body(float sa, float s1a, int target_kind, int
 // The entry points of cpu_chunks.h: each body above, built per ISA.
 DDPM_ISA_VARIANTS(abs_x0_chunk_f32,
                   (const StepChunkParams& p, int64_t len, float* __restrict__ out, const float* __restrict__ cond,
-                   const float* __restrict__ x, float* __restrict__ abs_x0),
-                  (p, len, out, cond, x, abs_x0))
+                   const float* __restrict__ x, const float* __restrict__ g, float* __restrict__ abs_x0),
+                  (p, len, out, cond, x, g, abs_x0))
 DDPM_ISA_VARIANTS(step_chunk_f32,
                   (const StepChunkParams& p, int64_t len, float* __restrict__ out, const float* __restrict__ cond,
                    const float* __restrict__ var, const float* __restrict__ x, const float* __restrict__ z,
-                   float* __restrict__ prev, float* __restrict__ x0),
-                  (p, len, out, cond, var, x, z, prev, x0))
+                   const float* __restrict__ g, float* __restrict__ prev, float* __restrict__ x0),
+                  (p, len, out, cond, var, x, z, g, prev, x0))
 DDPM_ISA_VARIANTS(step_chunk_eps_f32,
                   (const StepChunkParams& p, int64_t len, const float* out, const float* cond, const float* x,
                    const float* z, float* prev, float* x0),

@@ -69,9 +69,10 @@ struct StepChunkParams {
 };
 
 // out: model output (uncond half when guided), cond: cond half (guided only), var: variance
-// channel, x: x_t, z: noise (noisy steps only). Writes prev and x0.
+// channel, x: x_t, z: noise (noisy steps only), g: the guidance gradient or null (step_math.h:
+// guided_output, step_element). Writes prev and x0.
 void step_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const float* cond, const float* var,
-                    const float* x, const float* z, float* prev, float* x0);
+                    const float* x, const float* z, const float* g, float* prev, float* x0);
 
 // The common configurations, which step_chunk_eps_f32 runs in one loop: eps prediction, fixed
 // variance, any clipping (none, a range, or dynamic thresholding's phase 2 with its scale), no
@@ -86,9 +87,9 @@ inline bool eps_fast_ok(const StepChunkParams& p) {
 void step_chunk_eps_f32(const StepChunkParams& p, int64_t len, const float* out, const float* cond,
                         const float* x, const float* z, float* prev, float* x0);
 
-// |x0| only (phase 1 of dynamic thresholding).
+// |x0| only (phase 1 of dynamic thresholding); g: the guidance gradient or null.
 void abs_x0_chunk_f32(const StepChunkParams& p, int64_t len, float* out, const float* cond, const float* x,
-                      float* abs_x0);
+                      const float* g, float* abs_x0);
 
 // x_t = sa x0 + s1a z, and the training target.
 void q_sample_chunk_f32(float sa, float s1a, int target_kind, int64_t len, const float* x0, const float* z,

@@ -32,12 +32,12 @@ void posterior_step_cuda(const at::Tensor& model_output, const at::Tensor& sampl
                          const std::optional<at::Tensor>& pred_x0, const std::optional<at::Tensor>& abs_x0,
                          double final_alpha_cumprod, double guidance_scale, double clip_range, double eta,
                          int64_t kind, int64_t pred, int64_t var, int64_t clip, bool guidance,
-                         bool use_clipped_model_output) {
+                         bool use_clipped_model_output, const std::optional<at::Tensor>& guide) {
   const c10::cuda::CUDAGuard guard(sample.device());
   const PosteriorArgs a = make_posterior_args(model_output, sample, t, prev_t, alphas_cumprod, noise, seed,
                                               thresh_scale, prev, pred_x0, abs_x0, final_alpha_cumprod,
                                               guidance_scale, clip_range, eta, kind, pred, var, clip, guidance,
-                                              use_clipped_model_output);
+                                              use_clipped_model_output, guide);
   DDPM_CHECK(noise.has_value() || seed.has_value() || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
              "ddpm_fast: this step adds noise: pass noise or a seed");
   check_launch(launch_posterior_cuda(a, dtype_code(model_output.scalar_type()), dtype_code(sample.scalar_type()),
@@ -51,11 +51,13 @@ void solver_step_cuda(const at::Tensor& model_output, const at::Tensor& x, const
                       const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
                       const std::optional<at::Tensor>& thresh_scale, const at::Tensor& x_next,
                       const std::optional<at::Tensor>& abs_d0, double guidance_scale, double clip_range,
-                      int64_t limit, bool guidance) {
+                      int64_t limit, bool guidance, const std::optional<at::Tensor>& guide,
+                      const std::optional<at::Tensor>& guide_coef) {
   const c10::cuda::CUDAGuard guard(x.device());
   const SolverStepArgs a =
       make_solver_step_args(model_output, x, history, step_t, step, to_d_x, to_d_out, mix, write_slot, noise, seed,
-                            thresh_scale, x_next, abs_d0, guidance_scale, clip_range, limit, guidance);
+                            thresh_scale, x_next, abs_d0, guidance_scale, clip_range, limit, guidance, guide,
+                            guide_coef);
   check_launch(launch_solver_step_cuda(a, dtype_code(model_output.scalar_type()), dtype_code(x.scalar_type()),
                                        at::cuda::getCurrentCUDAStream()),
                "solver_step");

@@ -47,6 +47,7 @@ enum ClipMode : int { kClipNone = 0, kClip = 1, kThreshold = 2 };
 struct PosteriorArgs {
   View3 model_output;  // (N or 2N, C or 2C, S); halves [uncond, cond] when guided
   View3 sample, noise, prev, pred_x0, abs_x0;
+  View3 guide;          // guidance gradient g (sample's dtype); ptr == nullptr: none (step_math.h)
   int64_t mo_half = 0;  // element offset of the conditional half (guidance)
   int64_t mo_var = 0;   // element offset of the variance channels (learned variance)
   const int64_t* t = nullptr;

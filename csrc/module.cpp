@@ -21,13 +21,15 @@ TORCH_LIBRARY(ddpm_fast_C, m) {
       "posterior_step(Tensor model_output, Tensor sample, Tensor t, Tensor prev_t, Tensor alphas_cumprod, "
       "Tensor? noise, Tensor? seed, Tensor? thresh_scale, Tensor(a!) prev, Tensor(b!)? pred_x0, "
       "Tensor(c!)? abs_x0, float final_alpha_cumprod, float guidance_scale, float clip_range, float eta, "
-      "int kind, int pred, int var, int clip, bool guidance, bool use_clipped_model_output) -> ()");
+      "int kind, int pred, int var, int clip, bool guidance, bool use_clipped_model_output, "
+      "Tensor? guide=None) -> ()");
   // One planned linear solver step (solver_step.h); history updated in place, step read from step_t
   // when given (a device index), else step.
   m.def(
       "solver_step(Tensor model_output, Tensor x, Tensor(a!) history, Tensor? step_t, int step, Tensor to_d_x, "
       "Tensor to_d_out, Tensor mix, Tensor write_slot, Tensor? noise, Tensor? seed, Tensor? thresh_scale, "
-      "Tensor(b!) x_next, Tensor(c!)? abs_d0, float guidance_scale, float clip_range, int limit, bool guidance) -> ()");
+      "Tensor(b!) x_next, Tensor(c!)? abs_d0, float guidance_scale, float clip_range, int limit, bool guidance, "
+      "Tensor? guide=None, Tensor? guide_coef=None) -> ()");
   // Values at ascending ranks r and r + 1 of each row of |x| (dynamic thresholding's quantile).
   m.def("abs_order_stats(Tensor x, int rank) -> (Tensor, Tensor)");
   m.def(

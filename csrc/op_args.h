@@ -62,7 +62,8 @@ inline PosteriorArgs make_posterior_args(
     const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
     const std::optional<at::Tensor>& thresh_scale, const at::Tensor& prev, const std::optional<at::Tensor>& pred_x0,
     const std::optional<at::Tensor>& abs_x0, double final_alpha_cumprod, double guidance_scale, double clip_range,
-    double eta, int64_t kind, int64_t pred, int64_t var, int64_t clip, bool guidance, bool use_clipped_model_output) {
+    double eta, int64_t kind, int64_t pred, int64_t var, int64_t clip, bool guidance, bool use_clipped_model_output,
+    const std::optional<at::Tensor>& guide) {
   DDPM_CHECK(is_float_type(sample.scalar_type()) && is_float_type(model_output.scalar_type()),
              "ddpm_fast: posterior_step needs floating-point model_output and sample");
   DDPM_CHECK(sample.dim() >= 2 && model_output.dim() >= 2, "ddpm_fast: posterior kernels take (N, C, ...) tensors");
@@ -82,6 +83,7 @@ inline PosteriorArgs make_posterior_args(
   a.alphas_cumprod = table_arg(sample, alphas_cumprod, "alphas_cumprod");
   a.T = alphas_cumprod.numel();
   if (noise.has_value()) check_like(sample, *noise, "noise");
+  if (guide.has_value()) check_like(sample, *guide, "guide");
   check_like(sample, prev, "prev");
   if (pred_x0.has_value()) check_like(sample, *pred_x0, "pred_x0");
   const at::ScalarType stats = sample.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -97,7 +99,7 @@ inline PosteriorArgs make_posterior_args(
   DDPM_CHECK(clip != kThreshold || abs_x0.has_value() || thresh_scale.has_value(),
              "ddpm_fast: thresholding needs the per-sample scale (phase 2) or the abs_x0 buffer (phase 1)");
   a.model_output = view3(model_output), a.sample = view3(sample), a.noise = view3(noise), a.prev = view3(prev),
-  a.pred_x0 = view3(pred_x0), a.abs_x0 = view3(abs_x0);
+  a.pred_x0 = view3(pred_x0), a.abs_x0 = view3(abs_x0), a.guide = view3(guide);
   a.mo_half = a.N * model_output.stride(0);
   a.mo_var = a.C * model_output.stride(1);
   a.t = t.data_ptr<int64_t>(), a.prev_t = prev_t.data_ptr<int64_t>();

@@ -16,6 +16,7 @@ void posterior_rows(const PosteriorArgs& a) {
   const M* mo = static_cast<const M*>(a.model_output.ptr);
   const X* sample = static_cast<const X*>(a.sample.ptr);
   const X* noise = static_cast<const X*>(a.noise.ptr);
+  const X* guide = static_cast<const X*>(a.guide.ptr);
   X* prev = static_cast<X*>(a.prev.ptr);
   X* pred_x0 = static_cast<X*>(a.pred_x0.ptr);
   F* abs_x0 = static_cast<F*>(a.abs_x0.ptr);
@@ -39,6 +40,8 @@ void posterior_rows(const PosteriorArgs& a) {
         F out = static_cast<F>(mo[m]);
         if (a.guidance) out = out + g * (static_cast<F>(mo[m + a.mo_half]) - out);
         const F x = static_cast<F>(sample[a.sample.at(n, c, s)]);
+        const F g = guide ? static_cast<F>(guide[a.guide.at(n, c, s)]) : F(0);
+        out = guided_output(a, k, out, g);
         if (abs_x0) {
           const F x0 = predict_x0<F>(out, x, k, a.pred);
           abs_x0[a.abs_x0.at(n, c, s)] = x0 < 0 ? -x0 : x0;
@@ -51,7 +54,7 @@ void posterior_rows(const PosteriorArgs& a) {
                     : static_cast<F>(static_cast<X>(drawn_chunk[s % kNoiseChunk]));
         }
         F x0;
-        const F p = step_element<F>(a, k, out, variance, x, z, ts, &x0);
+        const F p = step_element<F>(a, k, out, variance, x, z, ts, &x0, g);
         prev[a.prev.at(n, c, s)] = static_cast<X>(p);
         if (pred_x0) pred_x0[a.pred_x0.at(n, c, s)] = static_cast<X>(x0);
       }
@@ -65,6 +68,7 @@ void posterior_rows_f32(const PosteriorArgs& a) {
   const M* mo = static_cast<const M*>(a.model_output.ptr);
   const X* sample = static_cast<const X*>(a.sample.ptr);
   const X* noise = static_cast<const X*>(a.noise.ptr);
+  const X* guide = static_cast<const X*>(a.guide.ptr);
   X* prev = static_cast<X*>(a.prev.ptr);
   X* pred_x0 = static_cast<X*>(a.pred_x0.ptr);
   float* abs_x0 = static_cast<float*>(a.abs_x0.ptr);
@@ -73,25 +77,26 @@ void posterior_rows_f32(const PosteriorArgs& a) {
   const int64_t var_offset = a.mo_var + (a.guidance ? a.mo_half : 0);  // variance from the cond half
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.S, 1));
   at::parallel_for(0, a.N * a.C, grain, [&](int64_t begin, int64_t end) {
-    float out[kChunk], cond[kChunk], var[kChunk], xb[kChunk], z[kChunk], p[kChunk], x0[kChunk];
+    float out[kChunk], cond[kChunk], var[kChunk], xb[kChunk], z[kChunk], p[kChunk], x0[kChunk], gb[kChunk];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / a.C, c = row % a.C;
       StepChunkParams params{step_coefs<float>(a, n), static_cast<float>(a.guidance_scale),
                              static_cast<float>(a.clip_range), thresh ? thresh[n] : 1.0f,
                              a.kind, a.pred, a.var, a.clip, a.guidance, a.use_clipped_model_output};
       const bool need_noise = params.k.noisy && !abs_x0 && (noise || a.seed);
-      // eps prediction, fixed variance, clip or none: the fused single loop (else the stages)
-      const bool eps_fast = !abs_x0 && eps_fast_ok(params);
+      // eps prediction, fixed variance, clip or none, no guide: the fused single loop (else the stages)
+      const bool eps_fast = !abs_x0 && !guide && eps_fast_ok(params);
       for (int64_t s0 = 0; s0 < a.S; s0 += kChunk) {
         const int64_t len = std::min(kChunk, a.S - s0);
         const int64_t m0 = a.model_output.at(n, c, s0), ms = a.model_output.ss;
         const float* x = row_in(sample + a.sample.at(n, c, s0), a.sample.ss, len, xb);
+        const float* g = guide ? row_in(guide + a.guide.at(n, c, s0), a.guide.ss, len, gb) : nullptr;
         if (abs_x0) {
           load_row(mo + m0, ms, len, out);  // copies: guidance combines into out in place
           if (a.guidance) load_row(mo + m0 + a.mo_half, ms, len, cond);
           float* dst = abs_x0 + a.abs_x0.at(n, c, s0);
           float* ab = row_out(dst, a.abs_x0.ss, p);
-          abs_x0_chunk_f32(params, len, out, cond, x, ab);
+          abs_x0_chunk_f32(params, len, out, cond, x, g, ab);
           row_out_done(ab, len, dst, a.abs_x0.ss);
           continue;
         }
@@ -118,7 +123,7 @@ void posterior_rows_f32(const PosteriorArgs& a) {
           load_row(mo + m0, ms, len, out);  // copies: guidance combines into out in place
           if (a.guidance) load_row(mo + m0 + a.mo_half, ms, len, cond);
           if (a.has_variance) load_row(mo + m0 + var_offset, ms, len, var);
-          step_chunk_f32(params, len, out, cond, var, x, zp, pv, x0v);
+          step_chunk_f32(params, len, out, cond, var, x, zp, g, pv, x0v);
         }
         row_out_done(pv, len, prev_dst, a.prev.ss);
         if (pred_x0) row_out_done(x0v, len, x0_dst, a.pred_x0.ss);
@@ -133,11 +138,12 @@ void posterior_step_cpu(const at::Tensor& model_output, const at::Tensor& sample
                         const std::optional<at::Tensor>& thresh_scale, const at::Tensor& prev,
                         const std::optional<at::Tensor>& pred_x0, const std::optional<at::Tensor>& abs_x0,
                         double final_alpha_cumprod, double guidance_scale, double clip_range, double eta, int64_t kind,
-                        int64_t pred, int64_t var, int64_t clip, bool guidance, bool use_clipped_model_output) {
+                        int64_t pred, int64_t var, int64_t clip, bool guidance, bool use_clipped_model_output,
+                        const std::optional<at::Tensor>& guide) {
   const PosteriorArgs a = make_posterior_args(model_output, sample, t, prev_t, alphas_cumprod, noise, seed,
                                               thresh_scale, prev, pred_x0, abs_x0, final_alpha_cumprod,
                                               guidance_scale, clip_range, eta, kind, pred, var, clip, guidance,
-                                              use_clipped_model_output);
+                                              use_clipped_model_output, guide);
   DDPM_CHECK(noise.has_value() || seed.has_value() || abs_x0.has_value() || (kind == kDDIM && eta == 0.0),
              "ddpm_fast: this step adds noise: pass noise or a seed");
   dispatch_float(sample.scalar_type(), [&](auto xtag) {

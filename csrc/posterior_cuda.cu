@@ -32,6 +32,8 @@ __global__ void posterior_kernel(PosteriorArgs a, int64_t tiles_per_row) {
     F out = load_as<F>(mo, m);
     if (a.guidance) out = out + F(a.guidance_scale) * (load_as<F>(mo, m + a.mo_half) - out);
     const F x = load_as<F>(sample, a.sample.at(n, c, s));
+    const F g = a.guide.ptr ? load_as<F>(static_cast<const X*>(a.guide.ptr), a.guide.at(n, c, s)) : F(0);
+    out = guided_output(a, k, out, g);
     if (a.abs_x0.ptr) {
       const F x0 = predict_x0<F>(out, x, k, a.pred);
       static_cast<F*>(a.abs_x0.ptr)[a.abs_x0.at(n, c, s)] = x0 < F(0) ? -x0 : x0;
@@ -44,7 +46,7 @@ __global__ void posterior_kernel(PosteriorArgs a, int64_t tiles_per_row) {
                       : F(round_to<X>(quad ? drawn[i] : philox_randn(seed, static_cast<uint64_t>(row * a.S + s))));
     }
     F x0;
-    const F p = step_element<F>(a, k, out, variance, x, z, ts, &x0);
+    const F p = step_element<F>(a, k, out, variance, x, z, ts, &x0, g);
     store(static_cast<X*>(a.prev.ptr), a.prev.at(n, c, s), p);
     if (a.pred_x0.ptr) store(static_cast<X*>(a.pred_x0.ptr), a.pred_x0.at(n, c, s), x0);
   }

@@ -31,6 +31,7 @@ struct SolverStepArgs {
   View3 x, noise, x_next;
   View3 history;        // slot 0 of the (R + 1, N, C, S) history; slot r lies r * hist_slot elements on
   View3 abs_d0;         // set: phase 1 of dynamic thresholding (writes |D_0| before the limit, nothing else)
+  View3 guide;          // guidance gradient g (x's dtype), or ptr null: out + guide_coef[s] g is the output read
   int64_t hist_slot = 0;
   int64_t mo_half = 0;  // element offset of the conditional half (guidance)
   const int64_t* step_ptr = nullptr;  // the step index on the device, or null: `step`
@@ -39,6 +40,7 @@ struct SolverStepArgs {
   const double* to_d_out = nullptr;    // (S,)
   const double* mix = nullptr;         // (S, 1 + W, 4 + R)
   const int64_t* write_slot = nullptr; // (S, W), R = the scratch slot (not written)
+  const double* guide_coef = nullptr;  // (S,) with a guide (SolverPlan.guide_coef)
   const void* thresh_scale = nullptr;  // (N,) dynamic threshold s (float, double for F = double)
   const int64_t* seed = nullptr;       // Philox key: draw z in-kernel (when noise.ptr is null)
   int64_t N = 0, C = 0, S = 0;
@@ -53,6 +55,7 @@ struct SolverStepArgs {
 template <typename F>
 struct SolverCoefs {
   F to_d_x, to_d_out;
+  F guide_coef;  // 0 without a guide
   F mix[1 + kSolverMaxWrites][kSolverCols];
   int slot[kSolverMaxWrites];
 };
@@ -68,6 +71,7 @@ DDPM_HD SolverCoefs<F> solver_coefs(const SolverStepArgs& a) {
   const int64_t s = solver_step_index(a);
   k.to_d_x = F(a.to_d_x[s]);
   k.to_d_out = F(a.to_d_out[s]);
+  k.guide_coef = a.guide.ptr && a.guide_coef ? F(a.guide_coef[s]) : F(0);
   const int cols = 4 + a.R;
   const double* m = a.mix + s * (1 + a.W) * cols;
   DDPM_UNROLL
@@ -81,6 +85,13 @@ DDPM_HD SolverCoefs<F> solver_coefs(const SolverStepArgs& a) {
     k.slot[w] = slot < 0 ? 0 : (slot > a.R ? a.R : static_cast<int>(slot));
   }
   return k;
+}
+
+// The model output the step reads: out + guide_coef g with a guide (classifier guidance through
+// eps, SolverPlan.guide_coef), else out unchanged.
+template <typename F>
+DDPM_HD F solver_guided_output(const SolverStepArgs& a, const SolverCoefs<F>& k, F out, F g) {
+  return a.guide.ptr ? out + k.guide_coef * g : out;
 }
 
 // D_0 = to_d_x x + to_d_out out, before the limit.

@@ -29,6 +29,7 @@ void solver_rows(const SolverStepArgs& a) {
   const M* mo = static_cast<const M*>(a.model_output.ptr);
   const X* xs = static_cast<const X*>(a.x.ptr);
   const X* noise = static_cast<const X*>(a.noise.ptr);
+  const X* guide = static_cast<const X*>(a.guide.ptr);
   X* hist = static_cast<X*>(a.history.ptr);
   X* x_next = static_cast<X*>(a.x_next.ptr);
   F* abs_d0 = static_cast<F*>(a.abs_d0.ptr);
@@ -52,6 +53,7 @@ void solver_rows(const SolverStepArgs& a) {
         F out = static_cast<F>(mo[m]);
         if (a.guidance) out = out + g * (static_cast<F>(mo[m + a.mo_half]) - out);
         const F x = static_cast<F>(xs[a.x.at(n, c, s)]);
+        if (guide) out = solver_guided_output(a, k, out, static_cast<F>(guide[a.guide.at(n, c, s)]));
         if (abs_d0) {
           const F d0 = solver_d0(k, x, out);
           abs_d0[a.abs_d0.at(n, c, s)] = d0 < 0 ? -d0 : d0;
@@ -76,7 +78,7 @@ void solver_rows(const SolverStepArgs& a) {
 
 // ---------------------------------------------------------------- fp32 chunks, per ISA
 struct SolverChunkParams {
-  float to_d_x, to_d_out, guidance_scale, clip_range, thresh;
+  float to_d_x, to_d_out, guidance_scale, clip_range, thresh, guide_coef;
   float mix[1 + kSolverMaxWrites][kSolverCols];
   int R, W, limit;
   bool guided, has_z, phase1;
@@ -88,6 +90,7 @@ struct SolverChunkParams {
 struct SolverChunkRows {
   const float* out;   // model output (uncond half when guided)
   const float* cond;  // cond half (guided)
+  const float* g;     // the guidance gradient, or null
   const float* x;
   const float* z;     // has_z
   const float* h[kSolverMaxSlots];
@@ -185,6 +188,13 @@ DDPM_BODY void solver_chunk_f32_body(const SolverChunkParams& p, int64_t len, co
     for (int64_t i = 0; i < len; ++i) gd[i] = u[i] + s * (cd[i] - u[i]);
     o = gd;
   }
+  if (r.g) {  // out + guide_coef g (solver_step.h: solver_guided_output), into the same buffer
+    float* gd = r.guided;
+    const float* __restrict__ g = r.g;
+    const float c = p.guide_coef;
+    for (int64_t i = 0; i < len; ++i) gd[i] = o[i] + c * g[i];
+    o = gd;
+  }
   if (p.phase1) {
     d0_loop(p, len, r.x, o, r.abs_d0);
     float* __restrict__ ab = r.abs_d0;
@@ -211,6 +221,7 @@ void solver_rows_f32(const SolverStepArgs& a) {
   const M* mo = static_cast<const M*>(a.model_output.ptr);
   const X* xs = static_cast<const X*>(a.x.ptr);
   const X* noise = static_cast<const X*>(a.noise.ptr);
+  const X* guide = static_cast<const X*>(a.guide.ptr);
   X* hist = static_cast<X*>(a.history.ptr);
   X* x_next = static_cast<X*>(a.x_next.ptr);
   float* abs_d0 = static_cast<float*>(a.abs_d0.ptr);
@@ -218,7 +229,7 @@ void solver_rows_f32(const SolverStepArgs& a) {
   const uint64_t seed = a.seed ? static_cast<uint64_t>(*a.seed) : 0;
   const SolverCoefs<float> k = solver_coefs<float>(a);
   SolverChunkParams base{};
-  base.to_d_x = k.to_d_x, base.to_d_out = k.to_d_out;
+  base.to_d_x = k.to_d_x, base.to_d_out = k.to_d_out, base.guide_coef = k.guide_coef;
   base.guidance_scale = static_cast<float>(a.guidance_scale), base.clip_range = static_cast<float>(a.clip_range);
   for (int row = 0; row <= kSolverMaxWrites; ++row)
     for (int c = 0; c < kSolverCols; ++c) base.mix[row][c] = k.mix[row][c];
@@ -228,7 +239,7 @@ void solver_rows_f32(const SolverStepArgs& a) {
   const bool draw = base.has_z && !noise;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.S, 1));
   at::parallel_for(0, a.N * a.C, grain, [&](int64_t begin, int64_t end) {
-    float out_b[kChunk], cond_b[kChunk], guided_b[kChunk], x_b[kChunk], z_b[kChunk], d0_b[kChunk];
+    float out_b[kChunk], cond_b[kChunk], guided_b[kChunk], x_b[kChunk], z_b[kChunk], d0_b[kChunk], g_b[kChunk];
     float h_b[kSolverMaxSlots][kChunk], row_b[1 + kSolverMaxWrites][kChunk];
     SolverChunkParams p = base;
     for (int64_t row = begin; row < end; ++row) {
@@ -241,6 +252,7 @@ void solver_rows_f32(const SolverStepArgs& a) {
         r.out = row_in(mo + m0, ms, len, out_b);
         if (a.guidance) r.cond = row_in(mo + m0 + a.mo_half, ms, len, cond_b);
         r.guided = guided_b, r.d0 = d0_b;
+        if (guide) r.g = row_in(guide + a.guide.at(n, c, s0), a.guide.ss, len, g_b);
         r.x = row_in(xs + a.x.at(n, c, s0), a.x.ss, len, x_b);
         if (p.phase1) {
           float* dst = abs_d0 + a.abs_d0.at(n, c, s0);
@@ -285,10 +297,12 @@ void solver_step_cpu(const at::Tensor& model_output, const at::Tensor& x, const 
                      const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
                      const std::optional<at::Tensor>& thresh_scale, const at::Tensor& x_next,
                      const std::optional<at::Tensor>& abs_d0, double guidance_scale, double clip_range, int64_t limit,
-                     bool guidance) {
+                     bool guidance, const std::optional<at::Tensor>& guide,
+                     const std::optional<at::Tensor>& guide_coef) {
   const SolverStepArgs a =
       make_solver_step_args(model_output, x, history, step_t, step, to_d_x, to_d_out, mix, write_slot, noise, seed,
-                            thresh_scale, x_next, abs_d0, guidance_scale, clip_range, limit, guidance);
+                            thresh_scale, x_next, abs_d0, guidance_scale, clip_range, limit, guidance, guide,
+                            guide_coef);
   if (a.N * a.C * a.S == 0) return;
   dispatch_float(x.scalar_type(), [&](auto xtag) {
     using X = decltype(xtag);

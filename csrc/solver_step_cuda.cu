@@ -38,6 +38,9 @@ __global__ void solver_step_kernel(SolverStepArgs a, int64_t tiles_per_row) {
     F out = load_as<F>(mo, m);
     if (a.guidance) out = out + F(a.guidance_scale) * (load_as<F>(mo, m + a.mo_half) - out);
     const F x = load_as<F>(xs, a.x.at(n, c, s));
+    if (a.guide.ptr) {
+      out = solver_guided_output(a, k, out, load_as<F>(static_cast<const X*>(a.guide.ptr), a.guide.at(n, c, s)));
+    }
     if (phase1) {
       const F d0 = solver_d0(k, x, out);
       static_cast<F*>(a.abs_d0.ptr)[a.abs_d0.at(n, c, s)] = d0 < F(0) ? -d0 : d0;

@@ -14,7 +14,7 @@ inline SolverStepArgs make_solver_step_args(
     const at::Tensor& mix, const at::Tensor& write_slot, const std::optional<at::Tensor>& noise,
     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& thresh_scale, const at::Tensor& x_next,
     const std::optional<at::Tensor>& abs_d0, double guidance_scale, double clip_range, int64_t limit,
-    bool guidance) {
+    bool guidance, const std::optional<at::Tensor>& guide, const std::optional<at::Tensor>& guide_coef) {
   DDPM_CHECK(is_float_type(x.scalar_type()) && is_float_type(model_output.scalar_type()),
              "ddpm_fast: solver_step needs floating-point model_output and x");
   DDPM_CHECK(x.dim() >= 2 && model_output.dim() >= 2, "ddpm_fast: solver_step kernels take (N, C, ...) tensors");
@@ -55,6 +55,16 @@ inline SolverStepArgs make_solver_step_args(
   check_like(x, slot0, "history slot");
   check_like(x, x_next, "x_next");
   if (noise.has_value()) check_like(x, *noise, "noise");
+  DDPM_CHECK(guide.has_value() == guide_coef.has_value(), "ddpm_fast: a guide needs its plan's guide_coef");
+  if (guide.has_value()) {
+    check_like(x, *guide, "guide");
+    check_same_device(x, *guide_coef, "guide_coef");
+    DDPM_CHECK(guide_coef->scalar_type() == at::kDouble && guide_coef->dim() == 1 &&
+                   guide_coef->size(0) == a.num_steps && guide_coef->is_contiguous(),
+               "ddpm_fast: guide_coef must be a contiguous float64 (S,) tensor");
+    a.guide = view3(*guide);
+    a.guide_coef = guide_coef->data_ptr<double>();
+  }
   const at::ScalarType stats = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (abs_d0.has_value()) {
     check_like(x, *abs_d0, "abs_d0", false);

@@ -15,6 +15,7 @@ struct StepCoefs {
   F log_beta_tilde, log_beta;  // learned_range bounds
   F sqrt_a_prev, dir_coef;     // DDIM (Song et al. eq. 12)
   F std;                       // sigma_t for the fixed variance types and DDIM
+  F guide_coef;                // DDIM with a guide: out + guide_coef g has eps - sqrt(1 - a_t) g
   bool noisy;
 };
 
@@ -32,6 +33,10 @@ DDPM_HD StepCoefs<F> step_coefs(const PosteriorArgs& a, int64_t n) {
   k.sqrt_a_t = sqrt(a_t);
   k.sqrt_1m_a_t = sqrt(one - a_t);
   k.sqrt_a_prev = sqrt(a_prev);
+  // reference.guidance_output_coef: eps -sqrt(1 - a), x0 (1 - a) / sqrt(a), v -sqrt(1 - a) / sqrt(a)
+  if (a.pred == kPredEps) k.guide_coef = -k.sqrt_1m_a_t;
+  else if (a.pred == kPredSample) k.guide_coef = (one - a_t) / k.sqrt_a_t;
+  else k.guide_coef = -k.sqrt_1m_a_t / k.sqrt_a_t;
   if (a.kind == kDDPM) {
     const F current_alpha = a_t / a_prev;
     const F current_beta = one - current_alpha;
@@ -85,11 +90,20 @@ DDPM_HD F clip_x0(F x0, const PosteriorArgs& a, F thresh_s) {
   return x0;
 }
 
+// The model output as the step reads it: with a guide g, DDIM's is moved to the output whose eps
+// is eps - sqrt(1 - a_t) g (classifier guidance's condition_score); DDPM's is left as it is (its
+// guide shifts the mean in step_element). Unchanged without a guide.
+template <typename F>
+DDPM_HD F guided_output(const PosteriorArgs& a, const StepCoefs<F>& k, F mo, F g) {
+  return (a.guide.ptr && a.kind == kDDIM) ? mo + k.guide_coef * g : mo;
+}
+
 // One element: from the (guided) model output, its variance channel, x_t and z, returns x_prev
-// and writes the clipped x0 prediction to *x0_out.
+// and writes the clipped x0 prediction to *x0_out. g: the guide's element (DDPM with a guide:
+// mean + sigma_t^2 g, classifier guidance's condition_mean; unread without a guide).
 template <typename F>
 DDPM_HD F step_element(const PosteriorArgs& a, const StepCoefs<F>& k, F mo, F variance, F x, F z, F thresh_s,
-                       F* x0_out) {
+                       F* x0_out, F g = F(0)) {
   using std::exp; using std::sqrt;
   const F x0 = clip_x0(predict_x0(mo, x, k, a.pred), a, thresh_s);
   *x0_out = x0;
@@ -102,6 +116,7 @@ DDPM_HD F step_element(const PosteriorArgs& a, const StepCoefs<F>& k, F mo, F va
       const F frac = (variance + F(1)) / F(2);
       std = exp(F(0.5) * (frac * k.log_beta + (F(1) - frac) * k.log_beta_tilde));
     }
+    if (a.guide.ptr) mean = mean + std * std * g;
   } else {
     F eps = predict_eps(mo, x, k, a.pred);
     if (a.use_clipped_model_output) eps = (x - k.sqrt_a_t * x0) / k.sqrt_1m_a_t;

@@ -172,6 +172,9 @@ def _posterior_launches() -> list[Launch]:
         "ddpm-eps-fixed_small_log": (0, 0, 1, 1, False, 1),
         "ddim-eps-guided": (1, 0, 0, 1, True, 1),
         "ddim-v-clipped_eps": (1, 2, 0, 1, False, 1),
+        # with a classifier-guidance gradient (one more input): DDPM's mean shift, DDIM's eps shift
+        "ddpm-v-learned_range-guide": (0, 2, 4, 1, False, 2, True),
+        "ddim-x0-guided-guide": (1, 1, 0, 2, True, 1, True),
     }
     # every case NCHW; at fp32 and bf16 also channels_last ("-cl"; |x0| of phase 1 stays NCHW)
     layouts = [(dtype, False) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
@@ -181,8 +184,9 @@ def _posterior_launches() -> list[Launch]:
         x = _view_3d((n, c, s), dtype, channels_last)
         t = torch.zeros(n, dtype=torch.int64)
         seed = torch.zeros(1, dtype=torch.int64)
-        for case, (kind, pred, var, clip, guided, factor) in cases.items():
+        for case, (kind, pred, var, clip, guided, factor, *has_guide) in cases.items():
             mo = _view_3d(((2 if guided else 1) * n, factor * c, s), dtype, channels_last)
+            guide = _view_3d((n, c, s), dtype, channels_last) if has_guide else None
             phases = (True, False) if clip == 2 else (False,)
             for phase1 in phases:
                 name = (
@@ -213,6 +217,7 @@ def _posterior_launches() -> list[Launch]:
                         clip,
                         guided,
                         case.endswith("clipped_eps"),
+                        guide,
                     )
     return launches
 
@@ -227,6 +232,8 @@ def _solver_launches() -> list[Launch]:
         "R2W1-dynamic": (2, 1, 2, False, None, True, 1),  # with dynamic thresholding (two phases)
         "R4W2-clip-guided-given": (4, 2, 1, True, "given", False, 1),  # the largest plan taken
         "R0W0-learned": (0, 0, 0, False, None, False, 2),  # Euler, a 2C model output
+        "R2W1-drawn-device-guide": (2, 1, 0, False, "drawn", True, 1, True),  # + a classifier-guidance gradient
+        "R1W1-dynamic-guided-guide": (1, 1, 2, True, None, True, 1, True),
     }
     # every case NCHW; at fp32 and bf16 also a channels_last x against the NCHW history new_history gives
     layouts = [(dtype, False) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
@@ -234,7 +241,7 @@ def _solver_launches() -> list[Launch]:
     for dtype, channels_last in layouts:
         n, c, s = 256, 3, 32 * 32
         x = _view_3d((n, c, s), dtype, channels_last)
-        for case, (slots, writes, limit, guided, noise, on_device, factor) in cases.items():
+        for case, (slots, writes, limit, guided, noise, on_device, factor, *has_guide) in cases.items():
             mo = _view_3d(((2 if guided else 1) * n, factor * c, s), dtype, channels_last)
             history = torch.empty((slots + 1, n, c, s), dtype=dtype)
             mix = torch.ones((steps, 1 + writes, 4 + slots), dtype=torch.float64)
@@ -243,6 +250,7 @@ def _solver_launches() -> list[Launch]:
             step_t = torch.zeros((), dtype=torch.int64) if on_device else None
             seed = torch.zeros((), dtype=torch.int64) if noise == "drawn" else None
             z = torch.empty_like(x) if noise == "given" else None
+            guide = torch.empty_like(x) if has_guide else None
             for phase1 in (True, False) if limit == 2 else (False,):
                 name = (
                     f"solver_step[{str(dtype)[6:]}{'-cl' if channels_last else ''}-{case}{'-phase1' if phase1 else ''}]"
@@ -269,6 +277,8 @@ def _solver_launches() -> list[Launch]:
                         1.0,
                         limit,
                         guided,
+                        guide,
+                        coef if has_guide else None,
                     )
     return launches
 

@@ -117,6 +117,19 @@ def predict_eps(
     return a_bar**0.5 * model_output + (1 - a_bar) ** 0.5 * x_t
 
 
+def guidance_output_coef(a_bar, prediction_type: str):
+    """c with out' = out + c g: the model output whose eps is eps - sqrt(1 - a_bar) g (Dhariwal &
+    Nichol 2021, Algorithm 2 / ``condition_score``: the score grad log p(x_t) plus g = s grad log
+    p(y | x_t)), x_t held fixed. eps: -sqrt(1 - a); x0 (x0 = (x - sqrt(1 - a) eps) / sqrt(a)):
+    (1 - a) / sqrt(a); v (v = (eps - sqrt(1 - a) x) / sqrt(a) at fixed x): -sqrt(1 - a) / sqrt(a).
+    ``a_bar`` a float or a tensor (then elementwise)."""
+    if prediction_type == "epsilon":
+        return -((1 - a_bar) ** 0.5)
+    if prediction_type == "sample":
+        return (1 - a_bar) / a_bar**0.5
+    return -((1 - a_bar) ** 0.5) / a_bar**0.5
+
+
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Imagen's dynamic thresholding: s = clamp(quantile_ratio(|x_0|), 1, max); x_0 <- clamp(x_0, -s, s) / s."""
     if x0.numel() == 0:  # no sample, or samples without elements: nothing to threshold
@@ -184,6 +197,7 @@ def posterior_step(
     config: StepConfig,
     noise: torch.Tensor | None = None,
     guidance_scale: float | None = None,
+    guide: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step x_t -> x_prev; returns (prev_sample, pred_x0), both in sample's dtype.
 
@@ -191,6 +205,14 @@ def posterior_step(
     ``final_alpha_cumprod``. DDPM adds sigma_t z only where t > 0; DDIM wherever eta > 0.
     ``noise`` (shape of ``sample``) is required whenever noise is added. ``schedule`` is a
     ``Schedule`` or anything with ``alphas_cumprod`` and ``final_alpha_cumprod``.
+
+    ``guide`` (shape of ``sample``): a guidance gradient g = s grad_x log p(y | x_t) (classifier
+    guidance, Dhariwal & Nichol 2021). DDPM shifts the posterior mean by the step's variance:
+    mean + sigma_t^2 g, after the clip of x0 (their ``condition_mean``; sigma_t^2 as the step's
+    variance type gives it, also at t = 0 where no noise is added). DDIM shifts eps by
+    -sqrt(1 - a_bar_t) g (``condition_score``) before anything else reads the model output: the
+    output is moved to the one whose eps that is (``guidance_output_coef``), then x0, its clip and
+    the step follow from it.
     """
     cd = compute_dtype(sample)
     channels = sample.shape[1]
@@ -201,6 +223,8 @@ def posterior_step(
     x_t = sample.to(cd)
 
     a_t = gather(schedule.alphas_cumprod, t, x_t)
+    if guide is not None and config.kind == "ddim":
+        out = out + guidance_output_coef(a_t, config.prediction_type) * guide.to(cd)
     final = 1.0 if config.kind == "ddpm" else schedule.final_alpha_cumprod
     prev_valid = (prev_t >= 0).reshape(a_t.shape)
     a_prev = torch.where(
@@ -216,6 +240,8 @@ def posterior_step(
             current_alpha**0.5 * (1 - a_prev) / (1 - a_t)
         ) * x_t
         std = ddpm_posterior_std(a_t, a_prev, config.variance_type, predicted_variance)
+        if guide is not None:  # Dhariwal's condition_mean: mean + Sigma g, with the step's variance
+            mean = mean + std * std * guide.to(cd)
         std = torch.where((t > 0).reshape(a_t.shape), std, torch.zeros_like(std))
         needs_noise = lambda: bool((t > 0).any())  # noqa: E731 (only read when no noise is given)
     else:

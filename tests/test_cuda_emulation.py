@@ -122,16 +122,17 @@ def emulated_ops(tmp_path_factory):
         assert status == 0
 
     def posterior_op(mo, sample, t, prev_t, table, noise, seed, scale, prev, pred_x0, abs_x0, *rest):
-        final, guidance_scale, clip_range, eta, kind, pred, var, clip, guided, use_clipped = rest
-        ptrs = [_ptr(x) for x in (mo, sample, noise, prev, pred_x0, abs_x0, t, prev_t, table, scale, seed)]
+        final, guidance_scale, clip_range, eta, kind, pred, var, clip, guided, use_clipped = rest[:10]
+        guide = rest[10] if len(rest) > 10 else None
+        ptrs = [_ptr(x) for x in (mo, sample, noise, prev, pred_x0, abs_x0, t, prev_t, table, scale, seed, guide)]
         n, c, s = as_3d(sample).shape
         ints = [v for x in (mo, sample, noise, prev, pred_x0, abs_x0) for v in _strides(x)]
         ints += [n * mo.stride(0), c * mo.stride(1), table.numel(), n, c, s]  # mo_half, mo_var as the C++ glue
         ints += [kind, pred, var, clip, int(guided), int(mo.shape[1] == 2 * c), int(use_clipped)]
-        ints += [DTYPE_CODES[mo.dtype], DTYPE_CODES[sample.dtype]]
+        ints += [DTYPE_CODES[mo.dtype], DTYPE_CODES[sample.dtype], *_strides(guide)]
         reals = [final, guidance_scale, clip_range, eta]
         status = lib.emulated_posterior_step(
-            (ctypes.c_void_p * 11)(*ptrs), (ctypes.c_int64 * len(ints))(*ints), (ctypes.c_double * 4)(*reals)
+            (ctypes.c_void_p * 12)(*ptrs), (ctypes.c_int64 * len(ints))(*ints), (ctypes.c_double * 4)(*reals)
         )
         assert status == 0
 

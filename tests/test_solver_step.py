@@ -600,15 +600,17 @@ def emulated_solver_op(tmp_path_factory):
         return [0, 0, 0] if t is None else _view3_strides(t)
 
     def op(mo, x, history, step_t, step, to_d_x, to_d_out, mix, write_slot, noise, seed, scale, x_next, abs_d0, *rest):
-        guidance_scale, clip_range, limit, guided = rest
+        guidance_scale, clip_range, limit, guided = rest[:4]
+        guide, guide_coef = (rest[4], rest[5]) if len(rest) > 4 else (None, None)
         n, c = x.shape[:2]
         ptrs = [_ptr(t) for t in (mo, x, noise, x_next, history, abs_d0, step_t, to_d_x, to_d_out, mix)]
-        ptrs += [_ptr(t) for t in (write_slot, scale, seed)]
+        ptrs += [_ptr(t) for t in (write_slot, scale, seed, guide, guide_coef)]
         ints = [v for t in (mo, x, noise, x_next, history[0], abs_d0) for v in strides(t)]
         ints += [history.stride(0), n * mo.stride(0), step, mix.shape[0], n, c, math.prod(x.shape[2:])]
         ints += [mix.shape[2] - 4, mix.shape[1] - 1, limit, int(guided), DTYPE_CODES[mo.dtype], DTYPE_CODES[x.dtype]]
+        ints += strides(guide)
         status = lib.emulated_solver_step(
-            (ctypes.c_void_p * 13)(*ptrs),
+            (ctypes.c_void_p * 15)(*ptrs),
             (ctypes.c_int64 * len(ints))(*ints),
             (ctypes.c_double * 2)(guidance_scale, clip_range),
         )

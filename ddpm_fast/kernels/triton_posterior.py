@@ -1,7 +1,9 @@
 """Triton posterior_step: one reverse step (DDPM ancestral or DDIM) in one pass, the same
 arithmetic as csrc/step_math.h and reference.posterior_step. With PHASE1 it writes |x0| only
 (the first pass of dynamic thresholding). Divisions and square roots are IEEE-rounded
-(div_rn, sqrt_rn): the approximate ones lose 1 - a_t / a_prev when a_t ~ a_prev."""
+(div_rn, sqrt_rn): the approximate ones lose 1 - a_t / a_prev when a_t ~ a_prev. With HAS_GUIDE a
+guidance gradient g is read in the same pass: DDIM's model output becomes out + c g (its eps shifted
+by -sqrt(1 - a_t) g), DDPM's mean gains sigma_t^2 g (reference.posterior_step)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def posterior_kernel(
     ac_ptr,
     scale_ptr,
     seed_ptr,
+    guide_ptr,
     N,
     C,
     S,
@@ -52,11 +55,13 @@ def posterior_kernel(
     WRITE_X0: tl.constexpr,
     PHASE1: tl.constexpr,
     QUAD_NOISE: tl.constexpr,
+    HAS_GUIDE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """(N, C, S) views; model_output (N or 2N with GUIDED, C or 2C with HAS_VAR, S). aux_ptr: the
-    pred_x0 output (WRITE_X0) or |x0| (PHASE1). LAYOUTS: bit i set where tensor i of
-    (model_output, sample, noise, prev, aux) is NHWC (launch.Operands)."""
+    pred_x0 output (WRITE_X0) or |x0| (PHASE1); guide_ptr: the guidance gradient (HAS_GUIDE).
+    LAYOUTS: bit i set where tensor i of (model_output, sample, noise, prev, aux, guide) is NHWC
+    (launch.Operands)."""
     row, n, c, s, mask = row_index(C, S, BLOCK)
 
     # Per-sample coefficients (scalars).
@@ -74,6 +79,15 @@ def posterior_kernel(
         cond = tl.load(mo_ptr + offset(n + N, c, s, mo_c, S, mo_nhwc), mask=mask).to(tl.float32)
         out = out + guidance_scale * (cond - out)
     x = tl.load(x_ptr + offset(n, c, s, C, S, (LAYOUTS >> 1) & 1), mask=mask).to(tl.float32)
+    if HAS_GUIDE:
+        g = tl.load(guide_ptr + offset(n, c, s, C, S, (LAYOUTS >> 5) & 1), mask=mask, other=0.0).to(tl.float32)
+        if KIND == DDIM:  # the output whose eps is eps - sqrt(1 - a_t) g (reference.guidance_output_coef)
+            if PRED == EPS:
+                out = out + (-sqrt_1m_a_t) * g
+            elif PRED == SAMPLE:
+                out = out + tl.div_rn(1.0 - a_t, sqrt_a_t) * g
+            else:
+                out = out + tl.div_rn(-sqrt_1m_a_t, sqrt_a_t) * g
 
     if PRED == EPS:
         x0 = tl.div_rn(x - sqrt_1m_a_t * out, sqrt_a_t)
@@ -113,6 +127,8 @@ def posterior_kernel(
                 else:
                     frac = (variance + 1.0) * 0.5
                     std = tl.exp(0.5 * (frac * tl.log(current_beta) + (1.0 - frac) * tl.log(beta_tilde)))
+            if HAS_GUIDE:  # condition_mean: + sigma_t^2 g
+                mean = mean + std * std * g
             noisy = t > 0
         else:
             if PRED == EPS:
@@ -170,6 +186,7 @@ def posterior_step_triton(
     clip: int,
     guidance: bool,
     use_clipped_model_output: bool,
+    guide: torch.Tensor | None = None,
 ) -> None:
     """Same arguments as torch.ops.ddpm_fast_C.posterior_step, on (N, C, S) views. NCHW and NHWC
     views are read and written where they are; other layouts go through copies (launch.Operands)."""
@@ -183,6 +200,7 @@ def posterior_step_triton(
     mo, x, z = ops.read(model_output), ops.read(sample), ops.read(noise)
     prev = ops.write(prev)
     aux = ops.write(pred_x0 if abs_x0 is None else abs_x0)
+    g = ops.read(guide)
     launch(
         posterior_kernel,
         (n * c, cdiv(s, block)),
@@ -197,6 +215,7 @@ def posterior_step_triton(
             alphas_cumprod,
             thresh_scale if thresh_scale is not None else alphas_cumprod,
             seed if seed is not None else t,
+            g if g is not None else x,
         ),
         (
             n,
@@ -222,6 +241,7 @@ def posterior_step_triton(
         WRITE_X0=pred_x0 is not None,
         PHASE1=abs_x0 is not None,
         QUAD_NOISE=noise is None and seed is not None and quad_noise(s),
+        HAS_GUIDE=guide is not None,
         BLOCK=block,
     )
     ops.finish()

@@ -2,7 +2,8 @@
 csrc/solver_step.h and solvers.base.apply_step. The step index is read from a device tensor (or
 taken as an int), the step's coefficients from the plan's float64 tensors; R (history slots) and
 W (writes) are constexprs, so each slot and row is unrolled. With PHASE1 it writes |D_0| only (the
-first pass of dynamic thresholding)."""
+first pass of dynamic thresholding). With HAS_GUIDE the model output read is out + guide_coef[step] g
+(a guidance gradient g, one more input of the same pass)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def solver_step_kernel(
     slot_ptr,
     scale_ptr,
     seed_ptr,
+    guide_ptr,
+    guide_coef_ptr,
     N,
     C,
     S,
@@ -93,11 +96,13 @@ def solver_step_kernel(
     STEP_ON_DEVICE: tl.constexpr,
     PHASE1: tl.constexpr,
     QUAD_NOISE: tl.constexpr,
+    HAS_GUIDE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """(N, C, S) views; model_output (N or 2N with GUIDED, C or 2C with HAS_VAR, S); history
-    (R + 1, N, C, S), slot r at hist_ptr + r * hist_slot. aux_ptr: |D_0| (PHASE1). LAYOUTS: bit i
-    set where tensor i of (model_output, x, noise, x_next, aux, history slots) is NHWC."""
+    (R + 1, N, C, S), slot r at hist_ptr + r * hist_slot. aux_ptr: |D_0| (PHASE1); guide_ptr: g and
+    guide_coef_ptr: the plan's (S,) float64 coefficients (HAS_GUIDE). LAYOUTS: bit i set where
+    tensor i of (model_output, x, noise, x_next, aux, history slots, guide) is NHWC."""
     row, n, c, s, mask = row_index(C, S, BLOCK)
     if STEP_ON_DEVICE:
         step = tl.load(step_ptr)
@@ -110,6 +115,9 @@ def solver_step_kernel(
         cond = tl.load(mo_ptr + offset(n + N, c, s, mo_c, S, mo_nhwc), mask=mask).to(tl.float32)
         out = out + guidance_scale * (cond - out)
     x = tl.load(x_ptr + offset(n, c, s, C, S, (LAYOUTS >> 1) & 1), mask=mask).to(tl.float32)
+    if HAS_GUIDE:
+        g = tl.load(guide_ptr + offset(n, c, s, C, S, (LAYOUTS >> 6) & 1), mask=mask, other=0.0).to(tl.float32)
+        out = out + tl.load(guide_coef_ptr + step).to(tl.float32) * g
     d0 = tl.load(to_d_x_ptr + step).to(tl.float32) * x + tl.load(to_d_out_ptr + step).to(tl.float32) * out
 
     if PHASE1:
@@ -175,6 +183,8 @@ def solver_step_triton(
     clip_range: float,
     limit: int,
     guidance: bool,
+    guide: torch.Tensor | None = None,
+    guide_coef: torch.Tensor | None = None,
 ) -> None:
     """Same arguments as torch.ops.ddpm_fast_C.solver_step, on (N, C, S) views and an (R + 1, N,
     C, S) history whose slots are NCHW or NHWC (ops.solver_step arranges that). NCHW and NHWC views
@@ -182,6 +192,8 @@ def solver_step_triton(
     n, c, s = x.shape
     if x.dtype == torch.float64:
         raise TypeError("the triton solver_step does not take float64: use backend='cpp' or 'reference'")
+    if (guide is None) != (guide_coef is None):
+        raise ValueError("a guide needs its plan's guide_coef")
     if limit == LIMIT_DYNAMIC.value and thresh_scale is None and abs_d0 is None:
         raise ValueError("dynamic thresholding needs the per-sample scale (phase 2) or the abs_d0 buffer (phase 1)")
     slots, writes = mix.shape[2] - 4, mix.shape[1] - 1
@@ -193,6 +205,8 @@ def solver_step_triton(
     mo, xv, z = ops.read(model_output), ops.read(x), ops.read(noise)
     out = ops.write(x_next)
     aux = ops.write(abs_d0)
+    ops.read(None)  # bit 5: the history's slots, set below
+    g = ops.read(guide)
     code = ops.code | (32 if hist_layout == NHWC else 0)
     launch(
         solver_step_kernel,
@@ -211,6 +225,8 @@ def solver_step_triton(
             write_slot if writes else to_d_x,  # (S, 0) when W = 0: never read
             thresh_scale if thresh_scale is not None else to_d_x,
             seed if seed is not None else to_d_x,
+            g if g is not None else xv,
+            guide_coef if guide is not None else to_d_x,
         ),
         (n, c, s, history.stride(0), step, mix.shape[0], float(guidance_scale), float(clip_range)),
         num_warps,
@@ -225,6 +241,7 @@ def solver_step_triton(
         STEP_ON_DEVICE=step_t is not None,
         PHASE1=abs_d0 is not None,
         QUAD_NOISE=noise is None and seed is not None and quad_noise(s),
+        HAS_GUIDE=guide is not None,
         BLOCK=block,
     )
     ops.finish()

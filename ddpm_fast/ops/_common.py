@@ -157,11 +157,12 @@ def seed_from(generator: torch.Generator | None, device: torch.device) -> torch.
     return seed.to(device, non_blocking=True)
 
 
-def noise_arg(noise: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def noise_arg(noise: torch.Tensor, like: torch.Tensor, name: str = "noise") -> torch.Tensor:
+    """A tensor shaped like ``like`` on its device, in its dtype (the noise, or a guide)."""
     if not isinstance(noise, torch.Tensor) or not noise.dtype.is_floating_point:
-        raise TypeError("noise must be a floating-point tensor")
+        raise TypeError(f"{name} must be a floating-point tensor")
     if noise.shape != like.shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(like.shape)}")
+        raise ValueError(f"{name} has shape {tuple(noise.shape)}, expected {tuple(like.shape)}")
     if noise.device != like.device:
-        raise ValueError(f"noise is on {noise.device}, expected {like.device}")
+        raise ValueError(f"{name} is on {noise.device}, expected {like.device}")
     return noise if noise.dtype == like.dtype else noise.to(like.dtype)

@@ -1,7 +1,8 @@
 """posterior_step: one fused reverse step (DDPM ancestral or DDIM), from the model output to
-x_prev: guidance combine -> x0 prediction -> clip / dynamic threshold -> posterior mean ->
-+ sigma z. Dynamic thresholding adds a first pass (|x0|), a per-sample top-k quantile, then
-the step."""
+x_prev: guidance combine -> (DDIM: + the guide's eps shift) -> x0 prediction -> clip / dynamic
+threshold -> posterior mean (DDPM: + sigma_t^2 guide) -> + sigma z. Dynamic thresholding adds a
+first pass (|x0|), a per-sample top-k quantile, then the step. The guide (a classifier-guidance
+gradient) is one more input read in the same pass (``reference.posterior_step``)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def _posterior_impl(
     guidance_scale: float | None,
     return_x0: bool,
     backend: str,
+    guide: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from ..kernels.triton_posterior import posterior_step_triton as launch
@@ -79,6 +81,7 @@ def _posterior_impl(
     in_view, out_view = kernel_views(backend)
     mo3, x3 = in_view(model_output), in_view(sample)
     z3 = in_view(noise) if noise is not None else None
+    g3 = in_view(guide) if guide is not None else None
     guided = guidance_scale is not None
     g = 1.0 if guidance_scale is None else guidance_scale
     stat_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
@@ -104,6 +107,7 @@ def _posterior_impl(
             clip_range,
             eta,
             *flags,
+            g3,
         )
         scale = quantile_scale(abs_x0, thresh_ratio, sample_max).to(stat_dtype)
     prev = new_like(sample)
@@ -125,6 +129,7 @@ def _posterior_impl(
         clip_range,
         eta,
         *flags,
+        g3,
     )
     return prev, x0
 
@@ -154,6 +159,7 @@ def _(
     guidance_scale,
     return_x0,
     backend,
+    guide=None,
 ):
     return torch.empty_like(sample), torch.empty_like(sample) if return_x0 else sample.new_empty(0)
 
@@ -191,6 +197,7 @@ def posterior_step(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     guidance_scale: float | None = None,
+    guide: torch.Tensor | None = None,
     return_pred_x0: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -204,6 +211,11 @@ def posterior_step(
         schedule, config: the noise schedule and what the step does (StepConfig).
         noise: z shaped like sample; drawn in-kernel (Philox, from ``generator``) when None.
         guidance_scale: classifier-free guidance s: uncond + s (cond - uncond).
+        guide: a guidance gradient g shaped like sample (any float dtype, used in sample's), e.g.
+            s grad_x log p(y | x_t, t) of a classifier (Dhariwal & Nichol 2021): DDPM adds
+            sigma_t^2 g to the posterior mean after the x0 clip (their ``condition_mean``); DDIM
+            takes the model output whose eps is eps - sqrt(1 - a_bar_t) g (``condition_score``),
+            before the x0 prediction and its clip. Read in the same pass as everything else.
         return_pred_x0: also return the (clipped) x0 prediction.
         backend: "cpp", "cuda", "triton" or "reference"; None picks the fastest here.
 
@@ -227,6 +239,8 @@ def posterior_step(
     prev_t = timesteps_arg(prev_t, n, sample.device, "prev_t", T, allow_minus_one=True)
     if noise is not None:
         noise = noise_arg(noise, sample)
+    if guide is not None:
+        guide = noise_arg(guide, sample, "guide")
     wide = torch.float64 if torch.float64 in (sample.dtype, model_output.dtype) else sample.dtype
     name = choose("posterior_step", backend, sample.device, numel=sample.numel(), dtype=wide)
     adds_noise = config.kind == "ddpm" or config.eta > 0
@@ -236,7 +250,9 @@ def posterior_step(
             seed = seed_from(generator, sample.device).item()
             noise = reference.philox_randn(seed, tuple(sample.shape), sample.device).to(sample.dtype)
         sched = schedule.to(sample.device)
-        prev, x0 = reference.posterior_step(model_output, sample, t, prev_t, sched, config, noise, guidance_scale)
+        prev, x0 = reference.posterior_step(
+            model_output, sample, t, prev_t, sched, config, noise, guidance_scale, guide
+        )
         return prev, (x0 if return_pred_x0 else None)
 
     table = schedule.kernel_table(
@@ -245,7 +261,7 @@ def posterior_step(
     seed = seed_from(generator, sample.device) if noise is None and adds_noise else None
     clip = THRESHOLD if config.thresholding else (CLIP if config.clip_sample else CLIP_NONE)
     final = 1.0 if config.kind == "ddpm" else schedule.final_alpha_cumprod
-    op = _posterior_impl if direct_call_ok(model_output, sample, noise) else _posterior_op
+    op = _posterior_impl if direct_call_ok(model_output, sample, noise, guide) else _posterior_op
     prev, x0 = op(
         model_output,
         sample,
@@ -267,5 +283,6 @@ def posterior_step(
         None if guidance_scale is None else float(guidance_scale),
         return_pred_x0,
         name,
+        guide,
     )
     return prev, (x0 if return_pred_x0 else None)

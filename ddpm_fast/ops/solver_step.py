@@ -4,7 +4,8 @@ row of the plan's mix over [x, out, D_0, z, H_0..H_{R-1}] (``solvers/base.py``: 
 the reference). The step's coefficients are read by the kernel from the plan's device tensors at
 the step index, which may itself be a device tensor: a replayed CUDA graph steps through the plan
 and nothing is read on the host. Dynamic thresholding adds a first pass (|D_0|) and a per-sample
-quantile, as posterior_step does it."""
+quantile, as posterior_step does it. A guidance gradient g (``guide=``) is one more input of the same
+pass: the output read is out + guide_coef[step] g (``solvers.base.with_guidance``)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def _solver_step_impl(
     max_value: float,
     guidance_scale: float | None,
     backend: str,
+    guide: torch.Tensor | None = None,
+    guide_coef: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if backend == "triton":
         from ..kernels.triton_solver import solver_step_triton as launch
@@ -84,6 +87,7 @@ def _solver_step_impl(
     in_view, out_view = kernel_views(backend)
     mo3, x3 = in_view(model_output), in_view(x)
     z3 = in_view(noise) if noise is not None else None
+    g3 = in_view(guide) if guide is not None else None
     hist, copy_back = _history_arg(history, backend)
     guided = guidance_scale is not None
     g = 1.0 if guidance_scale is None else guidance_scale
@@ -94,9 +98,11 @@ def _solver_step_impl(
     if limit == LIMIT_DYNAMIC:  # phase 1: |D_0| per element, then the per-sample quantile
         stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         abs_d0 = torch.empty(x3.shape, dtype=stat_dtype, device=x.device)
-        launch(mo3, x3, hist, *plan_args, None, None, None, out3, abs_d0, g, clip_range, limit, guided)
+        launch(
+            mo3, x3, hist, *plan_args, None, None, None, out3, abs_d0, g, clip_range, limit, guided, g3, guide_coef
+        )
         scale = quantile_scale(abs_d0, ratio, max_value).to(stat_dtype)
-    launch(mo3, x3, hist, *plan_args, z3, seed, scale, out3, None, g, clip_range, limit, guided)
+    launch(mo3, x3, hist, *plan_args, z3, seed, scale, out3, None, g, clip_range, limit, guided, g3, guide_coef)
     if copy_back:
         history.copy_(hist.view(history.shape))
     return x_next
@@ -124,6 +130,8 @@ def _(
     max_value,
     guidance_scale,
     backend,
+    guide=None,
+    guide_coef=None,
 ):
     return torch.empty_like(x)
 
@@ -140,6 +148,7 @@ class _PlanArgs:
     limit: tuple[int, float, float, float]  # code, clip_range, ratio, max_value
     learned_variance: bool
     langevin: tuple[float, ...] | None
+    guide_coef: torch.Tensor | None
 
 
 _PLAN_ARGS: weakref.WeakKeyDictionary[SolverPlan, _PlanArgs] = weakref.WeakKeyDictionary()
@@ -169,6 +178,7 @@ def _plan_args(plan: SolverPlan) -> _PlanArgs:
         else (LIMITS[limit.kind], float(limit.clip_range), float(limit.ratio), float(limit.max_value)),
         learned_variance=plan.learned_variance,
         langevin=plan.langevin_snr,
+        guide_coef=None if plan.guide_coef is None else plan.guide_coef.contiguous(),
     )
     _PLAN_ARGS[plan] = args
     return args
@@ -246,6 +256,7 @@ def solver_step(
     seed: torch.Tensor | None = None,
     guidance_scale: float | None = None,
     backend: str | None = None,
+    guide: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step ``step`` of ``plan`` (``apply_step``'s update) in one fused kernel (two with dynamic
     thresholding); the plan's history writes go into ``history`` in place.
@@ -265,6 +276,9 @@ def solver_step(
             drawn in-kernel (``reference.philox_randn(seed, x.shape)``, as posterior_step draws it);
             neither: the noise column is skipped. Whether a step draws is the caller's (``plan.draws``).
         backend: "cpp", "cuda", "triton" or "reference"; None picks the fastest here.
+        guide: a guidance gradient g shaped like x (e.g. s grad_x log p(y | x_t) of a classifier),
+            for a plan from ``solvers.base.with_guidance``: the step reads out + guide_coef[step] g
+            (eps shifted by -sqrt(1 - a_bar) g), in the same pass.
 
     Returns:
         x_next, shaped like x. The reference backend with a ``seed`` reads the seed on the host.
@@ -283,6 +297,10 @@ def solver_step(
         noise = noise_arg(noise, x)
     if seed is not None:
         seed = _seed_arg(seed, x)
+    if guide is not None:
+        if args.guide_coef is None:
+            raise ValueError("a guide was given but the plan takes none: make it with solvers.base.with_guidance")
+        guide = noise_arg(guide, x, "guide")
     step_t, step_int = _step_arg(args, step)
     wide = torch.float64 if torch.float64 in (x.dtype, model_output.dtype) else x.dtype
     name = choose("solver_step", backend, x.device, numel=x.numel(), dtype=wide)
@@ -295,11 +313,11 @@ def solver_step(
             out = uncond + float(guidance_scale) * (cond - uncond)
         if seed is not None:  # the kernels' Philox stream, from the key read on the host
             noise = reference.philox_randn(seed.item(), tuple(x.shape), x.device).to(x.dtype)
-        return apply_step(plan, step if step_t is None else step_t.reshape(()), x, out, history, noise)
+        return apply_step(plan, step if step_t is None else step_t.reshape(()), x, out, history, noise, guide)
 
     if x.numel() == 0:
         return new_like(x)
-    op = _solver_step_impl if direct_call_ok(model_output, x, history, noise) else _solver_step_op
+    op = _solver_step_impl if direct_call_ok(model_output, x, history, noise, guide) else _solver_step_op
     return op(
         model_output,
         x,
@@ -312,4 +330,6 @@ def solver_step(
         *args.limit,
         None if guidance_scale is None else float(guidance_scale),
         name,
+        guide,
+        args.guide_coef if guide is not None else None,
     )

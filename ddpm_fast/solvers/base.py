@@ -19,6 +19,11 @@ the x and out columns (the D_0 column then only feeds the writes).
 a CUDA graph can capture it (the step index may be a device tensor, the history has a fixed shape,
 nothing reads a tensor value on the host). Steps that are not linear in their inputs (a Langevin
 corrector's per-sample step size) are marked in the plan and stepped by their solver's own code.
+
+Guidance by a gradient g (classifier guidance, Dhariwal & Nichol 2021: g = s grad_x log p(y | x_t)):
+it enters eps, eps' = eps - sqrt(1 - a_bar) g (their ``condition_score``), as the model output
+out' = out + guide_coef[s] g (``with_guidance``: the coefficient for the model's prediction type at
+each step's noise level), read by the step before anything else: one more input, no extra pass.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..reference import compute_dtype, dynamic_threshold
+from ..reference import compute_dtype, dynamic_threshold, guidance_output_coef
 from ..schedule import Schedule, SchedulerConfig
 
 # The noise-schedule keys of a diffusers scheduler config (shared by every diffusers scheduler);
@@ -100,6 +105,8 @@ class SolverPlan:
         learned_variance: the model output may carry 2C channels, of which the first C are used.
         langevin_snr: per step, 0.0 for a linear step, else the signal-to-noise ratio of a
             Langevin corrector step (the "pc" solver), which ``apply_step`` does not take.
+        guide_coef (S,) float64 or None: with a guidance gradient g the step reads the model
+            output out + guide_coef[s] g (``with_guidance``); None: the plan takes no guide.
     """
 
     timesteps: torch.Tensor
@@ -114,6 +121,7 @@ class SolverPlan:
     init_noise_sigma: float = 1.0
     learned_variance: bool = False
     langevin_snr: tuple[float, ...] | None = None
+    guide_coef: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.timesteps.shape[0]
@@ -133,6 +141,8 @@ class SolverPlan:
             "write_slot": ((n, writes), torch.int64),
             "sigmas": ((n + 1,), torch.float64),
         }
+        if self.guide_coef is not None:
+            want["guide_coef"] = ((n,), torch.float64)
         for name, (shape, dtype) in want.items():
             t = getattr(self, name)
             if t.shape != shape or t.dtype != dtype or t.device != device:
@@ -235,6 +245,18 @@ class PlanBuilder:
         )
 
 
+def with_guidance(plan: SolverPlan, prediction_type: str) -> SolverPlan:
+    """The plan taking a guidance gradient g: at step s the model output read is out + c_s g, the
+    output whose eps is eps - sqrt(1 - a_bar_s) g (``reference.guidance_output_coef``), with
+    a_bar_s = 1 / (1 + sigma_s^2) the noise level of the step's input (``plan.sigmas``; the state
+    is in the VP scaling). ``prediction_type``: what the model predicts (the solver's option)."""
+    sigmas = plan.sigmas[:-1].detach().to("cpu", torch.float64)
+    coef = guidance_output_coef(1.0 / (1.0 + sigmas * sigmas), prediction_type)
+    if not torch.isfinite(coef).all():
+        raise ValueError("guidance through eps needs a_bar > 0 at every step (this plan has a step at a_bar = 0)")
+    return dataclasses.replace(plan, guide_coef=coef.to(plan.device))
+
+
 def new_history(plan: SolverPlan, x: torch.Tensor) -> torch.Tensor:
     """Zeroed history buffers (R + 1, *x.shape) in x's dtype, the last the scratch slot (zero: an
     unused slot must not hold NaN, since a zero coefficient times NaN is NaN)."""
@@ -253,6 +275,26 @@ def split_output(plan: SolverPlan, x: torch.Tensor, model_output: torch.Tensor) 
     return model_output
 
 
+def guided_output(
+    plan: SolverPlan,
+    step: int | torch.Tensor,
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    guide: torch.Tensor | None,
+) -> torch.Tensor:
+    """The model output a step reads, in x's compute dtype: its first C channels, plus
+    guide_coef[step] g with a guide."""
+    cd = compute_dtype(x)
+    out = split_output(plan, x, model_output).to(cd)
+    if guide is None:
+        return out
+    if plan.guide_coef is None:
+        raise ValueError("a guide was given but the plan takes none: make it with solvers.base.with_guidance")
+    if guide.shape != x.shape:
+        raise ValueError(f"guide has shape {tuple(guide.shape)}, expected {tuple(x.shape)}")
+    return out + plan.guide_coef[step].to(cd) * guide.to(cd)
+
+
 def apply_step(
     plan: SolverPlan,
     step: int | torch.Tensor,
@@ -260,6 +302,7 @@ def apply_step(
     model_output: torch.Tensor,
     history: torch.Tensor,
     noise: torch.Tensor | None = None,
+    guide: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One planned linear step x -> x_next (returned in x's dtype); does the plan's writes into
     ``history`` in place.
@@ -268,11 +311,11 @@ def apply_step(
     history: (R + 1, *x.shape) from ``new_history``; noise: shaped like x, or None for none (the
     noise column is then skipped: pass it wherever ``plan.draws`` says). ``step``: a Python int or
     a 0-dim int64 tensor on the plan's device (no host read either way). Computes in float32
-    (float64 for float64 x), as ``reference.posterior_step`` does.
+    (float64 for float64 x), as ``reference.posterior_step`` does. ``guide``: a guidance gradient
+    shaped like x, for a plan from ``with_guidance`` (the output read is out + guide_coef[step] g).
     """
     cd = compute_dtype(x)
-    model_output = split_output(plan, x, model_output)
-    xc, out = x.to(cd), model_output.to(cd)
+    xc, out = x.to(cd), guided_output(plan, step, x, model_output, guide)
     to_d_x, to_d_out = plan.to_d_x[step].to(cd), plan.to_d_out[step].to(cd)
     d0 = to_d_x * xc + to_d_out * out
     if plan.x0_limit is not None:

@@ -27,10 +27,11 @@ extern "C" int emulated_q_sample(void* const* p, const int64_t* i) {
   return launch_q_sample_cuda(a, x_dtype, nullptr);
 }
 
-// p: model_output, sample, noise, prev, pred_x0, abs_x0, t, prev_t, alphas_cumprod, thresh_scale, seed
+// p: model_output, sample, noise, prev, pred_x0, abs_x0, t, prev_t, alphas_cumprod, thresh_scale, seed, guide
 // i: strides (3 each) of model_output, sample, noise, prev, pred_x0, abs_x0; then mo_half, mo_var,
 //    T, N, C, S, kind, pred, var, clip, guidance, has_variance, use_clipped_model_output, the
-//    model_output and x dtypes (kernel_args.h DType; float64 x reads a float64 table)
+//    model_output and x dtypes (kernel_args.h DType; float64 x reads a float64 table); the
+//    guide's strides
 // r: final_alpha_cumprod, guidance_scale, clip_range, eta
 extern "C" int emulated_posterior_step(void* const* p, const int64_t* i, const double* r) {
   PosteriorArgs a;
@@ -41,6 +42,7 @@ extern "C" int emulated_posterior_step(void* const* p, const int64_t* i, const d
   a.alphas_cumprod = Table{p[8], x_dtype == kF64};
   a.thresh_scale = p[9];
   a.seed = static_cast<const int64_t*>(p[10]);
+  a.guide = view(p[11], i + 33);
   a.mo_half = i[18], a.mo_var = i[19], a.T = i[20], a.N = i[21], a.C = i[22], a.S = i[23];
   a.kind = static_cast<int>(i[24]), a.pred = static_cast<int>(i[25]), a.var = static_cast<int>(i[26]);
   a.clip = static_cast<int>(i[27]), a.guidance = i[28] != 0, a.has_variance = i[29] != 0;

@@ -13,10 +13,10 @@ View3 view(void* ptr, const int64_t* strides) { return View3{ptr, strides[0], st
 }  // namespace
 
 // p: model_output, x, noise, x_next, history, abs_d0, step_t, to_d_x, to_d_out, mix, write_slot,
-//    thresh_scale, seed (null: absent)
+//    thresh_scale, seed, guide, guide_coef (null: absent)
 // i: strides (3 each) of model_output, x, noise, x_next, history slot 0, abs_d0; then hist_slot,
 //    mo_half, step, num_steps, N, C, S, R, W, limit, guidance, the model_output and x dtypes
-//    (kernel_args.h DType)
+//    (kernel_args.h DType); the guide's strides
 // r: guidance_scale, clip_range
 extern "C" int emulated_solver_step(void* const* p, const int64_t* i, const double* r) {
   SolverStepArgs a;
@@ -27,6 +27,7 @@ extern "C" int emulated_solver_step(void* const* p, const int64_t* i, const doub
   a.mix = static_cast<const double*>(p[9]), a.write_slot = static_cast<const int64_t*>(p[10]);
   a.thresh_scale = p[11];
   a.seed = static_cast<const int64_t*>(p[12]);
+  a.guide = view(p[13], i + 31), a.guide_coef = static_cast<const double*>(p[14]);
   a.hist_slot = i[18], a.mo_half = i[19], a.step = i[20], a.num_steps = i[21];
   a.N = i[22], a.C = i[23], a.S = i[24], a.R = static_cast<int>(i[25]), a.W = static_cast<int>(i[26]);
   a.limit = static_cast<int>(i[27]), a.guidance = i[28] != 0;
