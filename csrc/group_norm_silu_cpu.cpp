@@ -9,8 +9,8 @@
 // and writes dx plus per-(n, c) sums of g = dL/dn, g x_hat and dx, from which the op wrapper forms
 // dweight, dbias (a deterministic sum over n), dscale, dshift and d bias_nc.
 // Float rows run hand-vectorised code (RowsSimd, simd.h) built for AVX-512, AVX2+FMA and baseline
-// x86-64, the active ISA chosen at run time (cpu_isa.h); double and half rows run the portable
-// loops of Rows<F>.
+// x86-64, the active ISA chosen at run time (cpu_isa.h); bfloat16 rows the same code (widened on
+// load, rounded once on store); double and half rows run the portable loops of Rows<F>.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -319,8 +319,27 @@ struct Rows {
 template <int W, bool kFused>
 struct RowsSimd {
   using Portable = Rows<float>;
+  // float and bfloat16 tensors run these vector loops (bfloat16 widened on load, rounded once on
+  // store: load_x / store_x); half and double ones the portable loops.
   template <typename X>
-  static constexpr bool kFloat = std::is_same_v<X, float>;
+  static constexpr bool kFloat = std::is_same_v<X, float> || std::is_same_v<X, c10::BFloat16>;
+
+  template <int V>
+  DDPM_INLINE static simd::Lanes<V> load_x(const float* p) {
+    return simd::load<V>(p);
+  }
+  template <int V>
+  DDPM_INLINE static simd::Lanes<V> load_x(const c10::BFloat16* p) {
+    return simd::load_bf16<V>(reinterpret_cast<const uint16_t*>(p));
+  }
+  template <int V>
+  DDPM_INLINE static void store_x(float* p, simd::Lanes<V> v) {
+    simd::store<V>(p, v);
+  }
+  template <int V>
+  DDPM_INLINE static void store_x(c10::BFloat16* p, simd::Lanes<V> v) {
+    simd::store_bf16<V>(reinterpret_cast<uint16_t*>(p), v);
+  }
 
   template <typename X>
   DDPM_INLINE static double sum(const X* src, int64_t len) {
@@ -328,7 +347,7 @@ struct RowsSimd {
       return Portable::sum(src, len);
     } else {
       return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
-        return simd::load<DDPM_W(w)>(src + i);
+        return load_x<DDPM_W(w)>(src + i);
       });
     }
   }
@@ -340,7 +359,7 @@ struct RowsSimd {
     } else {
       return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
-        const simd::Lanes<V> d = simd::load<V>(h + i) - mean;
+        const simd::Lanes<V> d = load_x<V>(h + i) - mean;
         return d * d;
       });
     }
@@ -356,10 +375,10 @@ struct RowsSimd {
         simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
           const simd::Lanes<V> z =
-              simd::fma<V, kFused>(simd::load<V>(h + i) - mean, simd::splat<V>(a), simd::splat<V>(b));
+              simd::fma<V, kFused>(load_x<V>(h + i) - mean, simd::splat<V>(a), simd::splat<V>(b));
           simd::Lanes<V> y = decltype(act)::value ? simd::silu<V, kFused>(z) : z;
-          if constexpr (decltype(with_res)::value) y += simd::load<V>(res + i);
-          simd::store<V>(out + i, y);
+          if constexpr (decltype(with_res)::value) y += load_x<V>(res + i);
+          store_x<V>(out + i, y);
         });
       };
       dispatch2(silu, res != nullptr, run);
@@ -376,11 +395,11 @@ struct RowsSimd {
       auto run = [&](auto act, auto with_res) DDPM_LAMBDA_INLINE {
         simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
-          const simd::Lanes<V> z = simd::fma<V, kFused>(simd::load<V>(src + i) + simd::load<V>(d + i),
+          const simd::Lanes<V> z = simd::fma<V, kFused>(load_x<V>(src + i) + simd::load<V>(d + i),
                                                         simd::load<V>(a + i), simd::load<V>(b + i));
           simd::Lanes<V> y = decltype(act)::value ? simd::silu<V, kFused>(z) : z;
-          if constexpr (decltype(with_res)::value) y += simd::load<V>(res + i);
-          simd::store<V>(out + i, y);
+          if constexpr (decltype(with_res)::value) y += load_x<V>(res + i);
+          store_x<V>(out + i, y);
         });
       };
       dispatch2(silu, res != nullptr, run);
@@ -395,10 +414,10 @@ struct RowsSimd {
     } else {
       std::fill(acc, acc + C, 0.0f);
       for (int64_t p = 0; p < cnt; ++p) {
-        const float* row = src + p * ss;
+        const X* row = src + p * ss;
         simd::for_lanes<W>(C, [&](auto w, int64_t c) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
-          simd::store<V>(acc + c, simd::load<V>(acc + c) + simd::load<V>(row + c));
+          simd::store<V>(acc + c, simd::load<V>(acc + c) + load_x<V>(row + c));
         });
       }
     }
@@ -412,10 +431,10 @@ struct RowsSimd {
     } else {
       std::fill(acc, acc + C, 0.0f);
       for (int64_t p = 0; p < cnt; ++p) {
-        const float* row = src + p * ss;
+        const X* row = src + p * ss;
         simd::for_lanes<W>(C, [&](auto w, int64_t c) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
-          const simd::Lanes<V> v = simd::load<V>(row + c) + simd::load<V>(d + c);
+          const simd::Lanes<V> v = load_x<V>(row + c) + simd::load<V>(d + c);
           simd::store<V>(acc + c, simd::load<V>(acc + c) + v * v);
         });
       }
@@ -440,9 +459,9 @@ struct RowsSimd {
       auto run = [&](auto act) DDPM_LAMBDA_INLINE {
         simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
-          const simd::Lanes<V> xh = (simd::load<V>(src + i) + simd::load<V>(d + i)) * simd::load<V>(r + i);
+          const simd::Lanes<V> xh = (load_x<V>(src + i) + simd::load<V>(d + i)) * simd::load<V>(r + i);
           const simd::Lanes<V> z = simd::fma<V, kFused>(xh, simd::load<V>(A + i), simd::load<V>(B + i));
-          const simd::Lanes<V> gi = grad_act<V, decltype(act)::value>(z, simd::load<V>(dy + i));
+          const simd::Lanes<V> gi = grad_act<V, decltype(act)::value>(z, load_x<V>(dy + i));
           simd::store<V>(g + i, gi);
           simd::store<V>(acc_g + i, simd::load<V>(acc_g + i) + gi);
           simd::store<V>(acc_gx + i, simd::fma<V, kFused>(gi, xh, simd::load<V>(acc_gx + i)));
@@ -463,10 +482,10 @@ struct RowsSimd {
       simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
         const simd::Lanes<V> rr = simd::load<V>(r + i);
-        const simd::Lanes<V> xh = (simd::load<V>(src + i) + simd::load<V>(d + i)) * rr;
+        const simd::Lanes<V> xh = (load_x<V>(src + i) + simd::load<V>(d + i)) * rr;
         const simd::Lanes<V> dx = rr * dx_inner<V>(simd::load<V>(A + i), simd::load<V>(g + i), simd::load<V>(m1 + i),
                                                   xh, simd::load<V>(m2 + i));
-        simd::store<V>(out + i, dx);
+        store_x<V>(out + i, dx);
         if (acc) simd::store<V>(acc + i, simd::load<V>(acc + i) + dx);
       });
     }
@@ -479,7 +498,7 @@ struct RowsSimd {
     } else {
       simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
-        simd::store<V>(xh + i, (simd::load<V>(src + i) - (mean - add)) * rstd);
+        simd::store<V>(xh + i, (load_x<V>(src + i) - (mean - add)) * rstd);
       });
     }
   }
@@ -487,18 +506,18 @@ struct RowsSimd {
   // g = dy act'(xh a + b), stored; returns the sums of g and g xh. With kFromX, xh is computed
   // from the input row src as (src - (mean - add)) rstd, and not stored: norm_grad_x computes it
   // again (a load of x and two operations cost less than storing and reloading x_hat).
-  template <bool kFromX, typename X>
-  DDPM_INLINE static void grad_sums_impl(const float* src, float add, float mean, float rstd, const X* dy, float* g,
+  template <bool kFromX, typename Src, typename X>
+  DDPM_INLINE static void grad_sums_impl(const Src* src, float add, float mean, float rstd, const X* dy, float* g,
                                          int64_t len, float a, float b, bool silu, double* sum_g, double* sum_gx) {
     auto run = [&](auto act) DDPM_LAMBDA_INLINE {
       simd::sum32x2<W>(
           len, kSumChunk,
           [&](auto w, int64_t i, auto* out_g, auto* out_gx) DDPM_LAMBDA_INLINE {
             constexpr int V = DDPM_W(w);
-            simd::Lanes<V> x = simd::load<V>(src + i);
+            simd::Lanes<V> x = load_x<V>(src + i);
             if constexpr (kFromX) x = (x - (mean - add)) * rstd;
             const simd::Lanes<V> z = simd::fma<V, kFused>(x, simd::splat<V>(a), simd::splat<V>(b));
-            const simd::Lanes<V> gi = grad_act<V, decltype(act)::value>(z, simd::load<V>(dy + i));
+            const simd::Lanes<V> gi = grad_act<V, decltype(act)::value>(z, load_x<V>(dy + i));
             simd::store<V>(g + i, gi);
             *out_g = gi;
             *out_gx = gi * x;
@@ -539,10 +558,10 @@ struct RowsSimd {
     } else {
       return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
-        const simd::Lanes<V> x_hat = (simd::load<V>(src + i) - (mean - add)) * rstd;
+        const simd::Lanes<V> x_hat = (load_x<V>(src + i) - (mean - add)) * rstd;
         const simd::Lanes<V> dx = rstd * dx_inner<V>(simd::splat<V>(a), simd::load<V>(g + i), simd::splat<V>(m1),
                                                     x_hat, simd::splat<V>(m2));
-        simd::store<V>(out + i, dx);
+        store_x<V>(out + i, dx);
         return dx;
       });
     }
@@ -559,7 +578,7 @@ struct RowsSimd {
         constexpr int V = DDPM_W(w);
         const simd::Lanes<V> dx = rstd * dx_inner<V>(simd::splat<V>(a), simd::load<V>(g + i), simd::splat<V>(m1),
                                                     simd::load<V>(xh + i), simd::splat<V>(m2));
-        simd::store<V>(out + i, dx);
+        store_x<V>(out + i, dx);
         return dx;
       });
     }

@@ -8,6 +8,7 @@
 // width does the same arithmetic, and an element's result does not depend on W. Sums go through
 // sum32: 32 float partials, lane l holding the elements l mod 32, reduced by one fixed tree,
 // whatever W is. With both, the AVX2 and AVX-512 builds of a kernel give the same bits.
+// bfloat16 tensors go through the same float lanes (load_bf16 / store_bf16).
 //
 // Use only from always-inline code that ends up inside a function with a target attribute
 // (or in baseline code with W = 4): the vector types follow the enclosing function's ISA.
@@ -28,17 +29,22 @@ template <int W>
 struct LaneTypes {
   typedef float F __attribute__((vector_size(4 * W)));
   typedef uint32_t I __attribute__((vector_size(4 * W)));
+  typedef uint16_t H __attribute__((vector_size(2 * W)));
 };
 template <>
 struct LaneTypes<1> {
   using F = float;
   using I = uint32_t;
+  using H = uint16_t;
 };
 
 template <int W>
 using Lanes = typename LaneTypes<W>::F;
 template <int W>
 using IntLanes = typename LaneTypes<W>::I;
+
+template <int W>
+using HalfLanes = typename LaneTypes<W>::H;
 
 template <int W>
 using Width = std::integral_constant<int, W>;
@@ -92,6 +98,33 @@ DDPM_SIMD_INLINE Lanes<W> from_bits(IntLanes<W> i) {
   Lanes<W> v;
   std::memcpy(&v, &i, sizeof(v));
   return v;
+}
+
+// bfloat16 (the upper 16 bits of a float) in and out: widening is exact; narrowing rounds to
+// nearest even with NaN -> 0x7FC0, c10::BFloat16's own rounding, so a vector store writes the bits
+// that static_cast<c10::BFloat16>(float) would.
+template <int W>
+DDPM_SIMD_INLINE Lanes<W> load_bf16(const uint16_t* p) {
+  if constexpr (W == 1) {
+    return from_bits<1>(static_cast<uint32_t>(*p) << 16);
+  } else {
+    HalfLanes<W> h;
+    std::memcpy(&h, p, sizeof(h));
+    return from_bits<W>(__builtin_convertvector(h, IntLanes<W>) << 16);
+  }
+}
+
+template <int W>
+DDPM_SIMD_INLINE void store_bf16(uint16_t* p, Lanes<W> v) {
+  const IntLanes<W> bits = to_bits<W>(v);
+  const IntLanes<W> rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  if constexpr (W == 1) {
+    *p = v != v ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+  } else {
+    const IntLanes<W> nan = reinterpret_cast<IntLanes<W>>(v != v);  // all ones where v is NaN
+    const HalfLanes<W> h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), HalfLanes<W>);
+    std::memcpy(p, &h, sizeof(h));
+  }
 }
 
 // a * b + c, fused (one rounding) or not. kFused needs FMA: the AVX2 and AVX-512 builds.

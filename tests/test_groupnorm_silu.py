@@ -337,14 +337,15 @@ def _cpp_forward_and_grads(t, groups, channels_last=False, gy=None):
     return forward_and_grads(lambda u: apply(group_norm_silu, u, groups, backend="cpp"), t, gy)
 
 
-def test_cpp_avx512_and_avx2_builds_give_the_same_bits():
-    """The float rows' AVX-512 (16 lanes) and AVX2 (8 lanes) builds do the same arithmetic per element
-    and sum through the same 32 partials (csrc/simd.h): the same bits, forward and backward, NCHW and
-    channels_last, rows that end off both widths. Runs where the CPU has AVX-512 (CI on Xeons)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpp_avx512_and_avx2_builds_give_the_same_bits(dtype):
+    """The float and bfloat16 rows' AVX-512 (16 lanes) and AVX2 (8 lanes) builds do the same arithmetic
+    per element and sum through the same 32 partials (csrc/simd.h): the same bits, forward and backward,
+    NCHW and channels_last, rows that end off both widths. Runs where the CPU has AVX-512."""
     if "cpp" not in FAST_BACKENDS or "avx512" not in cpu_isas():
         pytest.skip("needs the cpp backend on a CPU with AVX-512")
     for shape, groups, cl in [((2, 64, 9, 11), 8, False), ((2, 48, 5, 7), 4, True), ((1, 40, 3, 3), 5, True)]:
-        t = make_inputs(shape, seed=21, channels_last=cl)
+        t = make_inputs(shape, dtype, seed=21, channels_last=cl)
         results = {}
         for isa in ("avx512", "avx2"):
             with use_cpu_isa(isa):
@@ -357,17 +358,44 @@ def test_cpp_avx512_and_avx2_builds_give_the_same_bits():
 
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_cpp_vector_and_tail_lanes_agree(isa, channels_last):
+def test_cpp_bf16_rows_are_the_fp32_rows_rounded_once(isa, channels_last):
+    """bfloat16 tensors run the float rows, widened on load (exact) and rounded once on store
+    (c10's round-to-nearest-even, NaN -> 0x7FC0): y and dx from bf16 x and dy are, bit for bit, the
+    fp32 op's y and dx on the same values rounded to bf16, and NaN where those are. The per-channel
+    parameters stay fp32 in both (autocast's case)."""
+    if "cpp" not in FAST_BACKENDS:
+        pytest.skip("cpp backend not built")
+    t = make_inputs((2, 40, 5, 7), torch.bfloat16, seed=13, channels_last=channels_last, extras=EXTRAS)
+    t = {k: v if k in ("x", "residual") else v.float() for k, v in t.items()}
+    t["x"][1, 5:10, 2, 3] = float("nan")  # one group of image 1 is NaN throughout
+    gy = grad_output(t["x"].shape, torch.bfloat16, "cpu")
+    t32 = {k: v.float() for k, v in t.items()}
+    with use_cpu_isa(isa):
+        y16, g16 = _cpp_forward_and_grads(t, 8, channels_last, gy)
+        y32, g32 = _cpp_forward_and_grads(t32, 8, channels_last, gy.float())
+    assert y16.dtype == torch.bfloat16 and y16[1, 5:10].isnan().all()
+    for got, want in ((y16, y32), (g16["x"], g32["x"])):
+        want = want.to(torch.bfloat16)
+        nan = want.isnan()  # (ATen's vector conversion writes NaN as 0xFFFF, c10's scalar one 0x7FC0)
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpp_vector_and_tail_lanes_agree(isa, channels_last, dtype):
     """Inside a row, elements go through the vector loop (16, 8 or 4 lanes) or the scalar tail; both
-    must do the same arithmetic. A row of 47 elements (2 x 16 + 15) repeating with period 16, and
-    coefficients equal along it (one group, no affine), gives y and dx repeating with period 16, bit
-    for bit: any lane whose arithmetic differs from the tail's shows as a mismatch."""
+    must do the same arithmetic (and, for bfloat16, the same widening and rounding). A row of 47
+    elements (2 x 16 + 15) repeating with period 16, and coefficients equal along it (one group, no
+    affine), gives y and dx repeating with period 16, bit for bit: any lane whose arithmetic differs
+    from the tail's shows as a mismatch."""
     if "cpp" not in FAST_BACKENDS:
         pytest.skip("cpp backend not built")
     g = torch.Generator().manual_seed(5)
 
     def periodic_row():  # shaped like x: 47 elements along the row, repeating every 16
-        row = (torch.randn(1, 16, generator=g, dtype=torch.float64).float() * 3).repeat(1, 3)[:, :47]
+        row = (torch.randn(1, 16, generator=g, dtype=torch.float64).to(dtype) * 3).repeat(1, 3)[:, :47]
         if channels_last:  # the row runs along C, at each of 2 x 3 pixels
             return row.reshape(1, 47, 1, 1).expand(1, 47, 2, 3).contiguous(memory_format=torch.channels_last)
         return row.reshape(1, 1, 1, 47).expand(2, 1, 3, 47).contiguous()
