@@ -4,10 +4,10 @@ ResnetBlock2D norm2: x + temb[:, :, None, None] -> GroupNorm(32) -> SiLU), again
 Modes (bytes = full-tensor reads + writes the op cannot avoid; weights and (N, C) inputs left out):
   fwd       y = SiLU(GroupNorm(x + temb) * w + b)     read x; write y                 2 tensors
   fwd+bwd   the forward, then dx, dw, db, d temb       + read x, dy; write dx          5 tensors
-Shapes (32 groups; fp32, bf16 too on CUDA): the CIFAR U-Net's at batch 128 (128, 128, 32, 32) and
-batch 1 (1, 128, 32, 32) and (1, 256, 8, 8) (sampling one image), plus (32, 256, 16, 16) and
-(8, 128, 64, 64). Layouts: NCHW everywhere; channels_last ("-cl" modes) at (32, 256, 16, 16) and
-(1, 128, 32, 32).
+Shapes (32 groups; fp32; bf16 too on CUDA, and on the CPU at (32, 256, 16, 16)): the CIFAR U-Net's
+at batch 128 (128, 128, 32, 32) and batch 1 (1, 128, 32, 32) and (1, 256, 8, 8) (sampling one image),
+plus (32, 256, 16, 16) and (8, 128, 64, 64). Layouts: NCHW everywhere; channels_last ("-cl" modes) at
+(32, 256, 16, 16) and (1, 128, 32, 32).
 Implementations: each fast backend on the device (cpp on CPU; triton on CUDA: this op has no CUDA
 C++ kernel), the reference in eager mode ("eager") and under torch.compile ("compile", which
 compiles the backward too).
@@ -27,12 +27,18 @@ GROUPS = 32
 SHAPES = [(128, 128, 32, 32), (32, 256, 16, 16), (8, 128, 64, 64), (1, 128, 32, 32), (1, 256, 8, 8)]
 CL_SHAPES = [(32, 256, 16, 16), (1, 128, 32, 32)]  # also benchmarked channels_last
 DTYPE_NAMES_HERE = ("fp32", "bf16") if ON_CUDA else ("fp32",)
+# On the CPU, bf16 (what the U-Net's GroupNorms get under autocast) at the 16x16 U-Net shape only
+BF16_CPU_SHAPES = [] if ON_CUDA else [(32, 256, 16, 16)]
 MODES = {"fwd": 2, "fwd+bwd": 5}  # tensors read + written
 CL_MODES = {f"{mode}-cl": count for mode, count in MODES.items()}
 IMPLS = [*(name for name in kernel_backends() if name != "cuda"), "eager", "compile"]
-PARAMS = op_cases(
-    "group_norm_silu", [(shape, dtype) for dtype in DTYPE_NAMES_HERE for shape in SHAPES], MODES, IMPLS
-) + op_cases("group_norm_silu", [(shape, dtype) for dtype in DTYPE_NAMES_HERE for shape in CL_SHAPES], CL_MODES, IMPLS)
+PARAMS = (
+    op_cases("group_norm_silu", [(shape, dtype) for dtype in DTYPE_NAMES_HERE for shape in SHAPES], MODES, IMPLS)
+    + op_cases(
+        "group_norm_silu", [(shape, dtype) for dtype in DTYPE_NAMES_HERE for shape in CL_SHAPES], CL_MODES, IMPLS
+    )
+    + op_cases("group_norm_silu", [(shape, "bf16") for shape in BF16_CPU_SHAPES], {**MODES, **CL_MODES}, IMPLS)
+)
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
