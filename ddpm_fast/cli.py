@@ -1,4 +1,5 @@
-"""Command line: `ddpm-fast check | train | sample | bench [--aot | --headline] | demo` (or `python -m ddpm_fast`).
+"""Command line: `ddpm-fast check | train | sample | bench [--aot | --headline] | demo | eval | fid-stats`
+(or `python -m ddpm_fast`).
 
 `train` and `sample` also read their options from a TOML file (`--config run.toml`, keys named
 as the flags, with dashes or underscores, at the top level or in a [train] / [sample] table);
@@ -180,6 +181,48 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .eval_shards import ShardError
+    from .evaluate import evaluate
+    from .fid_stats import StatsError
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "weights")}
+    weights = ["ema", "raw"] if args.weights == "both" else [args.weights]
+    if args.weights == "both" and options.get("out") is not None:
+        print("error: --weights both writes one directory per weights: leave --out unset", file=sys.stderr)
+        return 2
+    try:
+        for w in weights:
+            evaluate(weights=w, **options)
+    except (ValueError, FileNotFoundError, ShardError, StatsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _fid_stats(args: argparse.Namespace) -> int:
+    from .fid_stats import dataset_statistics, save_stats
+
+    try:
+        mu, sigma, info = dataset_statistics(
+            args.dataset,
+            data_dir=args.data_dir,
+            image_size=args.image_size,
+            split=args.split,
+            metric=args.metric,
+            inception_weights=args.inception_weights,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=args.progress,
+        )
+        path = save_stats(args.out, mu, sigma, num_images=info["num_images"])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: mu {tuple(mu.shape)}, sigma {tuple(sigma.shape)} from {info['num_images']} images")
+    return 0
+
+
 def _merge_config(args: argparse.Namespace, table: str) -> dict:
     """Options from --config (TOML), overridden by the flags actually given."""
     import tomllib
@@ -326,6 +369,96 @@ def _add_demo_parser(sub) -> None:
     demo.set_defaults(func=_demo)
 
 
+def _add_eval_parser(sub) -> None:
+    from .evaluate import METRICS
+    from .inception import INCEPTION_ENV, INCEPTION_FILE
+    from .solvers.registry import SCHEDULER_NAMES
+
+    ev = sub.add_parser(
+        "eval",
+        help="FID / Inception Score / classifier FID of a checkpoint's samples (sharded, resumable)",
+        description="Sample num-samples images from a checkpoint and score them: Inception FID against "
+        "--ref-stats (+ Inception Score), the Inception Score alone, or the digits/shapes classifier FID. Image i "
+        "comes from (seed, i) alone, so the result does not depend on --batch-size's split over processes; under "
+        "torchrun --nproc_per_node=N the work is shared. Progress is flushed to OUT/shards/: rerun the same command "
+        "to continue a killed run. Writes OUT/result.json (every setting) and OUT/samples.npz (pytorch-fid format).",
+    )
+    ev.add_argument("--checkpoint", required=True, help="run directory, step_XXXXXXXX directory or pipeline folder")
+    ev.add_argument("--num-samples", type=int, default=50_000, help="images to sample (default: 50000)")
+    ev.add_argument(
+        "--scheduler", choices=SCHEDULER_NAMES, default="dpmsolver++", help="sampler (default: dpmsolver++)"
+    )
+    ev.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
+    ev.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    ev.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: none)")
+    ev.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="fid",
+        help="fid: Inception FID against --ref-stats, plus the Inception Score; is: the Inception Score alone; "
+        "classifier_fid: the built-in dataset's classifier (no file needed; default reference: the held-out "
+        "split) (default: fid)",
+    )
+    ev.add_argument("--ref-stats", default=None, help="reference statistics npz (mu, sigma): ddpm-fast fid-stats")
+    ev.add_argument(
+        "--inception-weights",
+        default=None,
+        help=f"pytorch-fid's {INCEPTION_FILE} (default: ${INCEPTION_ENV})",
+    )
+    ev.add_argument("--batch-size", type=int, default=256, help="images per sampling batch (default: 256)")
+    ev.add_argument("--out", default=None, help="output directory (default: RUN/eval/<settings>)")
+    ev.add_argument(
+        "--weights", choices=("ema", "raw", "both"), default="ema", help="EMA or raw weights, or both (default: ema)"
+    )
+    ev.add_argument("--seed", type=int, default=0, help="image i's noise comes from (seed, i) (default: 0)")
+    ev.add_argument("--save-images", action="store_true", help="also write every image as OUT/images/NNNNNN.png")
+    ev.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default: 10)")
+    ev.add_argument("--dataset", default=None, help="dataset of the classifier FID and --nll (default: the run's)")
+    ev.add_argument("--nll", action="store_true", help="also the bits/dim of the dataset's held-out split")
+    ev.add_argument("--nll-t-stride", type=int, default=1, help="--nll: every s-th KL term (default: 1, all)")
+    ev.add_argument("--nll-num-images", type=int, default=None, help="--nll: the first N images (default: all)")
+    ev.add_argument("--nll-batch-size", type=int, default=None, help="--nll: images per batch (default: --batch-size)")
+    ev.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    ev.add_argument(
+        "--flush-every-s", type=float, default=60.0, help="seconds between shard flushes per process (default: 60)"
+    )
+    ev.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (default: on)"
+    )
+    ev.set_defaults(func=_eval)
+
+
+def _add_fid_stats_parser(sub) -> None:
+    from .inception import INCEPTION_ENV, INCEPTION_FILE
+
+    fs = sub.add_parser(
+        "fid-stats",
+        help="reference FID statistics (pytorch-fid's npz: mu, sigma) of a dataset or image folder",
+        description="Features of every image of a built-in dataset or an image folder (quantised to 8 bits, as "
+        "evaluated samples are), written as pytorch-fid's npz (mu, sigma), which pytorch-fid and clean-fid read.",
+    )
+    fs.add_argument("--dataset", required=True, help="digits, shapes or folder")
+    fs.add_argument("--data-dir", default=None, help="the image folder for --dataset folder")
+    fs.add_argument("--image-size", type=int, default=None, help="image side (default: 16 for built-in datasets)")
+    fs.add_argument("--split", default=None, help="train, test or all (default: test; a folder: every image)")
+    fs.add_argument(
+        "--metric",
+        choices=("fid", "classifier_fid"),
+        default="fid",
+        help="Inception pool3 (fid) or the built-in dataset's classifier features (default: fid)",
+    )
+    fs.add_argument(
+        "--inception-weights", default=None, help=f"pytorch-fid's {INCEPTION_FILE} (default: ${INCEPTION_ENV})"
+    )
+    fs.add_argument("--batch-size", type=int, default=100, help="images per batch (default: 100)")
+    fs.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    fs.add_argument("--out", required=True, help="the npz to write")
+    fs.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (default: on)"
+    )
+    fs.set_defaults(func=_fid_stats)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast DDPM/DDIM kernels and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -373,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_parser(sub)
     _add_sample_parser(sub)
     _add_demo_parser(sub)
+    _add_eval_parser(sub)
+    _add_fid_stats_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "bench":  # the headline JSON records the command line
         args.argv = list(argv) if argv is not None else sys.argv[1:]

@@ -91,7 +91,6 @@ def load_stats(path: str | os.PathLike, *, dim: int | None = None) -> tuple[torc
     return torch.from_numpy(mu.astype(np.float64)), torch.from_numpy(sigma.astype(np.float64))
 
 
-@torch.no_grad()
 def dataset_statistics(
     dataset: str,
     *,
@@ -137,7 +136,7 @@ def dataset_statistics(
         bar = tqdm(total=len(data), desc="fid-stats", unit="img", dynamic_ncols=True)
     for lo in range(0, len(data), batch_size):
         images = torch.stack([data[i][0] for i in range(lo, min(lo + batch_size, len(data)))])
-        feats, _ = net(quantize_8bit(images.to(device)))
+        feats, _ = net(quantize_8bit(images.to(device)))  # FeatureNetwork runs without gradients
         acc.add(feats, None, torch.arange(lo, lo + images.shape[0]))
         if bar is not None:
             bar.update(images.shape[0])
