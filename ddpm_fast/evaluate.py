@@ -730,3 +730,91 @@ def result_line(result: dict[str, Any]) -> str:
     )
     parts.append(f"{result['seconds']:.1f} s")
     return " | ".join(parts)
+
+
+# ---------------------------------------------------------------- during training
+class TrainingEval:
+    """The trainer's ``--eval-every`` hook: FID of the EMA weights on ``eval_samples`` images with the
+    fast sampler (``eval_scheduler``, ``eval_steps``), the same image set (seed 0) at every step.
+
+    ``eval_metric="auto"``: Inception FID when ``eval_inception_weights`` is given (against
+    ``eval_ref_stats``), else the built-in dataset's classifier FID against its held-out split. The
+    network and the reference statistics are built on first use (the classifier is cached in the
+    run directory); under DDP every rank samples its share and the sums are all-reduced."""
+
+    def __init__(self, config: Any, run_dir: Path, device: torch.device, image_shape: tuple[int, ...], dist_: Any):
+        self.config, self.device, self.dist = config, device, dist_
+        self.metric = training_eval_metric(config)
+        if not dist_.is_main:
+            dist_.barrier()
+        self.net = feature_network(
+            self.metric,
+            dataset=config.dataset,
+            image_size=image_shape[1],
+            channels=image_shape[0],
+            inception_weights=config.eval_inception_weights,
+            device=device,
+            classifier_cache=run_dir / "eval_cache",
+        )
+        if dist_.is_main:
+            dist_.barrier()
+        if config.eval_ref_stats is not None:
+            self.ref = load_stats(config.eval_ref_stats, dim=self.net.feature_dim)
+        else:
+            from .fid_stats import dataset_statistics
+
+            mu, sigma, _ = dataset_statistics(
+                config.dataset,
+                image_size=image_shape[1],
+                metric=self.metric,
+                device=device,
+                classifier_cache=run_dir / "eval_cache",
+            )
+            self.ref = (mu, sigma)
+
+    def __call__(self, model: torch.nn.Module, scheduler_config: Any, step: int) -> dict[str, Any]:
+        config = self.config
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            acc = sample_statistics(
+                model,
+                scheduler_config,
+                self.net,
+                num_samples=config.eval_samples,
+                scheduler=config.eval_scheduler,
+                steps=config.eval_steps,
+                seed=0,
+                batch_size=min(256, config.eval_samples),
+                device=self.device,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
+        finally:
+            model.train(was_training)
+        figures = fid_and_is(acc, self.ref)
+        name = "classifier_fid" if self.metric == "classifier_fid" else "fid"
+        return {
+            "step": step,
+            name: figures["fid"],
+            "eval_samples": acc.count,
+            "eval_scheduler": f"{config.eval_scheduler}-{config.eval_steps}",
+            "eval_seconds": time.perf_counter() - t0,
+        }
+
+
+def training_eval_metric(config: Any) -> str:
+    """The metric of the trainer's ``--eval-every`` (``config.eval_metric``, "auto" resolved), or a
+    ValueError saying what is missing."""
+    metric = config.eval_metric
+    if metric == "auto":
+        metric = "fid" if config.eval_inception_weights is not None else "classifier_fid"
+    if metric == "classifier_fid" and config.dataset not in ("digits", "shapes"):
+        raise ValueError(
+            f"--eval-every on dataset {config.dataset!r}: the classifier FID exists for digits and shapes only; give "
+            "--eval-inception-weights and --eval-ref-stats for the Inception FID"
+        )
+    if metric == "fid" and config.eval_ref_stats is None:
+        raise ValueError("--eval-metric fid needs --eval-ref-stats (ddpm-fast fid-stats makes them)")
+    return metric

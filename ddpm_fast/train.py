@@ -118,6 +118,19 @@ class TrainConfig:
     sample_images: int = _opt(64, "images per sample grid (0: no grids)")
     sample_steps: int = _opt(50, "sampler steps for the grids")
     sample_scheduler: str = _opt("ddim", "sampler for the grids: " + ", ".join(SCHEDULER_NAMES))
+    eval_every: int = _opt(
+        0, "FID of the EMA weights every N steps with the fast sampler, logged to metrics.jsonl (0: off)"
+    )
+    eval_samples: int = _opt(1000, "images per in-training FID (the same seeds each time)")
+    eval_metric: str = _opt(
+        "auto", "in-training metric: auto (fid with --eval-inception-weights, else classifier_fid), fid, classifier_fid"
+    )
+    eval_scheduler: str = _opt("dpmsolver++", "sampler of the in-training FID: " + ", ".join(SCHEDULER_NAMES))
+    eval_steps: int = _opt(20, "sampler steps of the in-training FID")
+    eval_inception_weights: str | None = _opt(None, "pytorch-fid's Inception weights file for the in-training FID")
+    eval_ref_stats: str | None = _opt(
+        None, "reference statistics npz of the in-training FID (default for classifier_fid: the held-out split)"
+    )
     log_every: int = _opt(50, "append metrics to metrics.jsonl every N steps")
     progress: bool = _opt(True, "show a tqdm progress bar")
 
@@ -170,6 +183,15 @@ class TrainConfig:
         if self.noise not in NOISE_SOURCES:
             raise ValueError(f"unknown noise {self.noise!r}; valid: {', '.join(NOISE_SOURCES)}")
         self.sample_scheduler = normalize_choice("sample_scheduler", self.sample_scheduler, SCHEDULER_NAMES)
+        self.eval_scheduler = normalize_choice("eval_scheduler", self.eval_scheduler, SCHEDULER_NAMES)
+        if self.eval_every < 0 or self.eval_samples < 2 or self.eval_steps < 1:
+            raise ValueError("eval_every must be >= 0, eval_samples >= 2 and eval_steps >= 1")
+        if self.eval_metric not in ("auto", "fid", "classifier_fid"):
+            raise ValueError(f"unknown eval_metric {self.eval_metric!r}; valid: auto, fid, classifier_fid")
+        if self.eval_every:
+            from .evaluate import training_eval_metric
+
+            training_eval_metric(self)  # a missing file or dataset fails now, not at the first evaluation
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("--dataset folder needs --data-dir")
 
@@ -210,6 +232,13 @@ RESUMABLE_CHANGES = frozenset(
         "sample_images",
         "sample_steps",
         "sample_scheduler",
+        "eval_every",
+        "eval_samples",
+        "eval_metric",
+        "eval_scheduler",
+        "eval_steps",
+        "eval_inception_weights",
+        "eval_ref_stats",
         "log_every",
         "progress",
         "num_workers",
@@ -751,6 +780,17 @@ class Trainer:
         )
         return save_grid(images, self.run_dir / "samples" / f"{ckpt.step_dir_name(self.step)}.png", scale=2)
 
+    def evaluate_samples(self) -> dict:
+        """FID of the EMA weights (``ddpm_fast.evaluate.TrainingEval``), appended to metrics.jsonl by rank 0."""
+        from .evaluate import TrainingEval
+
+        if getattr(self, "_evaluator", None) is None:
+            shape = (self.in_channels, self.config.image_size, self.config.image_size)
+            self._evaluator = TrainingEval(self.config, self.run_dir, self.device, shape, self.dist)
+        record = self._evaluator(self.ema.model, self.scheduler_config, self.step)
+        self._log(record)
+        return record
+
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -830,11 +870,17 @@ class Trainer:
                     self.save()
                 if config.sample_every and self.step % config.sample_every == 0:
                     self.write_samples()
+                if config.eval_every and self.step % config.eval_every == 0:
+                    t_eval = time.perf_counter()
+                    self.evaluate_samples()
+                    window_start += time.perf_counter() - t_eval  # images/s leaves the evaluation out
             self._check_finite(first_bad)
             if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.step_dir_name(self.step):
                 self.save()
             if config.sample_images and not (config.sample_every and self.step % config.sample_every == 0):
                 self.write_samples()
+            if config.eval_every and self.step % config.eval_every:
+                self.evaluate_samples()
         finally:
             bar.close()
         return TrainResult(
