@@ -2,6 +2,7 @@
 
 from ._backends import backends
 from .checkpoint import CheckpointError, export_pipeline, load_for_sampling
+from .evaluation import evaluate
 from .ops import attention, attention_block, group_norm_silu, posterior_step, q_sample
 from .sampler import sample
 from .schedule import Schedule, SchedulerConfig, StepConfig
@@ -21,6 +22,7 @@ __all__ = [
     "attention",
     "attention_block",
     "backends",
+    "evaluate",
     "export_pipeline",
     "group_norm_silu",
     "load_for_sampling",

@@ -183,7 +183,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .eval_shards import ShardError
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .fid_stats import StatsError
 
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "weights")}
@@ -370,7 +370,7 @@ def _add_demo_parser(sub) -> None:
 
 
 def _add_eval_parser(sub) -> None:
-    from .evaluate import METRICS
+    from .evaluation import METRICS
     from .inception import INCEPTION_ENV, INCEPTION_FILE
     from .solvers.registry import SCHEDULER_NAMES
 

@@ -110,7 +110,7 @@ def dataset_statistics(
     datasets, "train" (every image) for a folder."""
     from .data import make_dataset
     from .eval_shards import FeatureAccumulator
-    from .evaluate import feature_network, quantize_8bit
+    from .evaluation import feature_network, quantize_8bit
 
     if dataset == "folder" and data_dir is None:
         raise ValueError("--dataset folder needs --data-dir (a directory of images)")

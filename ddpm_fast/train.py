@@ -189,7 +189,7 @@ class TrainConfig:
         if self.eval_metric not in ("auto", "fid", "classifier_fid"):
             raise ValueError(f"unknown eval_metric {self.eval_metric!r}; valid: auto, fid, classifier_fid")
         if self.eval_every:
-            from .evaluate import training_eval_metric
+            from .evaluation import training_eval_metric
 
             training_eval_metric(self)  # a missing file or dataset fails now, not at the first evaluation
         if self.dataset == "folder" and not self.data_dir:
@@ -781,8 +781,8 @@ class Trainer:
         return save_grid(images, self.run_dir / "samples" / f"{ckpt.step_dir_name(self.step)}.png", scale=2)
 
     def evaluate_samples(self) -> dict:
-        """FID of the EMA weights (``ddpm_fast.evaluate.TrainingEval``), appended to metrics.jsonl by rank 0."""
-        from .evaluate import TrainingEval
+        """FID of the EMA weights (``ddpm_fast.evaluation.TrainingEval``), appended to metrics.jsonl by rank 0."""
+        from .evaluation import TrainingEval
 
         if getattr(self, "_evaluator", None) is None:
             shape = (self.in_channels, self.config.image_size, self.config.image_size)

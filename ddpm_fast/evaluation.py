@@ -1,4 +1,4 @@
-"""``ddpm_fast.evaluate`` / ``ddpm-fast eval``: FID, Inception Score and classifier FID of a checkpoint's
+"""``ddpm_fast.evaluate()`` / ``ddpm-fast eval``: FID, Inception Score and classifier FID of a checkpoint's
 samples (and optionally its bits/dim on the data), sharded over processes and resumable.
 
 The image set is a pure function of (seed, index): image i starts from noise drawn by its own
