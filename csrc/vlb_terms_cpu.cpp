@@ -103,11 +103,12 @@ DDPM_BODY float kl_var_term(float d) {
 }
 
 // (d, lvp) of one element: the log-variance gap to the true posterior and the model log-variance.
+template <int VAR>
 DDPM_BODY void kl_logvar(const KlRow& r, float v, float* d, float* lvp) {
-  if (r.var == kVlbLearnedRange) {
+  if constexpr (VAR == kVlbLearnedRange) {
     *d = (v + 1.0f) * r.D_half;
     *lvp = r.lvq + *d;
-  } else if (r.var == kVlbLearned) {
+  } else if constexpr (VAR == kVlbLearned) {
     *lvp = std::log(std::max(v, kVarFloor));
     *d = *lvp - r.lvq;
   } else {
@@ -116,40 +117,86 @@ DDPM_BODY void kl_logvar(const KlRow& r, float v, float* d, float* lvp) {
   }
 }
 
-DDPM_BODY void kl_fwd_chunk_body(const KlRow& r, int64_t len, const float* out, const float* v, const float* x0,
-                                 const float* xt, double* sum) {
-  double acc = 0.0;
+// The loops are specialised on the variance type and the clip (no branch inside, so they vectorise);
+// the forward writes each element's term to `vals` and sums them in a second loop with 8 float64
+// accumulators (a float64 reduction in one accumulator would keep the first loop scalar).
+template <int VAR, bool CLIP>
+DDPM_BODY void kl_fwd_loop(const KlRow& r, int64_t len, const float* __restrict__ out, const float* __restrict__ v,
+                           const float* __restrict__ x0, const float* __restrict__ xt, float* __restrict__ vals) {
   for (int64_t i = 0; i < len; ++i) {
     float x0p = r.a * xt[i] + r.b * out[i];
-    if (r.clip) x0p = std::min(std::max(x0p, -1.0f), 1.0f);
+    if constexpr (CLIP) x0p = std::min(std::max(x0p, -1.0f), 1.0f);
     const float diff = r.c1 * (x0[i] - x0p);
     float d, lvp;
-    kl_logvar(r, v ? v[i] : 0.0f, &d, &lvp);
-    acc += static_cast<double>(0.5f * (kl_var_term(d) + diff * diff * vexp(-lvp)));
+    kl_logvar<VAR>(r, VAR == kVlbFixed ? 0.0f : v[i], &d, &lvp);
+    vals[i] = 0.5f * (kl_var_term(d) + diff * diff * vexp(-lvp));
   }
-  *sum += acc;
+}
+
+DDPM_BODY void kl_fwd_chunk_body(const KlRow& r, int64_t len, const float* out, const float* v, const float* x0,
+                                 const float* xt, double* sum) {
+  float vals[kChunk];
+  switch (r.var * 2 + (r.clip ? 1 : 0)) {
+    case kVlbLearnedRange * 2: kl_fwd_loop<kVlbLearnedRange, false>(r, len, out, v, x0, xt, vals); break;
+    case kVlbLearnedRange * 2 + 1: kl_fwd_loop<kVlbLearnedRange, true>(r, len, out, v, x0, xt, vals); break;
+    case kVlbLearned * 2: kl_fwd_loop<kVlbLearned, false>(r, len, out, v, x0, xt, vals); break;
+    case kVlbLearned * 2 + 1: kl_fwd_loop<kVlbLearned, true>(r, len, out, v, x0, xt, vals); break;
+    case kVlbFixed * 2 + 1: kl_fwd_loop<kVlbFixed, true>(r, len, out, v, x0, xt, vals); break;
+    default: kl_fwd_loop<kVlbFixed, false>(r, len, out, v, x0, xt, vals); break;
+  }
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(vals[i + k]);
+  }
+  for (; i < len; ++i) acc[0] += static_cast<double>(vals[i]);
+  *sum += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <int VAR, bool CLIP, bool MEAN_GRAD>
+DDPM_BODY void kl_bwd_loop(const KlRow& r, int64_t len, const float* __restrict__ out, const float* __restrict__ v,
+                           const float* __restrict__ x0, const float* __restrict__ xt, float* __restrict__ g_mean,
+                           float* __restrict__ g_var) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float raw = r.a * xt[i] + r.b * out[i];
+    float x0p = raw, mask = 1.0f;
+    if constexpr (CLIP) {
+      x0p = std::min(std::max(raw, -1.0f), 1.0f);
+      mask = (raw >= -1.0f && raw <= 1.0f) ? 1.0f : 0.0f;
+    }
+    const float diff = r.c1 * (x0[i] - x0p);
+    float d, lvp;
+    const float vi = VAR == kVlbFixed ? 0.0f : v[i];
+    kl_logvar<VAR>(r, vi, &d, &lvp);
+    const float e = vexp(-lvp);
+    // dKL/dmu_p = -diff e; dmu_p/dout = c1 b (inside the clip)
+    if constexpr (MEAN_GRAD) g_mean[i] = -(diff * e) * (r.c1 * r.b) * mask * r.scale;
+    else g_mean[i] = 0.0f;
+    if constexpr (VAR != kVlbFixed) {
+      // dKL/dlvp = 0.5 (1 - exp(-d) - diff^2 e), 1 - exp(-d) = d - f(d)
+      const float dlvp = 0.5f * ((d - kl_var_term(d)) - diff * diff * e);
+      float dv;
+      if constexpr (VAR == kVlbLearnedRange) dv = r.D_half;
+      else dv = vi > kVarFloor ? 1.0f / vi : 0.0f;
+      g_var[i] = dlvp * dv * r.scale;
+    }
+  }
+}
+
+template <int VAR>
+DDPM_BODY void kl_bwd_var(const KlRow& r, int64_t len, const float* out, const float* v, const float* x0,
+                          const float* xt, float* g_mean, float* g_var) {
+  if (r.clip && r.mean_grad) kl_bwd_loop<VAR, true, true>(r, len, out, v, x0, xt, g_mean, g_var);
+  else if (r.clip) kl_bwd_loop<VAR, true, false>(r, len, out, v, x0, xt, g_mean, g_var);
+  else if (r.mean_grad) kl_bwd_loop<VAR, false, true>(r, len, out, v, x0, xt, g_mean, g_var);
+  else kl_bwd_loop<VAR, false, false>(r, len, out, v, x0, xt, g_mean, g_var);
 }
 
 DDPM_BODY void kl_bwd_chunk_body(const KlRow& r, int64_t len, const float* out, const float* v, const float* x0,
                                  const float* xt, float* g_mean, float* g_var) {
-  for (int64_t i = 0; i < len; ++i) {
-    const float raw = r.a * xt[i] + r.b * out[i];
-    const float x0p = r.clip ? std::min(std::max(raw, -1.0f), 1.0f) : raw;
-    const float mask = (!r.clip || (raw >= -1.0f && raw <= 1.0f)) ? 1.0f : 0.0f;
-    const float diff = r.c1 * (x0[i] - x0p);
-    float d, lvp;
-    const float vi = v ? v[i] : 0.0f;
-    kl_logvar(r, vi, &d, &lvp);
-    const float e = vexp(-lvp);
-    // dKL/dmu_p = -diff e; dmu_p/dout = c1 b (inside the clip)
-    g_mean[i] = r.mean_grad ? -(diff * e) * (r.c1 * r.b) * mask * r.scale : 0.0f;
-    if (g_var) {
-      // dKL/dlvp = 0.5 (1 - exp(-d) - diff^2 e), 1 - exp(-d) = d - f(d)
-      const float dlvp = 0.5f * ((d - kl_var_term(d)) - diff * diff * e);
-      const float dv = r.var == kVlbLearnedRange ? r.D_half : (vi > kVarFloor ? 1.0f / vi : 0.0f);
-      g_var[i] = dlvp * dv * r.scale;
-    }
-  }
+  if (r.var == kVlbLearnedRange) kl_bwd_var<kVlbLearnedRange>(r, len, out, v, x0, xt, g_mean, g_var);
+  else if (r.var == kVlbLearned) kl_bwd_var<kVlbLearned>(r, len, out, v, x0, xt, g_mean, g_var);
+  else kl_bwd_var<kVlbFixed>(r, len, out, v, x0, xt, g_mean, g_var);
 }
 
 DDPM_ISA_VARIANTS(kl_fwd_chunk,
