@@ -1,5 +1,6 @@
 """sample(): the drop-in sampling loop (DDPM ancestral, DDIM, DPM-Solver++, UniPC, Euler, Euler
-ancestral, Heun, score-SDE predictor-corrector; classifier-free guidance, SDEdit).
+ancestral, Heun, score-SDE predictor-corrector; classifier-free guidance, classifier guidance,
+SDEdit).
 
 Arguments -> a plan -> one loop: the solver (``ddpm_fast.solvers.resolve``) plans the run (its
 timesteps and coefficients, on the device before the loop starts), and a stepper
@@ -11,6 +12,15 @@ once per chunk size in a CUDA graph and replayed per step, reading the model's t
 int64 row (prev_t / step index, seed) from static device buffers (and, with one generator per
 image, the step's noise, drawn from the chunk's generators just before the replay); the model
 runs under bf16 autocast while the step math stays in fp32.
+
+Classifier guidance (Dhariwal & Nichol 2021): ``classifier=`` (a noise-aware classifier
+``classifier(x_t, t) -> logits``, e.g. ``ddpm_fast.classifier.Classifier``) with ``classifier_scale``
+and ``class_labels``, or any ``guidance=fn`` with ``fn(x_t, t) -> gradient``: each step computes the
+gradient g = s grad_x log p(y | x_t, t) with autograd on the classifier alone (one batched forward
+and backward), and the fused step takes g as one more input (DDPM: mean + sigma_t^2 g; the other
+samplers: eps - sqrt(1 - a_bar_t) g, through the model output; ``reference.posterior_step``,
+``solvers.base.with_guidance``). On CUDA the classifier's forward and backward are captured in the
+step's graph with the model.
 
 With ``noise="torch"`` every random tensor is drawn as diffusers draws it (``randn_tensor``:
 same shapes, generator(s), order, and the same skipped draw at DDPM's t = 0), so
@@ -35,6 +45,7 @@ from ._backends import cpu_has_amx
 from .ops import no_value_checks
 from .ops.noising import q_sample
 from .schedule import Schedule, SchedulerConfig
+from .solvers.base import with_guidance
 from .solvers.posterior import PosteriorPlan
 from .solvers.registry import default_steps, resolve, step_fn_for
 from .steppers import make_stepper
@@ -63,6 +74,9 @@ def sample(
     guidance_scale: float | None = None,
     class_labels: torch.Tensor | Sequence[int] | int | None = None,
     null_class_label: int | None = None,
+    classifier: Callable[..., Any] | None = None,
+    classifier_scale: float | None = None,
+    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     generator: Generators = None,
     x_T: torch.Tensor | None = None,
     image: torch.Tensor | None = None,
@@ -77,6 +91,7 @@ def sample(
     cuda_graph: bool | None = None,
     device: torch.device | str | None = None,
     backend: str | None = None,
+    decode: Any = None,
 ) -> torch.Tensor | np.ndarray | list:
     """Generate images from a noise-prediction model with DDPM, DDIM or a few-step solver.
 
@@ -102,7 +117,19 @@ def sample(
         guidance_scale: classifier-free guidance s (s = 1 or None: no unconditional pass). Needs
             ``class_labels`` and a null label (``model.null_class_label`` or ``null_class_label``);
             each step calls the model once on the batch [uncond, cond].
-        class_labels: (N,) int labels, a sequence, or one int for all images.
+        class_labels: (N,) int labels, a sequence, or one int for all images: the model's (when it
+            is class-conditional) and the classifier's.
+        classifier: classifier guidance: a noise-aware classifier ``classifier(x_t, t)`` returning
+            (N, num_classes) logits (or an object with ``.logits``); needs ``class_labels`` in
+            [0, num_classes). Each step adds g = classifier_scale * grad_x log softmax(logits)[y]
+            (autograd through the classifier alone, batched) to the step: DDPM shifts the
+            posterior mean by sigma_t^2 g after the x0 clip, the other samplers shift eps by
+            -sqrt(1 - a_bar_t) g (x0 and v predictions converted to match). The model itself may be
+            unconditional (labels then go to the classifier only) or take the labels too
+            (classifier and classifier-free guidance together).
+        classifier_scale: s of classifier guidance (default 1.0).
+        guidance: instead of a classifier, any ``guidance(x_t, t) -> g`` returning the gradient to
+            add (shaped like x_t; scale included), used as classifier guidance uses its gradient.
         generator: a ``torch.Generator`` or a list of one per image (each image's noise drawn from
             its own generator with torch, as diffusers does, whatever ``noise`` says).
         x_T: (N, *shape) starting noise instead of a draw.
@@ -123,6 +150,11 @@ def sample(
         cuda_graph: capture model + step in a CUDA graph (default: on CUDA, where possible).
         device: default the model's parameters' device, else x_T's / image's, else the CPU.
         backend: the posterior_step backend ("cpp", "cuda", "triton", "reference"); default the fastest.
+        decode: latent diffusion: the final latents are decoded into images before ``output_type``
+            applies: a ``ddpm_fast.latent.Autoencoder`` (its scaling applied, decoded in its chunks,
+            bf16 on CUDA), a diffusers ``AutoencoderKL`` / ``VQModel``, a local autoencoder folder, or
+            a callable ``decode(latents) -> images`` used as is. ``output_type="tensor"`` then returns
+            the decoder's raw images.
 
     Returns:
         (N, *shape) float tensor on the device for "tensor"/"pt", an (N, H, W, C) array for "np",
@@ -132,6 +164,12 @@ def sample(
         raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
     noise = _choice("noise", noise, NOISE_MODES)
     output_type = _choice("output_type", output_type, OUTPUT_TYPES)
+    if decode is not None:  # resolved before the loop: a bad decoder fails before any sampling
+        from .latent import as_autoencoder
+
+        decoder = as_autoencoder(decode)
+    else:
+        decoder = None
     device = _resolve_device(device, model, x_T, image)
 
     # Arguments -> a plan: the solver, its timesteps and coefficients, on the device before the loop.
@@ -168,7 +206,7 @@ def sample(
 
     # Conditioning.
     guided = guidance_scale is not None and float(guidance_scale) != 1.0
-    labels = _resolve_labels(model, class_labels, batch_size, device, guidance_scale)
+    labels = _resolve_labels(model, class_labels, batch_size, device, guidance_scale, classifier is not None)
     null = None
     if guided:
         null = null_class_label if null_class_label is not None else getattr(model, "null_class_label", None)
@@ -177,8 +215,11 @@ def sample(
                 "classifier-free guidance needs a null (unconditional) class label: the model has none "
                 "(model.null_class_label is None or missing; train with label dropout, or pass null_class_label=)"
             )
-    if labels is not None:
+    if labels is not None and _takes_class_labels(model):
         _check_label_range(model, labels, null)
+    guide_fn = _guidance_fn(classifier, classifier_scale, guidance, labels)
+    if guide_fn is not None:
+        plan = _plan_with_guidance(plan, solver, schedule, name)
 
     generators = _resolve_generators(generator, batch_size, device)
     torch_noise = noise == "torch" or isinstance(generators, list)
@@ -190,7 +231,7 @@ def sample(
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device; sampling runs on {device}")
     autocast_dtype = _autocast_dtype(dtype, device)
-    runner = _ModelRunner(model, device, autocast_dtype, guided, compile)
+    runner = _ModelRunner(model, device, autocast_dtype, guided, compile, pass_labels=_takes_class_labels(model))
     step_numel = min(chunk, batch_size) * math.prod(image_shape)  # the backend's size class: one chunk
     guidance = guidance_scale if guided else None
     # CPU-generator draws (diffusers' order) cannot be captured: those loops run uncaptured.
@@ -210,20 +251,25 @@ def sample(
         draw: bool,
         z: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One step on x: the model on [uncond, cond] (or x), then the step. ``t_row`` holds the
-        model batch's t, ``row`` the step's int64 arguments (stepper.row_for); torch noise is ``z``
-        when given (drawn by the caller), else drawn here from ``gens`` where the step draws."""
+        """One step on x: the model on [uncond, cond] (or x), the guidance gradient (classifier
+        guidance), then the step. ``t_row`` holds the model batch's t, ``row`` the step's int64
+        arguments (stepper.row_for); torch noise is ``z`` when given (drawn by the caller), else
+        drawn here from ``gens`` where the step draws."""
         nonlocal checked
         n = x.shape[0]
         n_model = 2 * n if guided else n
         with no_value_checks():  # t and the labels were checked before the loop: no per-step device reads
             out = runner(x, t_row, chunk_labels)
+            guide = None
+            if guide_fn is not None:
+                y = None if chunk_labels is None else chunk_labels[n_model - n :]  # the cond half's labels
+                guide = guide_fn(x, t_row[:n], y, runner.autocast_context, check=not checked)
             if not checked:
                 _check_model_output(out, x, n_model, plan)
                 checked = True
             if z is None and torch_noise and draw:
                 z = _randn(x.shape, gens, device, x.dtype)
-            return stepper(out, x, t_row, row, z, draw)
+            return stepper(out, x, t_row, row, z, draw, guide)
 
     result = torch.empty((batch_size, *image_shape), dtype=state_dtype, device=device)
     graphs: dict[int, _CudaGraphStep] = {}
@@ -290,6 +336,8 @@ def sample(
                 bar.update(1)
             result[lo:hi].copy_(x)
     bar.close()
+    if decoder is not None:
+        result = decoder.decode(result)
     return _postprocess(result, output_type)
 
 
@@ -392,12 +440,13 @@ def _resolve_labels(
     n: int,
     device: torch.device,
     guidance_scale: float | None,
+    for_classifier: bool = False,
 ) -> torch.Tensor | None:
     if class_labels is None:
         if guidance_scale is not None:
             raise ValueError("guidance_scale needs class_labels: classifier-free guidance is over class labels")
         return None
-    if not _takes_class_labels(model):
+    if not for_classifier and not _takes_class_labels(model):
         raise ValueError(
             "class_labels (or guidance_scale) given, but the model is not class-conditional "
             "(no class embedding / num_classes, and model(x, t) takes no class_labels)"
@@ -414,6 +463,124 @@ def _resolve_labels(
         if labels.shape != (n,):
             raise ValueError(f"class_labels must hold one label per image ({n}), got shape {tuple(labels.shape)}")
     return labels.contiguous()
+
+
+def _guidance_fn(
+    classifier: Callable[..., Any] | None,
+    scale: float | None,
+    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    labels: torch.Tensor | None,
+) -> _ClassifierGuidance | _CallableGuidance | None:
+    """What computes each step's guidance gradient, or None (no classifier guidance). The labels'
+    range is read once here (one device read), against the classifier's ``num_classes`` when it
+    tells one (else against its logits at the first step)."""
+    if classifier is None and guidance is None:
+        if scale is not None:
+            raise ValueError("classifier_scale applies to classifier guidance: pass classifier= as well")
+        return None
+    if classifier is not None and guidance is not None:
+        raise ValueError("pass either classifier= (with class_labels) or guidance= (a gradient function), not both")
+    if guidance is not None:
+        if not callable(guidance):
+            raise TypeError(f"guidance must be callable as guidance(x_t, t) -> gradient, got {type(guidance).__name__}")
+        if scale is not None:
+            raise ValueError("classifier_scale applies to classifier=; a guidance function returns its scaled gradient")
+        return _CallableGuidance(guidance)
+    if not callable(classifier):
+        raise TypeError(f"classifier must be callable as classifier(x_t, t) -> logits, got {type(classifier).__name__}")
+    if labels is None:
+        raise ValueError(
+            "classifier guidance needs class_labels: the class each image is guided towards (one per image, or one int)"
+        )
+    scale = 1.0 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"classifier_scale must be a finite number, got {scale}")
+    low, high = torch.stack(torch.aminmax(labels)).tolist()  # one read of the device
+    num_classes = _cfg(classifier, "num_classes")
+    if low < 0 or (_is_count(num_classes) and high >= num_classes):
+        top = f"[0, {num_classes - 1}]" if _is_count(num_classes) else "[0, num_classes)"
+        raise ValueError(f"class labels must lie in {top} for this classifier, got {low}..{high}")
+    if scale == 0.0:  # no guidance: the step without a guide (what a zero gradient gives, bit for bit)
+        return None
+    return _ClassifierGuidance(classifier, scale, high)
+
+
+class _ClassifierGuidance:
+    """g = scale * grad_x sum_i log softmax(classifier(x, t))[i, y_i]: one batched forward and
+    backward through the classifier (autograd on it alone, under the model's autocast), the
+    per-image terms being independent. Returns g in x's dtype."""
+
+    def __init__(self, classifier: Callable[..., Any], scale: float, top_label: int):
+        self.classifier, self.scale, self.top_label = classifier, scale, top_label
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, autocast: Callable, check: bool
+    ) -> torch.Tensor:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            with autocast():
+                logits = self.classifier(x_in, t)
+            logits = getattr(logits, "logits", logits)
+            if check:
+                _check_logits(logits, x, self.top_label)
+            log_p = torch.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None]).sum()
+            (grad,) = torch.autograd.grad(log_p, x_in)
+        return grad.mul_(self.scale)
+
+
+class _CallableGuidance:
+    """A user's ``guidance(x_t, t) -> g`` (called with autograd enabled), its output checked once."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.fn = fn
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, autocast: Callable, check: bool
+    ) -> torch.Tensor:
+        with torch.enable_grad():
+            g = self.fn(x, t)
+        if check:
+            if not isinstance(g, torch.Tensor) or not g.dtype.is_floating_point:
+                raise TypeError(
+                    f"guidance(x_t, t) must return a floating-point gradient tensor, got {getattr(g, 'dtype', type(g))}"
+                )
+            if g.shape != x.shape or g.device != x.device:
+                raise ValueError(
+                    f"guidance(x_t, t) returned shape {tuple(g.shape)} on {g.device}; the gradient must be shaped "
+                    f"like x_t, {tuple(x.shape)} on {x.device}"
+                )
+        return g.detach()
+
+
+def _check_logits(logits: Any, x: torch.Tensor, top_label: int) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError(
+            f"the classifier must return (N, num_classes) float logits, got {getattr(logits, 'dtype', type(logits))}"
+        )
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        hint = " (an image-shaped output: a denoising model rather than a classifier?)" if logits.dim() > 2 else ""
+        raise ValueError(
+            f"the classifier must return (N, num_classes) logits for N = {x.shape[0]} images, got shape "
+            f"{tuple(logits.shape)}{hint}"
+        )
+    if top_label >= logits.shape[1]:
+        raise ValueError(
+            f"class labels go up to {top_label}, but the classifier has {logits.shape[1]} classes "
+            f"(labels 0..{logits.shape[1] - 1})"
+        )
+
+
+def _plan_with_guidance(plan: Any, solver: Any, schedule: Schedule, name: str) -> Any:
+    """The plan taking a guidance gradient: DDPM/DDIM's kernel reads it as it is; a linear solver's
+    plan gets its per-step coefficient (``with_guidance``)."""
+    if isinstance(plan, PosteriorPlan):
+        if plan.config.kind == "ddim" and schedule.zero_terminal_snr:
+            raise ValueError(
+                "classifier guidance through eps divides by sqrt(a_bar) = 0 at the first DDIM step of a "
+                "zero-terminal-SNR schedule: use scheduler='ddpm' (its guidance shifts the mean) or another sampler"
+            )
+        return plan
+    return with_guidance(plan, solver.prediction_type)
 
 
 def _check_label_range(model: Any, labels: torch.Tensor, null: int | None) -> None:
@@ -559,9 +726,16 @@ class _ModelRunner:
     """Calls the model on x (or [x, x] with guidance) under autocast; returns the output tensor."""
 
     def __init__(
-        self, model: Any, device: torch.device, autocast_dtype: torch.dtype | None, guided: bool, compile: bool
+        self,
+        model: Any,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        guided: bool,
+        compile: bool,
+        pass_labels: bool = True,
     ):
         self.fn = torch.compile(model, dynamic=False) if compile else model
+        self.pass_labels = pass_labels
         self.device_type = device.type
         self.autocast_dtype = autocast_dtype
         self.guided = guided
@@ -571,16 +745,19 @@ class _ModelRunner:
                 self.input_dtype = p.dtype if p.dtype.is_floating_point else None
                 break
 
+    def autocast_context(self) -> Any:
+        """The model's autocast (the classifier of classifier guidance runs under it too)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # no weight-cast cache: it would outlive a CUDA-graph capture
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=False)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         x_in = torch.cat([x, x]) if self.guided else x
         if self.input_dtype is not None and self.input_dtype != x_in.dtype:
             x_in = x_in.to(self.input_dtype)
-        if self.autocast_dtype is None:
-            ctx = contextlib.nullcontext()
-        else:  # no weight-cast cache: it would outlive a CUDA-graph capture
-            ctx = torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=False)
-        with ctx:
-            out = self.fn(x_in, t) if labels is None else self.fn(x_in, t, class_labels=labels)
+        with self.autocast_context():
+            out = self.fn(x_in, t) if labels is None or not self.pass_labels else self.fn(x_in, t, class_labels=labels)
         if isinstance(out, torch.Tensor):
             return out
         value = getattr(out, "sample", _MISSING)

@@ -1,9 +1,10 @@
 """The sampling loop's view of a solver: a stepper applies step i of a plan to a chunk of images.
 
-Every stepper has the same call, ``stepper(model_output, x, t_row, row, noise, draw)``:
+Every stepper has the same call, ``stepper(model_output, x, t_row, row, noise, draw, guide)``:
 ``t_row`` holds the model's t for the (N or 2N with guidance) model batch, ``row`` the step's
 int64 arguments (``row_for``), ``noise`` the step's noise when the caller drew it (torch noise),
-``draw`` whether the step takes noise (with kernel noise: drawn in the kernel from the row's seed).
+``draw`` whether the step takes noise (with kernel noise: drawn in the kernel from the row's seed),
+``guide`` a classifier-guidance gradient shaped like x (or None), one more input of the fused step.
 Both ``t_row`` and ``row`` live on the device, so a CUDA graph replays the step with new values
 copied into them. ``begin_chunk(x)`` resets the per-chunk state (a multistep solver's history).
 """
@@ -16,7 +17,7 @@ from . import reference
 from ._backends import choose
 from .ops.posterior import CLIP, CLIP_NONE, KINDS, PREDICTIONS, THRESHOLD, VARIANCES, _posterior_impl, posterior_step
 from .schedule import Schedule
-from .solvers.base import SolverPlan, apply_step, new_history
+from .solvers.base import SolverPlan, apply_step, guided_output, new_history
 from .solvers.posterior import PosteriorPlan
 
 
@@ -94,6 +95,7 @@ class PosteriorStepper:
         row: torch.Tensor,
         noise: torch.Tensor | None,
         draw: bool,
+        guide: torch.Tensor | None = None,
     ) -> torch.Tensor:
         n = x.shape[0]
         t, prev_t, seed = t_row[:n], row[:n], row[-1:]
@@ -110,10 +112,11 @@ class PosteriorStepper:
                 self.config,
                 noise=noise,
                 guidance_scale=self.guidance_scale,
+                guide=guide,
                 backend="reference",
             )[0]
         seed_arg = seed if noise is None and self.plan.stochastic else None
-        return _posterior_impl(model_output, x, t, prev_t, self.table, noise, seed_arg, *self.args)[0]
+        return _posterior_impl(model_output, x, t, prev_t, self.table, noise, seed_arg, *self.args, guide)[0]
 
 
 def _fused_solver_step():
@@ -179,6 +182,7 @@ class LinearStepper:
         row: torch.Tensor,
         noise: torch.Tensor | None,
         draw: bool,
+        guide: torch.Tensor | None = None,
     ) -> torch.Tensor:
         step, seed = row[-2], row[-1]
         if self.backend != "reference":
@@ -193,10 +197,13 @@ class LinearStepper:
                 seed=seed_arg,
                 guidance_scale=self.guidance_scale,
                 backend=self.backend,
+                guide=guide,
             )
         if self.guidance_scale is not None:
             uncond, cond = model_output.chunk(2)
             model_output = uncond + self.guidance_scale * (cond - uncond)
+        if guide is not None:  # the output the step reads (its solver's step_fn takes no guide)
+            model_output = guided_output(self.plan, self.step_index, x, model_output, guide)
         if draw and noise is None:  # kernel noise on the reference path: the same Philox stream, host seeds
             noise = reference.philox_randn(self.host_seeds[self.step_index], tuple(x.shape), x.device).to(x.dtype)
         step_fn = apply_step if self.step_fn is None else self.step_fn

@@ -44,6 +44,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 NOISE_SOURCES = ("kernel", "torch")
 TRAIN_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 LOSSES = ("simple", "hybrid", "kl")
+TASKS = ("diffusion", "classifier", "superres")
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 
 
@@ -55,6 +56,11 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """Every option of ``ddpm-fast train`` (the flags are these names with dashes)."""
 
+    task: str = _opt(
+        "diffusion",
+        "what to train: diffusion (the U-Net) or classifier (a noise-aware classifier p(y | x_t, t) on noised images, "
+        "for classifier guidance: ddpm_fast.train_classifier; --preset then names a classifier preset)",
+    )
     # data
     dataset: str = _opt("digits", "built-in dataset: digits (8x8 digits upscaled), shapes (procedural), or folder")
     data_dir: str | None = _opt(None, "image folder for --dataset folder (subfolders = class labels)")
@@ -62,8 +68,30 @@ class TrainConfig:
     class_conditional: bool = _opt(False, "condition the U-Net on the dataset's class labels")
     hflip: bool = _opt(False, "random horizontal flips (a pure function of seed, epoch and image)")
     num_workers: int = _opt(0, "data loader worker processes")
+    # latent diffusion (ddpm_fast.latent)
+    latent_autoencoder: str | None = _opt(
+        None,
+        "train in the latent space of this local diffusers AutoencoderKL / VQModel folder: the dataset is encoded "
+        "once into a latent cache (--image-size is then the pixel size fed to the autoencoder)",
+    )
+    latent_cache: str | None = _opt(None, "latent cache root (default: OUT/latent_cache); one subfolder per encoding")
+    latent_posterior: str = _opt("mode", "latents: mode (the posterior mean) or sample (a draw seeded per image)")
+    latent_shard_size: int = _opt(1024, "images per latent-cache shard (the unit of a resumed encode)")
     # model
     preset: str = _opt("tiny", "U-Net preset (ddpm_fast.unet presets, e.g. tiny, cifar10)")
+    # super-resolution (--task superres): the U-Net conditioned on a low-resolution copy of each image
+    low_res: int | None = _opt(
+        None,
+        "--task superres: side of the low-resolution conditioning image, made from each training image by area "
+        "downsampling (a divisor of --image-size, e.g. 8 for 8 -> 16); the U-Net gets cond_channels",
+    )
+    cond_noise_min: int = _opt(0, "--task superres with --cond-noise-max: the lowest conditioning-augmentation level")
+    cond_noise_max: int | None = _opt(
+        None,
+        "--task superres: conditioning augmentation (cascaded diffusion, Ho et al. 2021): noise the low-res image "
+        "with q_sample at s ~ U{cond_noise_min..cond_noise_max} (timesteps; equal = a fixed level) and give s to "
+        "the model (cond_noise_embedding); off by default",
+    )
     # diffusion
     num_train_timesteps: int = _opt(1000, "diffusion steps T")
     beta_schedule: str = _opt("linear", f"beta schedule: {', '.join(BETA_SCHEDULES)} (cosine = squaredcos_cap_v2)")
@@ -139,6 +167,8 @@ class TrainConfig:
         self.beta_schedule = normalize_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         if self.variance_type not in TRAIN_VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {self.variance_type!r}; valid: {', '.join(TRAIN_VARIANCE_TYPES)}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; valid: {', '.join(TASKS)}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.timestep_sampler not in TIMESTEP_SAMPLERS:
@@ -192,8 +222,40 @@ class TrainConfig:
             from .evaluation import training_eval_metric
 
             training_eval_metric(self)  # a missing file or dataset fails now, not at the first evaluation
+        if self.latent_autoencoder is not None:
+            if self.latent_posterior not in ("mode", "sample"):
+                raise ValueError(f"unknown latent_posterior {self.latent_posterior!r}; valid: mode, sample")
+            if self.latent_shard_size < 1:
+                raise ValueError(f"latent_shard_size must be >= 1, got {self.latent_shard_size}")
+            if self.loss != "simple" or self.task != "diffusion":
+                raise ValueError(
+                    "--latent-autoencoder trains the diffusion U-Net with --loss simple: the bound's decoder term "
+                    "(hybrid, kl) models 8-bit pixels, not latents; --task classifier is not implemented on latents"
+                )
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("--dataset folder needs --data-dir")
+        self._check_superres()
+
+    def _check_superres(self) -> None:
+        if self.task != "superres":
+            if self.low_res is not None or self.cond_noise_max is not None or self.cond_noise_min:
+                raise ValueError("--low-res, --cond-noise-min and --cond-noise-max apply to --task superres")
+            return
+        if self.low_res is None:
+            raise ValueError("--task superres needs --low-res (the conditioning image's side, e.g. 8 for 8 -> 16)")
+        if self.low_res < 1 or self.low_res >= self.image_size or self.image_size % self.low_res:
+            raise ValueError(
+                f"--low-res {self.low_res} must divide --image-size {self.image_size} and be smaller (the "
+                "conditioning image is upsampled by an integer factor)"
+            )
+        if self.cond_noise_max is None:
+            if self.cond_noise_min:
+                raise ValueError("--cond-noise-min needs --cond-noise-max (conditioning augmentation is off)")
+        elif not 0 <= self.cond_noise_min <= self.cond_noise_max < self.num_train_timesteps:
+            raise ValueError(
+                f"conditioning augmentation levels must satisfy 0 <= cond_noise_min <= cond_noise_max < "
+                f"{self.num_train_timesteps} (timesteps), got {self.cond_noise_min} and {self.cond_noise_max}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -246,12 +308,18 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "data_dir",
         "q_sample_backend",
+        # where the autoencoder and cache live; the autoencoder's identity is checked from latent.json
+        "latent_autoencoder",
+        "latent_cache",
+        "latent_shard_size",
     }
 )
 
 
 # Options added after checkpoints were first written, with the behaviour those runs had (resume fills them in).
-ADDED_OPTION_DEFAULTS = {"loss": "simple", "vlb_weight": 0.001, "timestep_sampler": "uniform"}
+ADDED_OPTION_DEFAULTS = {"loss": "simple", "vlb_weight": 0.001, "timestep_sampler": "uniform", "task": "diffusion"}
+ADDED_OPTION_DEFAULTS["latent_posterior"] = "mode"
+ADDED_OPTION_DEFAULTS.update(low_res=None, cond_noise_min=0, cond_noise_max=None)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -317,18 +385,27 @@ def _lr_at(config: TrainConfig, step: int) -> float:
     return config.lr * min(1.0, (step + 1) / config.warmup_steps)
 
 
-def build_model(config: TrainConfig, in_channels: int, num_classes: int | None) -> nn.Module:
+def build_model(
+    config: TrainConfig, in_channels: int, num_classes: int | None, sample_size: int | None = None
+) -> nn.Module:
     """The U-Net preset for this data (1 or 3 channels, image_size, classes when conditional; twice the
-    output channels for a learned variance)."""
+    output channels for a learned variance); with ``task="classifier"`` the classifier preset."""
     from .unet import UNet
+
+    if config.task == "classifier":
+        from .classifier import build_classifier
+
+        return build_classifier(config.preset, in_channels, num_classes, config.image_size)
 
     return UNet.from_preset(
         config.preset,
         in_channels=in_channels,
         out_channels=in_channels,
-        sample_size=config.image_size,
+        sample_size=sample_size or config.image_size,
         num_classes=num_classes if config.class_conditional else None,
         learned_variance=config.variance_type in ("learned", "learned_range"),
+        cond_channels=in_channels if config.task == "superres" else 0,
+        cond_noise_embedding=config.task == "superres" and config.cond_noise_max is not None,
     )
 
 
@@ -483,16 +560,22 @@ class Trainer:
             seed=config.seed,
             root=config.data_dir if config.dataset == "folder" else None,
         )
+        self.autoencoder, self.latent = None, None  # latent diffusion: the autoencoder and its latent.json record
+        if config.latent_autoencoder is not None:
+            from .latent import prepare_latent_dataset
+
+            self.dataset, self.autoencoder, self.latent = prepare_latent_dataset(config, self.dataset, self.dist)
         sample_image, _ = self.dataset[0]
         self.in_channels = int(sample_image.shape[0])
+        self.sample_size = int(sample_image.shape[-1])
         self.num_classes = getattr(self.dataset, "num_classes", None)
         if config.class_conditional and not self.num_classes:
             raise ValueError(f"--class-conditional needs a dataset with labels; {config.dataset!r} has none")
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank
-        self.model = (model if model is not None else build_model(config, self.in_channels, self.num_classes)).to(
-            self.device
-        )
+        if model is None:
+            model = build_model(config, self.in_channels, self.num_classes, self.sample_size)
+        self.model = model.to(self.device)
         out_channels = getattr(getattr(self.model, "config", None), "model_out_channels", None)
         self.learned_variance = config.variance_type in ("learned", "learned_range")
         want = 2 * self.in_channels if self.learned_variance else self.in_channels
@@ -500,6 +583,12 @@ class Trainer:
             raise ValueError(
                 f"the model predicts {out_channels} channels for {self.in_channels}-channel images; "
                 f"variance_type={config.variance_type!r} needs {want}"
+            )
+        cond_channels = getattr(getattr(self.model, "config", None), "cond_channels", None)
+        if config.task == "superres" and cond_channels is not None and cond_channels != self.in_channels:
+            raise ValueError(
+                f"--task superres needs a U-Net conditioned on {self.in_channels}-channel images, the model has "
+                f"cond_channels={cond_channels}"
             )
         self.resampler = (
             LossSecondMomentResampler(config.num_train_timesteps)
@@ -583,6 +672,7 @@ class Trainer:
                 scheduler_config=self.scheduler_config.to_dict(),
                 train_config=self.config.to_dict(),
                 training_state=self.training_state(),
+                latent=self.latent,
             )
             self.last_checkpoint = path
         self.dist.barrier()
@@ -599,6 +689,8 @@ class Trainer:
             diffs.append("the U-Net config differs")
         if loaded.scheduler_config != self.scheduler_config.to_dict():
             diffs.append("the scheduler config differs")
+        if (loaded.latent or {}).get("identity") != (self.latent or {}).get("identity"):
+            diffs.append("the latent autoencoder differs (identity in latent.json)")
         state = loaded.training_state
         if state["world_size"] != self.dist.world_size:
             diffs.append(f"world size: {state['world_size']} in the checkpoint, {self.dist.world_size} now")
@@ -653,11 +745,12 @@ class Trainer:
             x_t, _, target = q_sample(
                 x0, t, self.schedule, generator=g, target=config.prediction_type, backend=config.q_sample_backend
             )
+        conditioning = self._superres_inputs(x0, g) if config.task == "superres" else {}
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
             kwargs = {"class_labels": labels} if labels is not None else {}
-            pred = self.forward_model(x_t, t, **kwargs)
+            pred = self.forward_model(x_t, t, **kwargs, **conditioning)
         pred = getattr(pred, "sample", pred)
         if config.loss == "simple" and self.resampler is None:
             return reference.diffusion_loss(
@@ -667,6 +760,23 @@ class Trainer:
         if self.resampler is not None:
             self.resampler.update(t, per_sample.detach())
         return (per_sample if weights is None else per_sample * weights).mean()
+
+    def _superres_inputs(self, x0: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """--task superres: the model's low_res (the batch area-downsampled, as improved-diffusion makes its
+        super-resolution data), noised at s ~ U{cond_noise_min..cond_noise_max} (drawn after x_t's noise)
+        and passed with aug_level=s when augmenting."""
+        config = self.config
+        low = torch.nn.functional.interpolate(x0, size=(config.low_res, config.low_res), mode="area")
+        if config.cond_noise_max is None:
+            return {"low_res": low}
+        levels = (config.cond_noise_min, config.cond_noise_max + 1)
+        s = torch.randint(*levels, (low.shape[0],), generator=g, device=self.device)
+        if config.noise == "torch":
+            noise = torch.randn(low.shape, generator=g, device=self.device, dtype=low.dtype)
+            low = q_sample(low, s, self.schedule, noise=noise, backend=config.q_sample_backend)[0]
+        else:
+            low = q_sample(low, s, self.schedule, generator=g, backend=config.q_sample_backend)[0]
+        return {"low_res": low, "aug_level": s}
 
     def _per_sample_loss(
         self, pred: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor
@@ -766,9 +876,12 @@ class Trainer:
         labels = None
         if config.class_conditional:
             labels = torch.arange(n, device=self.device) % self.num_classes
+        if config.task == "superres":
+            images = self._superres_samples(n, labels, generator)
+            return save_grid(images, self.run_dir / "samples" / f"{ckpt.step_dir_name(self.step)}.png", scale=2)
         images = sample(
             self.ema.model,
-            (self.in_channels, config.image_size, config.image_size),
+            (self.in_channels, self.sample_size, self.sample_size),
             batch_size=n,
             num_inference_steps=config.sample_steps,
             scheduler=config.sample_scheduler,
@@ -777,6 +890,7 @@ class Trainer:
             generator=generator,
             output_type="tensor",
             progress=False,
+            decode=self.autoencoder,
         )
         return save_grid(images, self.run_dir / "samples" / f"{ckpt.step_dir_name(self.step)}.png", scale=2)
 
@@ -790,6 +904,28 @@ class Trainer:
         record = self._evaluator(self.ema.model, self.scheduler_config, self.step)
         self._log(record)
         return record
+
+    def _superres_samples(self, n: int, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """EMA super-resolution samples conditioned on the first n training images, downsampled (at the
+        lowest augmentation level)."""
+        from .cascade import super_resolve
+
+        config = self.config
+        k = min(n, len(self.dataset))
+        x0 = torch.stack([self.dataset[i][0] for i in range(k)]).to(self.device)
+        low = torch.nn.functional.interpolate(x0, size=(config.low_res, config.low_res), mode="area")
+        return super_resolve(
+            self.ema.model,
+            low,
+            aug_level=None if config.cond_noise_max is None else config.cond_noise_min,
+            shape=tuple(x0.shape[1:]),
+            scheduler=config.sample_scheduler,
+            num_inference_steps=config.sample_steps,
+            scheduler_config=self.scheduler_config,
+            class_labels=None if labels is None else labels[:k],
+            generator=generator,
+            progress=False,
+        )
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -903,7 +1039,12 @@ def train(config: TrainConfig | None = None, **options: Any) -> TrainResult:
         config = TrainConfig(**options)
     elif options:
         config = dataclasses.replace(config, **options)
-    trainer = Trainer(config)
+    if config.task == "classifier":
+        from .train_classifier import ClassifierTrainer
+
+        trainer: Trainer = ClassifierTrainer(config)
+    else:
+        trainer = Trainer(config)
     try:
         return trainer.train()
     finally:
