@@ -2,6 +2,7 @@
 
 from ._backends import backends
 from .checkpoint import CheckpointError, export_pipeline, load_for_sampling
+from .classifier import Classifier, ClassifierConfig
 from .evaluation import evaluate
 from .ops import attention, attention_block, group_norm_silu, posterior_step, q_sample
 from .sampler import sample
@@ -12,6 +13,8 @@ from .unet import UNet, UNetConfig
 __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
+    "Classifier",
+    "ClassifierConfig",
     "Schedule",
     "SchedulerConfig",
     "StepConfig",

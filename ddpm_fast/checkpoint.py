@@ -7,6 +7,8 @@ Layout of ``<run>/checkpoints/step_XXXXXXXX/``:
   ``train_config.json``: the trainer's config;
 - ``training_state.pt``: step, optimizer, grad scaler, EMA counter, RNG states (torch CPU and
   CUDA) and the data loader's position (``torch.load(weights_only=True)`` reads it);
+- ``latent.json`` (latent diffusion only): the autoencoder the model was trained with (path,
+  identity = sha256 of its config and weights, scaling and shift factors, latent shape, cache);
 - ``manifest.json``: the sha256 and size of each file above, written last.
 
 ``<run>/checkpoints/latest`` names the newest complete checkpoint. A save writes a hidden
@@ -58,6 +60,7 @@ FILES = (
     "train_config.json",
     "training_state.pt",
 )
+LATENT_FILE = "latent.json"
 
 
 def step_dir_name(step: int) -> str:
@@ -86,14 +89,17 @@ def write_files(
     scheduler_config: dict,
     train_config: dict,
     training_state: dict,
+    latent: dict | None = None,
 ) -> None:
-    """Write the checkpoint's files into ``directory`` (which exists)."""
+    """Write the checkpoint's files into ``directory`` (which exists); ``latent``: latent.json."""
     save_file(_contiguous(model_state), str(directory / "model.safetensors"), metadata={"format": "pt"})
     save_file(_contiguous(ema_state), str(directory / "ema.safetensors"), metadata={"format": "pt"})
     _write_json(directory / "config.json", model_config)
     _write_json(directory / "scheduler_config.json", {"_class_name": "DDPMScheduler", **scheduler_config})
     _write_json(directory / "train_config.json", train_config)
     torch.save(training_state, directory / "training_state.pt")
+    if latent is not None:
+        _write_json(directory / LATENT_FILE, latent)
 
 
 def save_checkpoint(
@@ -180,6 +186,7 @@ class Checkpoint:
     scheduler_config: dict
     train_config: dict
     training_state: dict | None
+    latent: dict | None = None
 
 
 def read_json(path: Path, manifest: dict[str, dict] | None = None) -> dict:
@@ -220,7 +227,20 @@ def load_checkpoint(path: str | os.PathLike, *, training_state: bool = True, wei
         scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
         train_config=read_json(step_dir / "train_config.json", manifest),
         training_state=state,
+        latent=read_json(step_dir / LATENT_FILE, manifest) if (step_dir / LATENT_FILE).is_file() else None,
     )
+
+
+def load_latent_record(path: str | os.PathLike) -> dict | None:
+    """A checkpoint's ``latent.json`` (checked against its manifest), None for a pixel-space model or
+    a diffusers pipeline folder (see ``resolve_checkpoint`` for the paths it takes)."""
+    pipeline = Path(path)
+    if (pipeline / "unet" / "config.json").is_file() and (pipeline / "scheduler").is_dir():
+        return None
+    step_dir = resolve_checkpoint(path)
+    if not (step_dir / LATENT_FILE).is_file():
+        return None
+    return read_json(step_dir / LATENT_FILE, read_manifest(step_dir))
 
 
 def load_for_resume(path: str | os.PathLike) -> Checkpoint:

@@ -103,6 +103,7 @@ SAMPLE_DEFAULTS = {
     "noise": "kernel",
     "device": "auto",
     "raw_weights": False,
+    "autoencoder": None,
 }
 
 
@@ -122,6 +123,9 @@ def sample_grid(checkpoint: str, **options) -> Path:
         raise ValueError(f"num_images must be >= 1, got {o['num_images']}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if o["device"] == "auto" else o["device"]
     model, scheduler_config = load_for_sampling(checkpoint, device=device, ema=not o["raw_weights"])
+    from .latent import checkpoint_autoencoder  # latent checkpoints: decode with the recorded autoencoder
+
+    decoder = checkpoint_autoencoder(checkpoint, autoencoder=o["autoencoder"], device=device)
     labels = None
     if model.null_class_label is not None:
         n_cls = model.null_class_label
@@ -155,6 +159,7 @@ def sample_grid(checkpoint: str, **options) -> Path:
         chunk_size=o["chunk_size"],
         output_type="tensor",
         progress=True,
+        decode=decoder,
     )
     return save_grid(images, o["out"], nrow=o["nrow"], scale=o["scale"])
 
@@ -308,6 +313,11 @@ def _add_sample_parser(sub) -> None:
     sample.add_argument("--noise", choices=("kernel", "torch"), help="in-kernel or torch noise (default: kernel)")
     sample.add_argument("--device", help="cpu, cuda or auto (default: auto)")
     sample.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    sample.add_argument(
+        "--autoencoder",
+        help="latent checkpoints: decode with this local diffusers autoencoder folder (default: the one recorded "
+        "in the checkpoint; its weights must be the same)",
+    )
     sample.set_defaults(func=_sample)
 
 

@@ -227,10 +227,10 @@ class TrainConfig:
                 raise ValueError(f"unknown latent_posterior {self.latent_posterior!r}; valid: mode, sample")
             if self.latent_shard_size < 1:
                 raise ValueError(f"latent_shard_size must be >= 1, got {self.latent_shard_size}")
-            if self.loss != "simple" or self.task != "diffusion":
+            if self.loss != "simple":
                 raise ValueError(
-                    "--latent-autoencoder trains the diffusion U-Net with --loss simple: the bound's decoder term "
-                    "(hybrid, kl) models 8-bit pixels, not latents; --task classifier is not implemented on latents"
+                    f"--latent-autoencoder trains with --loss simple, not {self.loss!r}: the bound's decoder term "
+                    "models 8-bit pixels, not latents"
                 )
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("--dataset folder needs --data-dir")

@@ -270,11 +270,32 @@ _256 = dict(
 # Small enough to train on 2 CPU cores in minutes; attention at the middle level (sample_size // 2
 # unless attention_resolutions is overridden).
 _TINY = dict(sample_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, num_groups=8)
-PRESETS: dict[str, dict[str, Any]] = {"cifar10": _CIFAR10, "celebahq256": _256, "lsun256": _256, "tiny": _TINY}
+# Latent diffusion (Rombach et al. 2022) in a 4-channel autoencoder latent (SD's f = 8 VAE: 256 px -> 32x32,
+# 512 px -> 64x64), after LDM's configs: attention at the latent's 1/2, 1/4 (and 1/8) sides, 32-channel heads.
+_LATENT32 = dict(
+    sample_size=32,
+    in_channels=4,
+    base_channels=128,
+    channel_mult=(1, 2, 2, 4),
+    num_res_blocks=2,
+    attention_resolutions=(16, 8),
+    head_channels=32,
+    dropout=0.0,
+)
+_LATENT64 = dict(_LATENT32, sample_size=64, channel_mult=(1, 2, 3, 4), attention_resolutions=(32, 16, 8))
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": _CIFAR10,
+    "celebahq256": _256,
+    "lsun256": _256,
+    "tiny": _TINY,
+    "latent32": _LATENT32,
+    "latent64": _LATENT64,
+}
 
 
 def preset_config(name: str, **overrides: Any) -> UNetConfig:
-    """The UNetConfig of a preset ("cifar10", "celebahq256", "lsun256", "tiny") with overrides."""
+    """The UNetConfig of a preset ("cifar10", "celebahq256", "lsun256", "tiny", "latent32", "latent64") with
+    overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown U-Net preset {name!r}; presets: {', '.join(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(UNetConfig)}
