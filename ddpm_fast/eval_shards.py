@@ -43,8 +43,8 @@ class ShardError(ValueError):
 # ---------------------------------------------------------------- accumulators
 class FeatureAccumulator:
     """Float64 sums of features ``(B, D)`` (and class logits ``(B, K)`` for the Inception Score,
-    with ``is_splits`` splits of ``[0, num_samples)`` by index: image i is in split
-    ``i * S // num_samples``) on ``device``."""
+    with ``is_splits`` contiguous splits of ``[0, num_samples)`` by index, the original code's
+    ``[k N // S, (k + 1) N // S)``) on ``device``."""
 
     def __init__(
         self, feature_dim: int, num_logits: int, num_samples: int, *, is_splits: int = 10, device: torch.device
@@ -80,7 +80,8 @@ class FeatureAccumulator:
                 raise ValueError("this accumulator keeps Inception Score sums: pass the logits")
             logp = F.log_softmax(logits.detach().to(s["sum"].device, torch.float64), dim=1)
             p = logp.exp()
-            split = (indices.to(s["sum"].device, torch.int64) * self.splits) // self.num_samples
+            # split k = [floor(kN / S), floor((k + 1)N / S)), as Salimans et al.'s code slices
+            split = ((indices.to(s["sum"].device, torch.int64) + 1) * self.splits - 1) // self.num_samples
             s["p_sum"].index_add_(0, split, p)
             s["plogp_sum"].index_add_(0, split, (p * logp).sum(1))
             s["split_count"].index_add_(0, split, torch.ones_like(split))

@@ -162,7 +162,8 @@ def sample_images(
         scheduler_config=scheduler_config,
         class_labels=labels,
         guidance_scale=guidance_scale,
-        generator=generators if len(idx) > 1 else generators[0],
+        generator=generators,
+        noise="torch",  # each image's draws from its own generator (a list of one included)
         chunk_size=len(idx),
         output_type="tensor",
         progress=False,
