@@ -6,6 +6,7 @@ Every test uses a small randomly initialised AutoencoderKL saved to a tmp folder
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,32 @@ def test_autoencoder_matches_diffusers(tmp_path):
             auto.encode(x, posterior="sample", noise=noise), (dist.mean + dist.std * noise - 0.1) * 0.7
         )
     assert auto.record()["class"] == "AutoencoderKL" and auto.identity == latent.autoencoder_identity(folder)
+
+
+def test_vq_model(tmp_path):
+    """A VQModel: latents = encode(x).latents * scale (pre-quantisation, as LDM caches them), decode quantises."""
+    torch.manual_seed(0)
+    vq = diffusers.VQModel(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=3,
+        norm_num_groups=4,
+        num_vq_embeddings=16,
+        scaling_factor=0.8,
+    )
+    vq.save_pretrained(str(tmp_path / "vq"))
+    auto = load_autoencoder(tmp_path / "vq")
+    assert auto.record()["class"] == "VQModel"
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = auto.encode(x)
+        torch.testing.assert_close(z, vq.eval().encode(x).latents * 0.8)
+        torch.testing.assert_close(auto.decode(z), vq.decode(z / 0.8).sample)
+    with pytest.raises(ValueError, match="needs an encoder with a posterior"):
+        auto.encode(x, posterior="sample", noise=torch.zeros_like(z))
 
 
 def test_sample_decode_equals_diffusers(vae_dir):
@@ -354,3 +381,51 @@ def test_latent_options_checked():
         )
     )
     assert "tensors:" in header
+
+
+DDP_WORKER = """
+import os, sys
+import torch
+from safetensors.torch import save_file
+from ddpm_fast.train import TrainConfig, Trainer
+
+vae, data, out, cache = sys.argv[1:]
+torch.set_num_threads(1)
+config = TrainConfig(dataset="folder", data_dir=data, image_size=16, preset="tiny", batch_size=4, steps=2,
+                     warmup_steps=1, lr=1e-3, sample_images=0, progress=False, device="cpu", out=out,
+                     mixed_precision="no", latent_autoencoder=vae, latent_cache=cache, latent_shard_size=4)
+trainer = Trainer(config)
+result = trainer.train()
+state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
+save_file(state, os.path.join(out, f"rank{trainer.dist.rank}.safetensors"))
+trainer.close()
+"""
+
+
+def test_ddp_ranks_share_the_encode(tmp_path, vae_dir, data_dir):
+    """2 gloo ranks under torchrun: the shards are split by rank, both train on the whole cache (identical
+    parameters), and the cache equals a single-process encode."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from test_ddp import free_port
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    cmd += [f"--master_port={free_port()}", str(script), str(vae_dir), str(data_dir), str(tmp_path / "run")]
+    cmd.append(str(tmp_path / "cache"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "run" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    (cache,) = (tmp_path / "cache").iterdir()
+    encode_dataset(
+        tmp_path / "single",
+        load_autoencoder(vae_dir),
+        make_dataset("folder", image_size=16, root=data_dir),
+        dataset_name=f"folder:{data_dir}",
+        shard_size=4,
+    )
+    torch.testing.assert_close(load_latent_cache(cache).latents, load_latent_cache(tmp_path / "single").latents)
