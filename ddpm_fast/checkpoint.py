@@ -344,6 +344,11 @@ def export_pipeline(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLi
         from diffusers import DDPMPipeline, DDPMScheduler
     except ImportError as e:
         raise ImportError("export_pipeline needs diffusers (pip install diffusers)") from e
+    if load_latent_record(checkpoint_path) is not None:
+        raise ValueError(
+            f"{checkpoint_path} is a latent-diffusion checkpoint: a DDPMPipeline folder would lose its autoencoder "
+            "(exporting latent pipelines is not done); sample it with ddpm-fast sample"
+        )
     model, scheduler_config = load_for_sampling(checkpoint_path, ema=ema)
     scheduler = DDPMScheduler.from_config(scheduler_config.to_dict())
     out = Path(out_dir)

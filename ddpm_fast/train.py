@@ -232,6 +232,10 @@ class TrainConfig:
                     f"--latent-autoencoder trains with --loss simple, not {self.loss!r}: the bound's decoder term "
                     "models 8-bit pixels, not latents"
                 )
+            if self.eval_every:
+                raise ValueError(
+                    "--eval-every is not done for latent runs yet (it would score latents, not decoded images)"
+                )
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("--dataset folder needs --data-dir")
         self._check_superres()

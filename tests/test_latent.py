@@ -254,6 +254,8 @@ def test_train_sample_decode_end_to_end(tmp_path, vae_dir, data_dir, count_encod
     # resuming with another autoencoder is refused; --autoencoder with other weights is refused by sample
     with pytest.raises(ValueError, match="latent autoencoder differs"):
         train(base_config(tmp_path, other, data_dir, steps=3, resume="auto"))
+    with pytest.raises(ValueError, match="is a latent-diffusion checkpoint"):
+        ckpt.export_pipeline(first.run_dir, tmp_path / "pipeline")
     with pytest.raises(LatentCacheError, match="not the one the checkpoint was trained with"):
         latent.checkpoint_autoencoder(first.run_dir, autoencoder=other)
     assert latent.checkpoint_autoencoder(first.run_dir, autoencoder=other, check_identity=False) is not None
@@ -373,6 +375,8 @@ def test_latent_options_checked():
         TrainConfig(latent_autoencoder="x", latent_posterior="mean")
     with pytest.raises(ValueError, match="decoder term models 8-bit pixels"):
         TrainConfig(latent_autoencoder="x", loss="hybrid", variance_type="learned_range")
+    with pytest.raises(ValueError, match="not done for latent runs"):
+        TrainConfig(latent_autoencoder="x", eval_every=10)
     with pytest.raises(ValueError, match="identity"):
         cache_header(Autoencoder(encode=lambda x: x), make_dataset("digits", image_size=8, split="test"), "d")
     header = json.dumps(
