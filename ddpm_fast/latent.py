@@ -280,7 +280,7 @@ def load_autoencoder(
     except ImportError as e:
         raise ImportError(f"loading {class_name} from {folder} needs diffusers (pip install diffusers)") from e
     identity = autoencoder_identity(folder)
-    vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True)
+    vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
     vae = vae.to(device).eval()
     return Autoencoder.from_diffusers(vae, identity=identity, path=folder.resolve(), chunk_size=chunk_size)
 

@@ -339,7 +339,7 @@ def test_cache_of_another_autoencoder_is_refused_and_left_alone(tmp_path, vae_di
     assert files_digest(tmp_path / "c") == before
 
 
-def test_not_an_autoencoder_folder(tmp_path, vae_dir, data_dir):
+def test_not_an_autoencoder_folder(tmp_path, vae_dir, data_dir, capsys):
     unet_dir = tmp_path / "unet"
     UNet.from_preset("tiny", in_channels=1, sample_size=8).to_diffusers().save_pretrained(str(unet_dir))
     with pytest.raises(
@@ -355,6 +355,10 @@ def test_not_an_autoencoder_folder(tmp_path, vae_dir, data_dir):
     with pytest.raises(ValueError, match="not a diffusers autoencoder folder"):
         train(base_config(tmp_path, unet_dir, data_dir, name="bad"))
     assert not (tmp_path / "bad").exists() and not (tmp_path / "cache").exists()
+    args = ["train", "--dataset", "folder", "--data-dir", str(data_dir), "--latent-autoencoder", str(unet_dir)]
+    assert cli_main([*args, "--out", str(tmp_path / "bad"), "--device", "cpu", "--no-progress"]) == 2
+    assert "not a diffusers autoencoder folder" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_decoder_output_must_be_an_image_batch():
