@@ -229,7 +229,9 @@ def test_two_gloo_processes_give_the_statistics_of_one(env, uninterrupted, tmp_p
     torch.testing.assert_close(mu2, mu1, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s2, s1, rtol=1e-10, atol=1e-10)
     r1, r2 = (json.loads((d / "result.json").read_text()) for d in (one, two))
-    assert r2["classifier_fid"] == pytest.approx(r1["classifier_fid"], rel=1e-10)
+    # 12 samples of 64 features: a rank-deficient covariance, whose ~1e-14 eigenvalues' square roots
+    # (~1e-7) carry the sums' last-bit differences into the FID; the statistics themselves agree to 1e-10
+    assert r2["classifier_fid"] == pytest.approx(r1["classifier_fid"], rel=1e-7)
     assert r2["settings"]["world_size"] == 2 and r2["num_images"] == 12
     # the same images per index, and the same as in this process
     names = sorted(p.name for p in (one / "images").iterdir())
