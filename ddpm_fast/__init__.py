@@ -1,6 +1,7 @@
 """ddpm_fast: fused kernels, a U-Net, a trainer and a drop-in sampler for DDPM/DDIM."""
 
 from ._backends import backends
+from .cascade import sample_cascade
 from .checkpoint import CheckpointError, export_pipeline, load_for_sampling
 from .classifier import Classifier, ClassifierConfig
 from .evaluation import evaluate
@@ -32,4 +33,5 @@ __all__ = [
     "posterior_step",
     "q_sample",
     "sample",
+    "sample_cascade",
 ]

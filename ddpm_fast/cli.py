@@ -178,6 +178,102 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+CASCADE_DEFAULTS = {
+    "out": "cascade.png",
+    "num_images": 64,
+    "schedulers": "ddim",
+    "steps": None,
+    "aug_level": None,
+    "guidance_scale": None,
+    "class_labels": "cycle",
+    "seed": 0,
+    "chunk_size": None,
+    "nrow": None,
+    "scale": 1,
+    "device": "auto",
+    "stage_grids": False,
+}
+
+
+def _stage_list(name: str, text: str | None, convert) -> list | None:
+    """'a,b' -> [a, b] (one per stage), 'a' -> a (every stage), None -> None; 'none' entries -> None."""
+    if text is None:
+        return None
+    try:
+        values = [None if v.strip().lower() == "none" else convert(v.strip()) for v in str(text).split(",")]
+    except ValueError as e:
+        raise ValueError(
+            f"--{name.replace('_', '-')} takes comma-separated values (one per stage), got {text!r}"
+        ) from e
+    return values if len(values) > 1 else values[0]
+
+
+def sample_cascade_grid(checkpoints: list[str], **options) -> Path:
+    """Sample through a cascade of checkpoints (base, then super-resolution stages) into a PNG grid
+    (the ``sample-cascade`` command's work); ``stage_grids`` also writes each stage's grid as OUT-stageK.png."""
+    import torch
+
+    from .cascade import sample_cascade
+    from .checkpoint import load_for_sampling
+    from .images import save_grid
+
+    unknown = sorted(set(options) - set(CASCADE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown sample-cascade option(s): {', '.join(unknown)}")
+    o = {**CASCADE_DEFAULTS, **options}
+    if not checkpoints:
+        raise ValueError("sample-cascade needs --checkpoints BASE SR1 [SR2 ...]")
+    if o["num_images"] < 1:
+        raise ValueError(f"num_images must be >= 1, got {o['num_images']}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if o["device"] == "auto" else o["device"]
+    loaded = [load_for_sampling(path, device=device) for path in checkpoints]
+    n_cls = next((m.null_class_label for m, _ in loaded if m.null_class_label is not None), None)
+    labels = None
+    if n_cls is not None:
+        if o["class_labels"] in (None, "cycle"):
+            labels = torch.arange(o["num_images"]) % n_cls
+        else:
+            values = _stage_list("class_labels", o["class_labels"], int)
+            values = values if isinstance(values, list) else [values]
+            if any(v is None or not 0 <= v < n_cls for v in values):
+                raise ValueError(f"class labels must lie in [0, {n_cls - 1}], got {o['class_labels']!r}")
+            labels = torch.tensor(values * -(-o["num_images"] // len(values)))[: o["num_images"]]
+    elif o["class_labels"] not in (None, "cycle"):
+        raise ValueError("class_labels given, but no stage of the cascade is class-conditional")
+    outputs = sample_cascade(
+        [m for m, _ in loaded],
+        batch_size=o["num_images"],
+        schedulers=_stage_list("schedulers", o["schedulers"], str),
+        steps=_stage_list("steps", o["steps"], int),
+        scheduler_configs=[c for _, c in loaded],
+        class_labels=labels,
+        guidance_scale=o["guidance_scale"],
+        aug_level=_stage_list("aug_level", o["aug_level"], int),
+        generator=torch.Generator(device=device).manual_seed(o["seed"]),
+        chunk_size=o["chunk_size"],
+        return_all=True,
+        device=device,
+        progress=True,
+    )
+    out = Path(o["out"])
+    if o["stage_grids"]:
+        for k, images in enumerate(outputs[:-1]):
+            scale = o["scale"] * (outputs[-1].shape[-1] // images.shape[-1])  # as large as the final grid
+            save_grid(images, out.with_name(f"{out.stem}-stage{k}{out.suffix}"), nrow=o["nrow"], scale=scale)
+    return save_grid(outputs[-1], out, nrow=o["nrow"], scale=o["scale"])
+
+
+def _sample_cascade(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "checkpoints")}
+    try:
+        path = sample_cascade_grid(args.checkpoints, **options)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -319,6 +415,38 @@ def _add_sample_parser(sub) -> None:
         "in the checkpoint; its weights must be the same)",
     )
     sample.set_defaults(func=_sample)
+
+
+def _add_sample_cascade_parser(sub) -> None:
+    d = CASCADE_DEFAULTS
+    sc = sub.add_parser(
+        "sample-cascade",
+        help="sample through a cascade: a base checkpoint, then super-resolution checkpoints (--task superres)",
+        description="Sample from the base checkpoint, then from each super-resolution checkpoint conditioned on the "
+        "previous stage's output (EMA weights, each stage with its own scheduler and steps), and write the last "
+        "stage's PNG grid. Per-stage options take comma-separated values, one per stage (or one for all).",
+    )
+    sc.add_argument("--checkpoints", nargs="+", required=True, help="BASE SR1 [SR2 ...]: run or step directories")
+    sc.add_argument("--out", default=d["out"], help=f"output PNG (default: {d['out']})")
+    sc.add_argument("--num-images", type=int, default=d["num_images"], help=f"images (default: {d['num_images']})")
+    sc.add_argument(
+        "--schedulers", default=d["schedulers"], help="sampler per stage, e.g. ddim,dpmsolver++ (default: ddim)"
+    )
+    sc.add_argument("--steps", default=d["steps"], help="steps per stage, e.g. 50,20 (default: each sampler's)")
+    sc.add_argument(
+        "--aug-level",
+        default=d["aug_level"],
+        help="conditioning-augmentation level (a timestep) per super-resolution stage trained with it (default: 0)",
+    )
+    sc.add_argument("--guidance-scale", type=float, default=d["guidance_scale"], help="classifier-free guidance")
+    sc.add_argument("--class-labels", default=d["class_labels"], help="comma-separated labels or 'cycle' (default)")
+    sc.add_argument("--seed", type=int, default=d["seed"], help="seed of every stage's noise (default: 0)")
+    sc.add_argument("--chunk-size", type=int, default=d["chunk_size"], help="images per forward pass")
+    sc.add_argument("--nrow", type=int, default=d["nrow"], help="images per grid row (default: sqrt of the number)")
+    sc.add_argument("--scale", type=int, default=d["scale"], help="repeat each pixel this many times (default: 1)")
+    sc.add_argument("--device", default=d["device"], help="cpu, cuda or auto (default: auto)")
+    sc.add_argument("--stage-grids", action="store_true", help="also write each earlier stage's grid (OUT-stageK.png)")
+    sc.set_defaults(func=_sample_cascade)
 
 
 def _add_demo_parser(sub) -> None:
@@ -515,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=_bench)
     _add_train_parser(sub)
     _add_sample_parser(sub)
+    _add_sample_cascade_parser(sub)
     _add_demo_parser(sub)
     _add_eval_parser(sub)
     _add_fid_stats_parser(sub)

@@ -80,6 +80,16 @@ class UNetConfig:
         flip_sin_to_cos, freq_shift: the sinusoidal embedding as diffusers' Timesteps (DDPM: False, 1).
         downsample_padding: 0 = pad (0, 1, 0, 1) then a stride-2 3x3 conv (DDPM's TF "SAME"), 1 = a
             symmetric padding of 1.
+        cond_channels: super-resolution (cascades): channels of a low-resolution conditioning image,
+            upsampled bilinearly to the sample's size and concatenated after x's channels before conv_in
+            (improved-diffusion's SuperResModel); 0 = no conditioning image (the default).
+        cond_noise_embedding: conditioning augmentation (Ho et al. 2021, cascaded diffusion): the model
+            also takes the level s at which the conditioning image was noised (a timestep of the
+            schedule), embedded as t is (sinusoids + its own MLP) and added to the time embedding.
+            Needs cond_channels > 0.
+
+    ``to_dict`` leaves out cond_channels and cond_noise_embedding at their defaults, so that the
+    config of a model without conditioning is written as it was before they existed.
     """
 
     sample_size: int = 32
@@ -102,6 +112,8 @@ class UNetConfig:
     flip_sin_to_cos: bool = False
     freq_shift: float = 1.0
     downsample_padding: int = 0
+    cond_channels: int = 0
+    cond_noise_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.out_channels is None:
@@ -124,7 +136,7 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig.{name} must be a positive int or None, got {value!r}")
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
             raise ValueError(f"UNetConfig.channel_mult must be non-empty positive ints, got {self.channel_mult}")
-        for name in ("mid_attention", "learned_variance", "flip_sin_to_cos"):
+        for name in ("mid_attention", "learned_variance", "flip_sin_to_cos", "cond_noise_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"UNetConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.time_conditioning not in TIME_CONDITIONINGS:
@@ -139,6 +151,13 @@ class UNetConfig:
             raise TypeError(f"UNetConfig.freq_shift must be a number, got {self.freq_shift!r}")
         if self.downsample_padding not in (0, 1) or isinstance(self.downsample_padding, bool):
             raise ValueError(f"UNetConfig.downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
+        if not _is_int(self.cond_channels) or self.cond_channels < 0:
+            raise ValueError(f"UNetConfig.cond_channels must be an int >= 0, got {self.cond_channels!r}")
+        if self.cond_noise_embedding and not self.cond_channels:
+            raise ValueError(
+                "UNetConfig.cond_noise_embedding (conditioning augmentation) needs a conditioning image: "
+                "set cond_channels > 0"
+            )
         if self.base_channels // 2 - self.freq_shift == 0:
             raise ValueError(
                 "UNetConfig.freq_shift must differ from base_channels // 2 (it divides by their difference)"
@@ -228,11 +247,12 @@ class UNetConfig:
 
     # -------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples as lists)."""
+        """A JSON-serialisable dict (tuples as lists); fields added later are left out at their defaults."""
         return {
             f.name: list(v) if isinstance(v, tuple) else v
             for f in dataclasses.fields(self)
             for v in [getattr(self, f.name)]
+            if not (f.name in _OMITTED_AT_DEFAULT and v == f.default)
         }
 
     @classmethod
@@ -249,6 +269,9 @@ class UNetConfig:
     def replace(self, **changes: Any) -> UNetConfig:
         return UNetConfig.from_dict({**self.to_dict(), **changes})
 
+
+# Fields added after configs were first written: left out of to_dict at their defaults (same files as before).
+_OMITTED_AT_DEFAULT = frozenset({"cond_channels", "cond_noise_embedding"})
 
 _CIFAR10 = dict(
     sample_size=32,
@@ -407,7 +430,8 @@ class TimeEmbedding(nn.Module):
 
 # ---------------------------------------------------------------- the model
 class UNet(nn.Module):
-    """The DDPM U-Net. ``model(x, t, class_labels=None)`` -> (N, model_out_channels, H, W).
+    """The DDPM U-Net. ``model(x, t, class_labels=None)`` -> (N, model_out_channels, H, W);
+    a super-resolution model (``config.cond_channels > 0``) also takes ``low_res=`` (and ``aug_level=``).
 
     Attributes: ``config`` (UNetConfig), ``in_channels``, ``sample_size``, ``null_class_label``
     (num_classes for a class-conditional model, whose label embedding has num_classes + 1 rows, the
@@ -425,8 +449,10 @@ class UNet(nn.Module):
         blocks = config.block_channels()
         k = config.num_res_blocks
 
-        self.conv_in = nn.Conv2d(config.in_channels, base, 3, padding=1)
+        self.conv_in = nn.Conv2d(config.in_channels + config.cond_channels, base, 3, padding=1)
         self.time_embed = TimeEmbedding(config)
+        # conditioning augmentation: the low-res image's noise level s, embedded as t is, added to its embedding
+        self.cond_noise_embed = TimeEmbedding(config) if config.cond_noise_embedding else None
         self.class_embed = nn.Embedding(config.num_classes + 1, config.time_channels) if config.num_classes else None
         pad = config.downsample_padding
         self.down = nn.ModuleList(
@@ -524,8 +550,78 @@ class UNet(nn.Module):
             raise ValueError(f"class_labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = the null label)")
         return t, class_labels
 
+    def _check_conditioning(
+        self, x: torch.Tensor, low_res: torch.Tensor | None, aug_level: torch.Tensor | int | None
+    ) -> torch.Tensor | None:
+        """Checks low_res and aug_level against the config; returns aug_level as an (N,) tensor (or None)."""
+        cfg = self.config
+        n, (height, width) = x.shape[0], tuple(x.shape[2:])
+        if not cfg.cond_channels:
+            if low_res is not None or aug_level is not None:
+                raise ValueError(
+                    "low_res / aug_level given to a U-Net without a conditioning image (its config has "
+                    "cond_channels=0): only super-resolution models (cond_channels > 0) take them"
+                )
+            return None
+        if low_res is None:
+            raise ValueError(
+                f"this U-Net is a super-resolution model (cond_channels={cfg.cond_channels}): pass the conditioning "
+                "image as low_res=(N, C, h, w)"
+            )
+        if not isinstance(low_res, torch.Tensor) or not low_res.dtype.is_floating_point:
+            raise TypeError(
+                f"low_res must be a floating-point tensor, got {getattr(low_res, 'dtype', type(low_res).__name__)}"
+            )
+        if low_res.dim() != 4 or low_res.shape[0] != n or low_res.shape[1] != cfg.cond_channels:
+            raise ValueError(
+                f"low_res must have shape ({n}, {cfg.cond_channels}, h, w) for x of shape {tuple(x.shape)}, "
+                f"got {tuple(low_res.shape)}"
+            )
+        h, w = low_res.shape[2:]
+        if not (0 < h <= height and 0 < w <= width and height % h == 0 and width % w == 0):
+            raise ValueError(
+                f"low_res's size {h}x{w} must divide the sample's {height}x{width} "
+                "(it is upsampled by an integer factor)"
+            )
+        if low_res.device != x.device:
+            raise ValueError(f"low_res is on {low_res.device} but x is on {x.device}")
+        if not cfg.cond_noise_embedding:
+            if aug_level is not None:
+                raise ValueError(
+                    "aug_level given, but this U-Net was not built for conditioning augmentation "
+                    "(its config has cond_noise_embedding=False)"
+                )
+            return None
+        if aug_level is None:
+            raise ValueError(
+                "this U-Net takes the conditioning image's noise level (cond_noise_embedding=True): pass aug_level= "
+                "(the timestep s at which low_res was noised; 0 = the least noise)"
+            )
+        if isinstance(aug_level, int) and not isinstance(aug_level, bool):
+            aug_level = torch.full((n,), aug_level, dtype=torch.int64, device=x.device)
+        if not isinstance(aug_level, torch.Tensor) or aug_level.dtype == torch.bool or aug_level.dtype.is_complex:
+            raise TypeError(
+                "aug_level must be an int or a real tensor, got "
+                f"{getattr(aug_level, 'dtype', type(aug_level).__name__)}"
+            )
+        if aug_level.dim() == 0:
+            aug_level = aug_level.expand(n)
+        if aug_level.shape != (n,) or aug_level.device != x.device:
+            raise ValueError(
+                f"aug_level must be a scalar or have shape ({n},) on {x.device}, "
+                f"got {tuple(aug_level.shape)} on {aug_level.device}"
+            )
+        if value_checks_enabled() and bool((aug_level < 0).any()):
+            raise ValueError("aug_level must be >= 0 (a timestep of the schedule)")
+        return aug_level
+
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor | int | float, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | int | float,
+        class_labels: torch.Tensor | None = None,
+        low_res: torch.Tensor | None = None,
+        aug_level: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Predict from a noisy batch.
 
@@ -534,19 +630,33 @@ class UNet(nn.Module):
             t: timesteps, int64 (N,) (float allowed), a scalar tensor or a Python number.
             class_labels: int64 (N,) in [0, num_classes] (num_classes = null label) for a
                 class-conditional model; None there means the null label.
+            low_res: super-resolution models only (cond_channels > 0), required there: the
+                conditioning image (N, cond_channels, h, w) float with H / h and W / w integers; it is
+                upsampled bilinearly (align_corners=False, improved-diffusion's SuperResModel) to
+                (H, W) and concatenated after x's channels.
+            aug_level: models with cond_noise_embedding only, required there: the level s (a
+                timestep, int64 (N,), a scalar tensor or a Python int) at which low_res was noised.
 
         Returns:
             (N, model_out_channels, H, W) in x's dtype (the autocast dtype under autocast),
             channels_last.
         """
         t, class_labels = self._check_inputs(x, t, class_labels)
+        aug_level = self._check_conditioning(x, low_res, aug_level)
         cfg, backend = self.config, op_backend("group_norm_silu", self.backend)
         emb = timestep_embedding(t, cfg.base_channels, cfg.flip_sin_to_cos, cfg.freq_shift).to(self.dtype)
         emb = self.time_embed.linear_2(F.silu(self.time_embed.linear_1(emb)))
+        if self.cond_noise_embed is not None:
+            s = timestep_embedding(aug_level, cfg.base_channels, cfg.flip_sin_to_cos, cfg.freq_shift).to(self.dtype)
+            emb = emb + self.cond_noise_embed.linear_2(F.silu(self.cond_noise_embed.linear_1(s))).to(emb.dtype)
         if self.class_embed is not None:
             emb = emb + self.class_embed(class_labels).to(emb.dtype)
         emb = F.silu(emb)  # every ResBlock projects SiLU(emb): once here, not once per block
 
+        if low_res is not None:
+            if tuple(low_res.shape[2:]) != tuple(x.shape[2:]):
+                low_res = F.interpolate(low_res, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)
+            x = torch.cat([x, low_res.to(x.dtype)], dim=1)
         h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         skips = [h]
         for level in self.down:

@@ -163,6 +163,12 @@ def config_from_diffusers(dconfig: Mapping[str, Any], *, learned_variance: bool 
 
 def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     """UNet2DModel keyword arguments for a UNetConfig (config_from_diffusers's inverse)."""
+    if config.cond_channels:
+        raise ValueError(
+            f"a super-resolution U-Net (cond_channels={config.cond_channels}"
+            f"{', cond_noise_embedding' if config.cond_noise_embedding else ''}) has no diffusers UNet2DModel "
+            "equivalent: UNet2DModel takes no low-resolution conditioning image (nor its noise level)"
+        )
     if config.head_channels is None and config.num_heads != 1:
         # diffusers sets heads = channels // attention_head_dim per block: a fixed count maps only if
         # every attention has the same width.
