@@ -58,8 +58,9 @@ class TrainConfig:
 
     task: str = _opt(
         "diffusion",
-        "what to train: diffusion (the U-Net) or classifier (a noise-aware classifier p(y | x_t, t) on noised images, "
-        "for classifier guidance: ddpm_fast.train_classifier; --preset then names a classifier preset)",
+        "what to train: diffusion (the U-Net), classifier (a noise-aware classifier p(y | x_t, t) on noised images, "
+        "for classifier guidance: ddpm_fast.train_classifier; --preset then names a classifier preset) or superres "
+        "(a super-resolution U-Net conditioned on each image downsampled to --low-res, a cascade's stage)",
     )
     # data
     dataset: str = _opt("digits", "built-in dataset: digits (8x8 digits upscaled), shapes (procedural), or folder")
