@@ -248,6 +248,13 @@ class TrainConfig:
             return
         if self.low_res is None:
             raise ValueError("--task superres needs --low-res (the conditioning image's side, e.g. 8 for 8 -> 16)")
+        if self.latent_autoencoder is not None:
+            raise ValueError("--task superres trains in pixel space: --latent-autoencoder is not done for it")
+        if self.eval_every:
+            raise ValueError(
+                "--eval-every is not done for --task superres yet (its evaluation samples without a conditioning "
+                "image): score a cascade with ddpm_fast.sample_cascade and ddpm_fast.metrics"
+            )
         if self.low_res < 1 or self.low_res >= self.image_size or self.image_size % self.low_res:
             raise ValueError(
                 f"--low-res {self.low_res} must divide --image-size {self.image_size} and be smaller (the "

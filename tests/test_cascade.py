@@ -421,6 +421,8 @@ def test_superres_sample_grid_is_written(tmp_path):
         ({"cond_noise_max": 10, "cond_noise_min": 20}, r"0 <= cond_noise_min <= cond_noise_max"),
         ({"cond_noise_min": 3}, "--cond-noise-min needs --cond-noise-max"),
         ({"task": "diffusion"}, "apply to --task superres"),
+        ({"eval_every": 10}, "--eval-every is not done for --task superres"),
+        ({"latent_autoencoder": "vae"}, "trains in pixel space"),
     ],
 )
 def test_bad_superres_options(tmp_path, options, match):
