@@ -327,8 +327,10 @@ def sample_cascade(
         progress: show sample()'s progress bars.
         sample_options: passed to every sample() call (eta, noise, dtype, compile, cuda_graph, ...).
     """
-    from .sampler import _postprocess, sample
+    from .sampler import OUTPUT_TYPES, _postprocess, sample
 
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
     if isinstance(stages, (str, os.PathLike)) or not isinstance(stages, Sequence) or not stages:
         raise ValueError("stages must be a non-empty list [base, sr_1, ...] of models or checkpoint paths")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

@@ -322,6 +322,7 @@ def test_cascade_bad_inputs(tmp_path, capsys):
         ([tiny(8), sr], {"class_labels": 1}, "no stage of the cascade is class-conditional"),
         ([base, sr], {"guidance_scale": [None, 2.0]}, r"stage\(s\) \[1\], which are not class-conditional"),
         ([], {}, "non-empty list"),
+        ([base, sr], {"output_type": "png"}, "unknown output_type 'png'"),
     ]
     for stages, options, match in cases:
         with pytest.raises(ValueError, match=match):
