@@ -18,13 +18,6 @@ DDPM_BODY void guide(int64_t len, float* out, const float* cond, float s) {
   for (int64_t i = 0; i < len; ++i) out[i] = out[i] + s * (cond[i] - out[i]);
 }
 
-// DDIM with a guidance gradient g: out <- out + guide_coef g (step_math.h: guided_output)
-DDPM_BODY void shift_output(const StepChunkParams& p, int64_t len, float* __restrict__ out,
-                            const float* __restrict__ g) {
-  if (!g || p.kind != kDDIM) return;
-  const float c = p.k.guide_coef;
-  for (int64_t i = 0; i < len; ++i) out[i] = out[i] + c * g[i];
-}
 
 DDPM_BODY void predict_x0_loop(const StepChunkParams& p, int64_t len, const float* out, const float* x, float* x0) {
   const float sa = p.k.sqrt_a_t, s1a = p.k.sqrt_1m_a_t;
@@ -43,7 +36,7 @@ DDPM_BODY void abs_x0_chunk_f32_body(const StepChunkParams& p, int64_t len, floa
                                      const float* __restrict__ cond, const float* __restrict__ x,
                                      const float* __restrict__ g, float* __restrict__ abs_x0) {
   if (p.guided) guide(len, out, cond, p.guidance_scale);
-  shift_output(p, len, out, g);
+  (void)g;  // the guide comes after the x0 limit: phase 1 reads the unguided x0
   predict_x0_loop(p, len, out, x, abs_x0);
   for (int64_t i = 0; i < len; ++i) abs_x0[i] = std::fabs(abs_x0[i]);
 }
@@ -53,7 +46,6 @@ DDPM_BODY void step_chunk_f32_body(const StepChunkParams& p, int64_t len, float*
                                    const float* __restrict__ x, const float* __restrict__ z,
                                    const float* __restrict__ g, float* __restrict__ prev, float* __restrict__ x0) {
   if (p.guided) guide(len, out, cond, p.guidance_scale);
-  shift_output(p, len, out, g);
   predict_x0_loop(p, len, out, x, x0);
   if (p.clip == kClip) {
     const float r = p.clip_range;
@@ -105,6 +97,13 @@ DDPM_BODY void step_chunk_f32_body(const StepChunkParams& p, int64_t len, float*
     for (int64_t i = 0; i < len; ++i) prev[i] = (x[i] - sa * out[i]) / s1a;
   } else {
     for (int64_t i = 0; i < len; ++i) prev[i] = sa * out[i] + s1a * x[i];
+  }
+  if (g) {  // condition_score after the clip: x0 + (1 - a) / sqrt(a) g, eps - sqrt(1 - a) g
+    const float c = k.guide_x0;
+    for (int64_t i = 0; i < len; ++i) {
+      x0[i] = x0[i] + c * g[i];
+      prev[i] = prev[i] - s1a * g[i];
+    }
   }
   for (int64_t i = 0; i < len; ++i) prev[i] = k.sqrt_a_prev * x0[i] + k.dir_coef * prev[i];
   if (k.noisy && z) {

@@ -41,7 +41,6 @@ void posterior_rows(const PosteriorArgs& a) {
         if (a.guidance) out = out + g * (static_cast<F>(mo[m + a.mo_half]) - out);
         const F x = static_cast<F>(sample[a.sample.at(n, c, s)]);
         const F g = guide ? static_cast<F>(guide[a.guide.at(n, c, s)]) : F(0);
-        out = guided_output(a, k, out, g);
         if (abs_x0) {
           const F x0 = predict_x0<F>(out, x, k, a.pred);
           abs_x0[a.abs_x0.at(n, c, s)] = x0 < 0 ? -x0 : x0;

@@ -33,7 +33,6 @@ __global__ void posterior_kernel(PosteriorArgs a, int64_t tiles_per_row) {
     if (a.guidance) out = out + F(a.guidance_scale) * (load_as<F>(mo, m + a.mo_half) - out);
     const F x = load_as<F>(sample, a.sample.at(n, c, s));
     const F g = a.guide.ptr ? load_as<F>(static_cast<const X*>(a.guide.ptr), a.guide.at(n, c, s)) : F(0);
-    out = guided_output(a, k, out, g);
     if (a.abs_x0.ptr) {
       const F x0 = predict_x0<F>(out, x, k, a.pred);
       static_cast<F*>(a.abs_x0.ptr)[a.abs_x0.at(n, c, s)] = x0 < F(0) ? -x0 : x0;

@@ -31,7 +31,7 @@ struct SolverStepArgs {
   View3 x, noise, x_next;
   View3 history;        // slot 0 of the (R + 1, N, C, S) history; slot r lies r * hist_slot elements on
   View3 abs_d0;         // set: phase 1 of dynamic thresholding (writes |D_0| before the limit, nothing else)
-  View3 guide;          // guidance gradient g (x's dtype), or ptr null: out + guide_coef[s] g is the output read
+  View3 guide;          // guidance gradient g (x's dtype), or ptr null (solver_element)
   int64_t hist_slot = 0;
   int64_t mo_half = 0;  // element offset of the conditional half (guidance)
   const int64_t* step_ptr = nullptr;  // the step index on the device, or null: `step`
@@ -87,13 +87,6 @@ DDPM_HD SolverCoefs<F> solver_coefs(const SolverStepArgs& a) {
   return k;
 }
 
-// The model output the step reads: out + guide_coef g with a guide (classifier guidance through
-// eps, SolverPlan.guide_coef), else out unchanged.
-template <typename F>
-DDPM_HD F solver_guided_output(const SolverStepArgs& a, const SolverCoefs<F>& k, F out, F g) {
-  return a.guide.ptr ? out + k.guide_coef * g : out;
-}
-
 // D_0 = to_d_x x + to_d_out out, before the limit.
 template <typename F>
 DDPM_HD F solver_d0(const SolverCoefs<F>& k, F x, F out) {
@@ -124,11 +117,18 @@ DDPM_HD F solver_row(const F* m, F x, F out, F d0, F z, bool has_z, const F* h, 
   return acc;
 }
 
-// One element: returns x_next and the W values to write (written[w] for w < W).
+// One element: returns x_next and the W values to write (written[w] for w < W). g: the guide's
+// element (unread without a guide): after the limit, out + c g and D_0 + to_d_out c g, c the step's
+// guide_coef (solvers.base.apply_step).
 template <typename F>
 DDPM_HD F solver_element(const SolverStepArgs& a, const SolverCoefs<F>& k, F x, F out, F z, bool has_z, const F* h,
-                         F thresh_s, F* written) {
-  const F d0 = solver_limit(a, solver_d0(k, x, out), thresh_s);
+                         F thresh_s, F* written, F g = F(0)) {
+  F d0 = solver_limit(a, solver_d0(k, x, out), thresh_s);
+  if (a.guide.ptr) {
+    const F shift = k.guide_coef * g;
+    out = out + shift;
+    d0 = d0 + k.to_d_out * shift;
+  }
   DDPM_UNROLL
   for (int w = 0; w < kSolverMaxWrites; ++w) {
     if (w < a.W) written[w] = solver_row(k.mix[1 + w], x, out, d0, z, has_z, h, a.R);

@@ -53,7 +53,6 @@ void solver_rows(const SolverStepArgs& a) {
         F out = static_cast<F>(mo[m]);
         if (a.guidance) out = out + g * (static_cast<F>(mo[m + a.mo_half]) - out);
         const F x = static_cast<F>(xs[a.x.at(n, c, s)]);
-        if (guide) out = solver_guided_output(a, k, out, static_cast<F>(guide[a.guide.at(n, c, s)]));
         if (abs_d0) {
           const F d0 = solver_d0(k, x, out);
           abs_d0[a.abs_d0.at(n, c, s)] = d0 < 0 ? -d0 : d0;
@@ -66,7 +65,8 @@ void solver_rows(const SolverStepArgs& a) {
         F h[kSolverMaxSlots];
         for (int r = 0; r < a.R; ++r) h[r] = static_cast<F>(hist[h_at + r * a.hist_slot]);
         F written[kSolverMaxWrites];
-        const F next = solver_element<F>(a, k, x, out, z, has_z, h, ts, written);
+        const F g = guide ? static_cast<F>(guide[a.guide.at(n, c, s)]) : F(0);
+        const F next = solver_element<F>(a, k, x, out, z, has_z, h, ts, written, g);
         x_next[a.x_next.at(n, c, s)] = static_cast<X>(next);
         for (int w = 0; w < a.W; ++w) {
           if (k.slot[w] < a.R) hist[h_at + k.slot[w] * a.hist_slot] = static_cast<X>(written[w]);
@@ -188,13 +188,6 @@ DDPM_BODY void solver_chunk_f32_body(const SolverChunkParams& p, int64_t len, co
     for (int64_t i = 0; i < len; ++i) gd[i] = u[i] + s * (cd[i] - u[i]);
     o = gd;
   }
-  if (r.g) {  // out + guide_coef g (solver_step.h: solver_guided_output), into the same buffer
-    float* gd = r.guided;
-    const float* __restrict__ g = r.g;
-    const float c = p.guide_coef;
-    for (int64_t i = 0; i < len; ++i) gd[i] = o[i] + c * g[i];
-    o = gd;
-  }
   if (p.phase1) {
     d0_loop(p, len, r.x, o, r.abs_d0);
     float* __restrict__ ab = r.abs_d0;
@@ -209,6 +202,17 @@ DDPM_BODY void solver_chunk_f32_body(const SolverChunkParams& p, int64_t len, co
   } else if (p.limit == kLimitDynamic) {
     const float s = p.thresh;
     for (int64_t i = 0; i < len; ++i) d[i] = clampf(d[i], -s, s) / s;
+  }
+  if (r.g) {  // after the limit: out + c g, D_0 + to_d_out c g (solver_step.h: solver_element)
+    float* gd = r.guided;  // may be o itself (guided): each element read before written
+    const float* __restrict__ g = r.g;
+    const float c = p.guide_coef, q = p.to_d_out;
+    for (int64_t i = 0; i < len; ++i) {
+      const float shift = c * g[i];
+      gd[i] = o[i] + shift;
+      d[i] = d[i] + q * shift;
+    }
+    o = gd;
   }
   if (p.has_z) mix_rows<true>(p, len, r.x, o, d, r.z, r.h, r.rows);
   else mix_rows<false>(p, len, r.x, o, d, r.z, r.h, r.rows);

@@ -38,9 +38,6 @@ __global__ void solver_step_kernel(SolverStepArgs a, int64_t tiles_per_row) {
     F out = load_as<F>(mo, m);
     if (a.guidance) out = out + F(a.guidance_scale) * (load_as<F>(mo, m + a.mo_half) - out);
     const F x = load_as<F>(xs, a.x.at(n, c, s));
-    if (a.guide.ptr) {
-      out = solver_guided_output(a, k, out, load_as<F>(static_cast<const X*>(a.guide.ptr), a.guide.at(n, c, s)));
-    }
     if (phase1) {
       const F d0 = solver_d0(k, x, out);
       static_cast<F*>(a.abs_d0.ptr)[a.abs_d0.at(n, c, s)] = d0 < F(0) ? -d0 : d0;
@@ -57,7 +54,8 @@ __global__ void solver_step_kernel(SolverStepArgs a, int64_t tiles_per_row) {
 #pragma unroll
     for (int r = 0; r < kSolverMaxSlots; ++r) h[r] = r < a.R ? load_as<F>(hist, h_at + r * a.hist_slot) : F(0);
     F written[kSolverMaxWrites];
-    const F next = solver_element<F>(a, k, x, out, z, has_z, h, ts, written);
+    const F g = a.guide.ptr ? load_as<F>(static_cast<const X*>(a.guide.ptr), a.guide.at(n, c, s)) : F(0);
+    const F next = solver_element<F>(a, k, x, out, z, has_z, h, ts, written, g);
     store(static_cast<X*>(a.x_next.ptr), a.x_next.at(n, c, s), next);
 #pragma unroll
     for (int w = 0; w < kSolverMaxWrites; ++w) {

@@ -15,7 +15,7 @@ struct StepCoefs {
   F log_beta_tilde, log_beta;  // learned_range bounds
   F sqrt_a_prev, dir_coef;     // DDIM (Song et al. eq. 12)
   F std;                       // sigma_t for the fixed variance types and DDIM
-  F guide_coef;                // DDIM with a guide: out + guide_coef g has eps - sqrt(1 - a_t) g
+  F guide_x0;                  // DDIM with a guide: x0 + guide_x0 g, eps - sqrt(1 - a_t) g
   bool noisy;
 };
 
@@ -33,10 +33,7 @@ DDPM_HD StepCoefs<F> step_coefs(const PosteriorArgs& a, int64_t n) {
   k.sqrt_a_t = sqrt(a_t);
   k.sqrt_1m_a_t = sqrt(one - a_t);
   k.sqrt_a_prev = sqrt(a_prev);
-  // reference.guidance_output_coef: eps -sqrt(1 - a), x0 (1 - a) / sqrt(a), v -sqrt(1 - a) / sqrt(a)
-  if (a.pred == kPredEps) k.guide_coef = -k.sqrt_1m_a_t;
-  else if (a.pred == kPredSample) k.guide_coef = (one - a_t) / k.sqrt_a_t;
-  else k.guide_coef = -k.sqrt_1m_a_t / k.sqrt_a_t;
+  k.guide_x0 = (one - a_t) / k.sqrt_a_t;  // x0 of eps - sqrt(1 - a_t) g at fixed x_t
   if (a.kind == kDDPM) {
     const F current_alpha = a_t / a_prev;
     const F current_beta = one - current_alpha;
@@ -90,17 +87,10 @@ DDPM_HD F clip_x0(F x0, const PosteriorArgs& a, F thresh_s) {
   return x0;
 }
 
-// The model output as the step reads it: with a guide g, DDIM's is moved to the output whose eps
-// is eps - sqrt(1 - a_t) g (classifier guidance's condition_score); DDPM's is left as it is (its
-// guide shifts the mean in step_element). Unchanged without a guide.
-template <typename F>
-DDPM_HD F guided_output(const PosteriorArgs& a, const StepCoefs<F>& k, F mo, F g) {
-  return (a.guide.ptr && a.kind == kDDIM) ? mo + k.guide_coef * g : mo;
-}
-
 // One element: from the (guided) model output, its variance channel, x_t and z, returns x_prev
-// and writes the clipped x0 prediction to *x0_out. g: the guide's element (DDPM with a guide:
-// mean + sigma_t^2 g, classifier guidance's condition_mean; unread without a guide).
+// and writes the clipped x0 prediction to *x0_out. g: the guide's element, applied after the x0
+// clip as Dhariwal & Nichol do (unread without a guide): DDPM mean + sigma_t^2 g (condition_mean);
+// DDIM eps - sqrt(1 - a_t) g and x0 + (1 - a_t) / sqrt(a_t) g (condition_score).
 template <typename F>
 DDPM_HD F step_element(const PosteriorArgs& a, const StepCoefs<F>& k, F mo, F variance, F x, F z, F thresh_s,
                        F* x0_out, F g = F(0)) {
@@ -120,7 +110,13 @@ DDPM_HD F step_element(const PosteriorArgs& a, const StepCoefs<F>& k, F mo, F va
   } else {
     F eps = predict_eps(mo, x, k, a.pred);
     if (a.use_clipped_model_output) eps = (x - k.sqrt_a_t * x0) / k.sqrt_1m_a_t;
-    mean = k.sqrt_a_prev * x0 + k.dir_coef * eps;
+    F x0g = x0;
+    if (a.guide.ptr) {
+      x0g = x0 + k.guide_x0 * g;
+      eps = eps - k.sqrt_1m_a_t * g;
+      *x0_out = x0g;
+    }
+    mean = k.sqrt_a_prev * x0g + k.dir_coef * eps;
   }
   return k.noisy ? mean + std * z : mean;
 }

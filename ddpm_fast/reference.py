@@ -207,12 +207,12 @@ def posterior_step(
     ``Schedule`` or anything with ``alphas_cumprod`` and ``final_alpha_cumprod``.
 
     ``guide`` (shape of ``sample``): a guidance gradient g = s grad_x log p(y | x_t) (classifier
-    guidance, Dhariwal & Nichol 2021). DDPM shifts the posterior mean by the step's variance:
-    mean + sigma_t^2 g, after the clip of x0 (their ``condition_mean``; sigma_t^2 as the step's
-    variance type gives it, also at t = 0 where no noise is added). DDIM shifts eps by
-    -sqrt(1 - a_bar_t) g (``condition_score``) before anything else reads the model output: the
-    output is moved to the one whose eps that is (``guidance_output_coef``), then x0, its clip and
-    the step follow from it.
+    guidance, Dhariwal & Nichol 2021), applied after the clip of x0 as their code does. DDPM shifts
+    the posterior mean by the step's variance: mean + sigma_t^2 g (``condition_mean``; sigma_t^2 as
+    the step's variance type gives it, also at t = 0 where no noise is added). DDIM shifts eps by
+    -sqrt(1 - a_bar_t) g and with it x0 by (1 - a_bar_t) / sqrt(a_bar_t) g (``condition_score``:
+    the same x_t), the shifted x0 unclipped. (Guiding before the clip would cancel the x0 part
+    wherever the clip binds and leave the eps part: a push away from the class at large t.)
     """
     cd = compute_dtype(sample)
     channels = sample.shape[1]
@@ -223,8 +223,6 @@ def posterior_step(
     x_t = sample.to(cd)
 
     a_t = gather(schedule.alphas_cumprod, t, x_t)
-    if guide is not None and config.kind == "ddim":
-        out = out + guidance_output_coef(a_t, config.prediction_type) * guide.to(cd)
     final = 1.0 if config.kind == "ddpm" else schedule.final_alpha_cumprod
     prev_valid = (prev_t >= 0).reshape(a_t.shape)
     a_prev = torch.where(
@@ -249,6 +247,9 @@ def posterior_step(
         eps = predict_eps(out, x_t, a_t, config.prediction_type)
         if config.use_clipped_model_output:
             eps = (x_t - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+        if guide is not None:  # condition_score, after the clip
+            x0 = x0 + (1 - a_t) / a_t**0.5 * guide.to(cd)
+            eps = eps - (1 - a_t) ** 0.5 * guide.to(cd)
         # sigma^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev), clamped at 0: a_t / a_prev can round
         # above 1 when a_t ~ a_prev (diffusers gives NaN there). The direction's variance subtracts sigma^2
         # itself, not sqrt(sigma^2)^2, so at a_t = 0 with eta = 1 it cancels to exactly 0 on every CPU.

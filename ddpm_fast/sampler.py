@@ -18,9 +18,9 @@ Classifier guidance (Dhariwal & Nichol 2021): ``classifier=`` (a noise-aware cla
 and ``class_labels``, or any ``guidance=fn`` with ``fn(x_t, t) -> gradient``: each step computes the
 gradient g = s grad_x log p(y | x_t, t) with autograd on the classifier alone (one batched forward
 and backward), and the fused step takes g as one more input (DDPM: mean + sigma_t^2 g; the other
-samplers: eps - sqrt(1 - a_bar_t) g, through the model output; ``reference.posterior_step``,
-``solvers.base.with_guidance``). On CUDA the classifier's forward and backward are captured in the
-step's graph with the model.
+samplers: eps - sqrt(1 - a_bar_t) g; both after the x0 clip, as Dhariwal & Nichol's code;
+``reference.posterior_step``, ``solvers.base.with_guidance``). On CUDA the classifier's forward
+and backward are captured in the step's graph with the model.
 
 With ``noise="torch"`` every random tensor is drawn as diffusers draws it (``randn_tensor``:
 same shapes, generator(s), order, and the same skipped draw at DDPM's t = 0), so
@@ -124,7 +124,7 @@ def sample(
             [0, num_classes). Each step adds g = classifier_scale * grad_x log softmax(logits)[y]
             (autograd through the classifier alone, batched) to the step: DDPM shifts the
             posterior mean by sigma_t^2 g after the x0 clip, the other samplers shift eps by
-            -sqrt(1 - a_bar_t) g (x0 and v predictions converted to match). The model itself may be
+            -sqrt(1 - a_bar_t) g after it (x0 and v predictions converted to match). The model may be
             unconditional (labels then go to the classifier only) or take the labels too
             (classifier and classifier-free guidance together).
         classifier_scale: s of classifier guidance (default 1.0).

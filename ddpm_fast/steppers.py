@@ -17,7 +17,7 @@ from . import reference
 from ._backends import choose
 from .ops.posterior import CLIP, CLIP_NONE, KINDS, PREDICTIONS, THRESHOLD, VARIANCES, _posterior_impl, posterior_step
 from .schedule import Schedule
-from .solvers.base import SolverPlan, apply_step, guided_output, new_history
+from .solvers.base import SolverPlan, apply_step, guide_shift, new_history, split_output
 from .solvers.posterior import PosteriorPlan
 
 
@@ -202,9 +202,13 @@ class LinearStepper:
         if self.guidance_scale is not None:
             uncond, cond = model_output.chunk(2)
             model_output = uncond + self.guidance_scale * (cond - uncond)
-        if guide is not None:  # the output the step reads (its solver's step_fn takes no guide)
-            model_output = guided_output(self.plan, self.step_index, x, model_output, guide)
+        if guide is not None and self.step_fn is not None:
+            # a non-linear step_fn (pc's Langevin steps) takes no guide; its plans have no limit, so the
+            # shifted output gives what apply_step's shift after the limit gives
+            out = split_output(self.plan, x, model_output).to(reference.compute_dtype(x))
+            model_output, guide = out + guide_shift(self.plan, self.step_index, x, guide), None
         if draw and noise is None:  # kernel noise on the reference path: the same Philox stream, host seeds
             noise = reference.philox_randn(self.host_seeds[self.step_index], tuple(x.shape), x.device).to(x.dtype)
-        step_fn = apply_step if self.step_fn is None else self.step_fn
-        return step_fn(self.plan, self.step_index, x, model_output, self.history, noise if draw else None)
+        if self.step_fn is None:
+            return apply_step(self.plan, self.step_index, x, model_output, self.history, noise if draw else None, guide)
+        return self.step_fn(self.plan, self.step_index, x, model_output, self.history, noise if draw else None)

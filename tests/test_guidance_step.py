@@ -2,9 +2,10 @@
 posterior_step and solver_step.
 
 - the reference (``reference.posterior_step(..., guide=)``, ``apply_step(..., guide=)``) equals a
-  float64 transcription of Dhariwal & Nichol's formulas written here from the paper: DDPM
-  ``condition_mean`` (mean + sigma_t^2 g after the x0 clip), DDIM / the solvers ``condition_score``
-  (eps - sqrt(1 - a_bar) g, the model output converted for x0 and v predictions);
+  float64 transcription of Dhariwal & Nichol's formulas written here from the paper and their code:
+  DDPM ``condition_mean`` (mean + sigma_t^2 g after the x0 clip), DDIM / the solvers
+  ``condition_score`` after the clip (eps - sqrt(1 - a_bar) g and x0 + (1 - a_bar) / sqrt(a_bar) g;
+  the model output converted for x0 and v predictions);
 - every fast backend (cpp per ISA build, triton interpreted, the CUDA kernel emulated with g++)
   equals the reference under the tolerance rule, fp32 and bf16, odd rows, batch 1, channels_last
   and sliced inputs, with classifier-free guidance on top;
@@ -80,10 +81,12 @@ def eps_of(out: float, x: float, a: float, pred: str) -> float:
 
 
 def transcribed_step(mo, x, noise, guide, t, prev_t, schedule, config, guidance_scale=None):
-    """One guided step, element by element in Python floats, from the paper: DDPM's condition_mean
-    (the posterior mean of the clipped x0, + Sigma g with Sigma the step's variance, then + sigma z
-    where t > 0); DDIM's condition_score (eps' = eps - sqrt(1 - a) g, x0 from eps', clipped, the
-    DDIM update with eps')."""
+    """One guided step, element by element in Python floats, from the paper and guided_diffusion's
+    code: DDPM's condition_mean (the posterior mean of the clipped x0, + Sigma g with Sigma the step's
+    variance, then + sigma z where t > 0); DDIM's condition_score after the clip (x0 clipped from the
+    model's eps; eps' = eps - sqrt(1 - a) g, x0' = x0 + (1 - a) / sqrt(a) g, not clipped again; the
+    DDIM update with x0', eps'). (guided_diffusion takes eps from the clipped x0, diffusers'
+    use_clipped_model_output=True; without it the step's eps is the model's, guided the same way.)"""
     ab = schedule.alphas_cumprod.double().tolist()
     n, c = x.shape[:2]
     if guidance_scale is not None:
@@ -117,8 +120,8 @@ def transcribed_step(mo, x, noise, guide, t, prev_t, schedule, config, guidance_
                     variance = math.exp(frac * math.log(beta) + (1 - frac) * math.log(beta_tilde))
                 value = mean + variance * g + (math.sqrt(variance) * z if t[i] > 0 else 0.0)
             else:
+                x0 = clip((xv - math.sqrt(1 - a) * eps) / math.sqrt(a)) + (1 - a) / math.sqrt(a) * g
                 eps = eps - math.sqrt(1 - a) * g
-                x0 = clip((xv - math.sqrt(1 - a) * eps) / math.sqrt(a))
                 var = config.eta**2 * max((1 - a_prev) / (1 - a) * (1 - a / a_prev), 0.0)
                 value = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - var, 0.0)) * eps + math.sqrt(var) * z
             out[(i, ch, *rest)] = value
@@ -230,7 +233,7 @@ def test_guided_posterior_step(fast_backend, schedule, name, layout, cfg, dtype)
 
 @pytest.mark.parametrize("name", ["ddpm-eps-small-clip", "ddim-v-eta0.5-clip"])
 def test_guided_dynamic_thresholding(fast_backend, schedule, name):
-    """Thresholding's first pass (|x0|) sees DDIM's guided output too. (Not pred_x0 itself: at t = 999
+    """The guide comes after the threshold, whose first pass reads the unguided x0. (Not pred_x0 itself: at t = 999
     the thresholded x0 of this seed misses the rule by 1e-6 without a guide as well, its quantile's
     rounding magnified 1 / sqrt(a_bar) = 157 times.)"""
     backend, device = fast_backend
@@ -296,8 +299,9 @@ def transcribed_output(out, x, g, sigma, pred):
     return x0 if pred == "sample" else math.sqrt(a) * eps - math.sqrt(1 - a) * x0
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", [n for n in SOLVERS if n != "dpm-x0-clip"])
 def test_apply_step_guide_is_the_formula(name):
+    """Without a limit, guiding = stepping the model output whose eps is eps - sqrt(1 - a) g."""
     solver = SOLVERS[name]()
     plan = with_guidance(solver.plan(Schedule.from_config(), 10), solver.prediction_type)
     _, x, noise, guide, _, _ = step_inputs(StepConfig(), (2, 2, 3, 3), seed=3)
@@ -314,6 +318,25 @@ def test_apply_step_guide_is_the_formula(name):
         want = apply_step(plan, s, x, shifted.reshape(x.shape), h2, noise_s)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(h1, h2, rtol=1e-10, atol=1e-10)
+
+
+def test_apply_step_guides_after_the_limit():
+    """With an x0 limit the shift comes after it: out + c g and limit(p x + q out) + q c g, the rows
+    of the mix over them (guided_diffusion guides the clipped x0)."""
+    solver = SOLVERS["dpm-x0-clip"]()
+    plan = with_guidance(solver.plan(Schedule.from_config(), 10), solver.prediction_type)
+    _, x, noise, guide, _, _ = step_inputs(StepConfig(), (2, 2, 3, 3), seed=5)
+    mo = 3.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for s in (0, 5):
+        history = torch.randn((plan.history_slots + 1, *x.shape), generator=torch.Generator().manual_seed(s)).double()
+        got = apply_step(plan, s, x, mo, history.clone(), None, guide=guide)
+        shift = plan.guide_coef[s] * guide
+        p, q = plan.to_d_x[s], plan.to_d_out[s]
+        d0 = plan.x0_limit(p * x + q * mo) + q * shift
+        values = [x, mo + shift, d0, torch.zeros_like(x), *history[: plan.history_slots]]
+        mix = plan.mix[s, 0]
+        want = sum(mix[c] * v for c, v in enumerate(values))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def solver_case_params():

@@ -2,8 +2,9 @@
 arithmetic as csrc/step_math.h and reference.posterior_step. With PHASE1 it writes |x0| only
 (the first pass of dynamic thresholding). Divisions and square roots are IEEE-rounded
 (div_rn, sqrt_rn): the approximate ones lose 1 - a_t / a_prev when a_t ~ a_prev. With HAS_GUIDE a
-guidance gradient g is read in the same pass: DDIM's model output becomes out + c g (its eps shifted
-by -sqrt(1 - a_t) g), DDPM's mean gains sigma_t^2 g (reference.posterior_step)."""
+guidance gradient g is read in the same pass and applied after the x0 clip: DDPM's mean gains
+sigma_t^2 g, DDIM's eps loses sqrt(1 - a_t) g and its x0 gains (1 - a_t) / sqrt(a_t) g
+(reference.posterior_step)."""
 
 from __future__ import annotations
 
@@ -81,13 +82,6 @@ def posterior_kernel(
     x = tl.load(x_ptr + offset(n, c, s, C, S, (LAYOUTS >> 1) & 1), mask=mask).to(tl.float32)
     if HAS_GUIDE:
         g = tl.load(guide_ptr + offset(n, c, s, C, S, (LAYOUTS >> 5) & 1), mask=mask, other=0.0).to(tl.float32)
-        if KIND == DDIM:  # the output whose eps is eps - sqrt(1 - a_t) g (reference.guidance_output_coef)
-            if PRED == EPS:
-                out = out + (-sqrt_1m_a_t) * g
-            elif PRED == SAMPLE:
-                out = out + tl.div_rn(1.0 - a_t, sqrt_a_t) * g
-            else:
-                out = out + tl.div_rn(-sqrt_1m_a_t, sqrt_a_t) * g
 
     if PRED == EPS:
         x0 = tl.div_rn(x - sqrt_1m_a_t * out, sqrt_a_t)
@@ -139,6 +133,9 @@ def posterior_kernel(
                 eps = sqrt_a_t * out + sqrt_1m_a_t * x
             if USE_CLIPPED:
                 eps = tl.div_rn(x - sqrt_a_t * x0, sqrt_1m_a_t)
+            if HAS_GUIDE:  # condition_score after the clip
+                x0 = x0 + tl.div_rn(1.0 - a_t, sqrt_a_t) * g
+                eps = eps - sqrt_1m_a_t * g
             # clamped at 0: a_t / a_prev can round above 1 when a_t ~ a_prev; the direction subtracts
             # sigma^2 itself (exactly 0 at a_t = 0, eta = 1)
             ratio = tl.div_rn(1.0 - a_prev, 1.0 - a_t) * (1.0 - tl.div_rn(a_t, a_prev))

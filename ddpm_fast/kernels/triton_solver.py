@@ -2,8 +2,8 @@
 csrc/solver_step.h and solvers.base.apply_step. The step index is read from a device tensor (or
 taken as an int), the step's coefficients from the plan's float64 tensors; R (history slots) and
 W (writes) are constexprs, so each slot and row is unrolled. With PHASE1 it writes |D_0| only (the
-first pass of dynamic thresholding). With HAS_GUIDE the model output read is out + guide_coef[step] g
-(a guidance gradient g, one more input of the same pass)."""
+first pass of dynamic thresholding). With HAS_GUIDE a guidance gradient g (one more input of the same pass)
+moves, after the limit, the model output by shift = guide_coef[step] g and D_0 by to_d_out shift."""
 
 from __future__ import annotations
 
@@ -115,9 +115,6 @@ def solver_step_kernel(
         cond = tl.load(mo_ptr + offset(n + N, c, s, mo_c, S, mo_nhwc), mask=mask).to(tl.float32)
         out = out + guidance_scale * (cond - out)
     x = tl.load(x_ptr + offset(n, c, s, C, S, (LAYOUTS >> 1) & 1), mask=mask).to(tl.float32)
-    if HAS_GUIDE:
-        g = tl.load(guide_ptr + offset(n, c, s, C, S, (LAYOUTS >> 6) & 1), mask=mask, other=0.0).to(tl.float32)
-        out = out + tl.load(guide_coef_ptr + step).to(tl.float32) * g
     d0 = tl.load(to_d_x_ptr + step).to(tl.float32) * x + tl.load(to_d_out_ptr + step).to(tl.float32) * out
 
     if PHASE1:
@@ -128,6 +125,11 @@ def solver_step_kernel(
         elif LIMIT == LIMIT_DYNAMIC:
             thresh = tl.load(scale_ptr + n)
             d0 = tl.div_rn(tl.minimum(tl.maximum(d0, -thresh), thresh), thresh)
+        if HAS_GUIDE:  # after the limit (solvers.base.apply_step)
+            g = tl.load(guide_ptr + offset(n, c, s, C, S, (LAYOUTS >> 6) & 1), mask=mask, other=0.0).to(tl.float32)
+            shift = tl.load(guide_coef_ptr + step).to(tl.float32) * g
+            out = out + shift
+            d0 = d0 + tl.load(to_d_out_ptr + step).to(tl.float32) * shift
 
         out_ty = next_ptr.dtype.element_ty
         if HAS_NOISE:

@@ -1,6 +1,6 @@
 """posterior_step: one fused reverse step (DDPM ancestral or DDIM), from the model output to
-x_prev: guidance combine -> (DDIM: + the guide's eps shift) -> x0 prediction -> clip / dynamic
-threshold -> posterior mean (DDPM: + sigma_t^2 guide) -> + sigma z. Dynamic thresholding adds a
+x_prev: guidance combine -> x0 prediction -> clip / dynamic threshold -> (a guide: DDIM's eps and
+x0 shifted) -> posterior mean (a guide: DDPM's + sigma_t^2 g) -> + sigma z. Dynamic thresholding adds a
 first pass (|x0|), a per-sample top-k quantile, then the step. The guide (a classifier-guidance
 gradient) is one more input read in the same pass (``reference.posterior_step``)."""
 
@@ -214,8 +214,8 @@ def posterior_step(
         guide: a guidance gradient g shaped like sample (any float dtype, used in sample's), e.g.
             s grad_x log p(y | x_t, t) of a classifier (Dhariwal & Nichol 2021): DDPM adds
             sigma_t^2 g to the posterior mean after the x0 clip (their ``condition_mean``); DDIM
-            takes the model output whose eps is eps - sqrt(1 - a_bar_t) g (``condition_score``),
-            before the x0 prediction and its clip. Read in the same pass as everything else.
+            steps with eps - sqrt(1 - a_bar_t) g and x0 + (1 - a_bar_t) / sqrt(a_bar_t) g after the
+            clip (``condition_score``; pred_x0 is that x0). Read in the same pass as the rest.
         return_pred_x0: also return the (clipped) x0 prediction.
         backend: "cpp", "cuda", "triton" or "reference"; None picks the fastest here.
 

@@ -5,7 +5,8 @@ the reference). The step's coefficients are read by the kernel from the plan's d
 the step index, which may itself be a device tensor: a replayed CUDA graph steps through the plan
 and nothing is read on the host. Dynamic thresholding adds a first pass (|D_0|) and a per-sample
 quantile, as posterior_step does it. A guidance gradient g (``guide=``) is one more input of the same
-pass: the output read is out + guide_coef[step] g (``solvers.base.with_guidance``)."""
+pass: after the limit, out + shift and D_0 + to_d_out shift with shift = guide_coef[step] g
+(``solvers.base.apply_step``, ``with_guidance``)."""
 
 from __future__ import annotations
 
@@ -98,9 +99,7 @@ def _solver_step_impl(
     if limit == LIMIT_DYNAMIC:  # phase 1: |D_0| per element, then the per-sample quantile
         stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         abs_d0 = torch.empty(x3.shape, dtype=stat_dtype, device=x.device)
-        launch(
-            mo3, x3, hist, *plan_args, None, None, None, out3, abs_d0, g, clip_range, limit, guided, g3, guide_coef
-        )
+        launch(mo3, x3, hist, *plan_args, None, None, None, out3, abs_d0, g, clip_range, limit, guided, g3, guide_coef)
         scale = quantile_scale(abs_d0, ratio, max_value).to(stat_dtype)
     launch(mo3, x3, hist, *plan_args, z3, seed, scale, out3, None, g, clip_range, limit, guided, g3, guide_coef)
     if copy_back:
@@ -277,8 +276,8 @@ def solver_step(
             neither: the noise column is skipped. Whether a step draws is the caller's (``plan.draws``).
         backend: "cpp", "cuda", "triton" or "reference"; None picks the fastest here.
         guide: a guidance gradient g shaped like x (e.g. s grad_x log p(y | x_t) of a classifier),
-            for a plan from ``solvers.base.with_guidance``: the step reads out + guide_coef[step] g
-            (eps shifted by -sqrt(1 - a_bar) g), in the same pass.
+            for a plan from ``solvers.base.with_guidance``: eps shifted by -sqrt(1 - a_bar) g after
+            the limit (``apply_step``), in the same pass.
 
     Returns:
         x_next, shaped like x. The reference backend with a ``seed`` reads the seed on the host.

@@ -21,9 +21,10 @@ nothing reads a tensor value on the host). Steps that are not linear in their in
 corrector's per-sample step size) are marked in the plan and stepped by their solver's own code.
 
 Guidance by a gradient g (classifier guidance, Dhariwal & Nichol 2021: g = s grad_x log p(y | x_t)):
-it enters eps, eps' = eps - sqrt(1 - a_bar) g (their ``condition_score``), as the model output
-out' = out + guide_coef[s] g (``with_guidance``: the coefficient for the model's prediction type at
-each step's noise level), read by the step before anything else: one more input, no extra pass.
+it enters eps, eps' = eps - sqrt(1 - a_bar) g (their ``condition_score``), as a shift of the model
+output, shift = guide_coef[s] g (``with_guidance``: the coefficient for the model's prediction type at
+each step's noise level), applied after the limit as their code applies it after the x0 clip:
+out' = out + shift, D_0' = limit(p x + q out) + q shift. One more input, no extra pass.
 """
 
 from __future__ import annotations
@@ -246,8 +247,9 @@ class PlanBuilder:
 
 
 def with_guidance(plan: SolverPlan, prediction_type: str) -> SolverPlan:
-    """The plan taking a guidance gradient g: at step s the model output read is out + c_s g, the
-    output whose eps is eps - sqrt(1 - a_bar_s) g (``reference.guidance_output_coef``), with
+    """The plan taking a guidance gradient g: at step s the model output is shifted by c_s g (after
+    the limit, ``apply_step``), c_s giving the output whose eps is eps - sqrt(1 - a_bar_s) g
+    (``reference.guidance_output_coef``), with
     a_bar_s = 1 / (1 + sigma_s^2) the noise level of the step's input (``plan.sigmas``; the state
     is in the VP scaling). ``prediction_type``: what the model predicts (the solver's option)."""
     sigmas = plan.sigmas[:-1].detach().to("cpu", torch.float64)
@@ -275,24 +277,14 @@ def split_output(plan: SolverPlan, x: torch.Tensor, model_output: torch.Tensor) 
     return model_output
 
 
-def guided_output(
-    plan: SolverPlan,
-    step: int | torch.Tensor,
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    guide: torch.Tensor | None,
-) -> torch.Tensor:
-    """The model output a step reads, in x's compute dtype: its first C channels, plus
-    guide_coef[step] g with a guide."""
-    cd = compute_dtype(x)
-    out = split_output(plan, x, model_output).to(cd)
-    if guide is None:
-        return out
+def guide_shift(plan: SolverPlan, step: int | torch.Tensor, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+    """guide_coef[step] g in x's compute dtype: the shift of the model output by a guide."""
     if plan.guide_coef is None:
         raise ValueError("a guide was given but the plan takes none: make it with solvers.base.with_guidance")
     if guide.shape != x.shape:
         raise ValueError(f"guide has shape {tuple(guide.shape)}, expected {tuple(x.shape)}")
-    return out + plan.guide_coef[step].to(cd) * guide.to(cd)
+    cd = compute_dtype(x)
+    return plan.guide_coef[step].to(cd) * guide.to(cd)
 
 
 def apply_step(
@@ -312,14 +304,19 @@ def apply_step(
     noise column is then skipped: pass it wherever ``plan.draws`` says). ``step``: a Python int or
     a 0-dim int64 tensor on the plan's device (no host read either way). Computes in float32
     (float64 for float64 x), as ``reference.posterior_step`` does. ``guide``: a guidance gradient
-    shaped like x, for a plan from ``with_guidance`` (the output read is out + guide_coef[step] g).
+    shaped like x, for a plan from ``with_guidance``: after the limit, shift = guide_coef[step] g,
+    out + shift and D_0 + to_d_out shift.
     """
     cd = compute_dtype(x)
-    xc, out = x.to(cd), guided_output(plan, step, x, model_output, guide)
+    xc, out = x.to(cd), split_output(plan, x, model_output).to(cd)
     to_d_x, to_d_out = plan.to_d_x[step].to(cd), plan.to_d_out[step].to(cd)
     d0 = to_d_x * xc + to_d_out * out
     if plan.x0_limit is not None:
         d0 = plan.x0_limit(d0)
+    if guide is not None:  # after the limit (the module docstring)
+        shift = guide_shift(plan, step, x, guide)
+        out = out + shift
+        d0 = d0 + to_d_out * shift
     mix = plan.mix[step].to(cd)  # (1 + W, 4 + R)
     values = [xc, out, d0] + ([noise.to(cd)] if noise is not None else [])
     hist = history[: plan.history_slots].to(cd)
