@@ -421,5 +421,7 @@ def test_bad_inputs_give_clear_errors(env, tmp_path, monkeypatch, capsys):
     assert "num_samples must be an int >= 2, got 0" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(tmp_path), "--metric", "classifier_fid"]) == 2
     assert "expected a run directory" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(run), "--weights", "both", "--out", str(tmp_path / "b")]) == 2
+    assert "leave --out unset" in capsys.readouterr().err
     assert cli.main(["fid-stats", "--dataset", "folder", "--out", str(tmp_path / "x.npz")]) == 2
     assert "--data-dir" in capsys.readouterr().err
