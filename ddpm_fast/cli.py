@@ -104,6 +104,8 @@ SAMPLE_DEFAULTS = {
     "device": "auto",
     "raw_weights": False,
     "autoencoder": None,
+    "classifier": None,
+    "classifier_scale": 1.0,
 }
 
 
@@ -126,9 +128,14 @@ def sample_grid(checkpoint: str, **options) -> Path:
     from .latent import checkpoint_autoencoder  # latent checkpoints: decode with the recorded autoencoder
 
     decoder = checkpoint_autoencoder(checkpoint, autoencoder=o["autoencoder"], device=device)
+    classifier = None
+    if o["classifier"] is not None:  # classifier guidance: the labels are the classifier's classes
+        from .classifier import Classifier
+
+        classifier = Classifier.load(o["classifier"], map_location=device)
     labels = None
-    if model.null_class_label is not None:
-        n_cls = model.null_class_label
+    n_cls = classifier.num_classes if classifier is not None else model.null_class_label
+    if n_cls is not None:
         if o["class_labels"] in (None, "cycle"):
             labels = torch.arange(o["num_images"]) % n_cls
         else:
@@ -143,7 +150,7 @@ def sample_grid(checkpoint: str, **options) -> Path:
             labels = torch.tensor(values * -(-o["num_images"] // len(values)))[: o["num_images"]]
         labels = labels.to(device)
     elif o["class_labels"] not in (None, "cycle"):
-        raise ValueError("class_labels given, but the checkpoint's model is unconditional")
+        raise ValueError("class_labels given, but the checkpoint's model is unconditional (and no --classifier)")
     generator = torch.Generator(device=device).manual_seed(o["seed"])
     images = sample(
         model,
@@ -160,6 +167,8 @@ def sample_grid(checkpoint: str, **options) -> Path:
         output_type="tensor",
         progress=True,
         decode=decoder,
+        classifier=classifier,
+        classifier_scale=o["classifier_scale"] if classifier is not None else None,
     )
     return save_grid(images, o["out"], nrow=o["nrow"], scale=o["scale"])
 
@@ -398,6 +407,12 @@ def _add_sample_parser(sub) -> None:
     sample.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="sampler (default: ddim)")
     sample.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: 0)")
     sample.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: none)")
+    sample.add_argument(
+        "--classifier",
+        help="classifier guidance: a noise-aware classifier (a run of `ddpm-fast train --task classifier`, or a "
+        "Classifier.save directory); labels as --class-labels, over its classes",
+    )
+    sample.add_argument("--classifier-scale", type=float, help="classifier guidance scale s (default: 1)")
     sample.add_argument(
         "--class-labels",
         help="class-conditional models: comma-separated labels, or 'cycle' for 0, 1, ... (default: cycle)",

@@ -276,3 +276,24 @@ def test_cli_train_task_classifier(tmp_path):
     args += ["--batch-size", "8", "--out", str(out), "--device", "cpu", "--no-progress", "--num-train-timesteps", "50"]
     assert main(args) == 0
     assert Classifier.load(out).num_classes == 10
+
+
+def test_cli_sample_with_classifier_guidance(tmp_path, capsys):
+    """`ddpm-fast sample --classifier RUN --classifier-scale s`: an unconditional diffusion run guided
+    by a classifier run writes its grid (labels cycle over the classifier's classes); a label
+    outside them, and a classifier path that is not one, are errors that write nothing."""
+    from ddpm_fast.cli import main
+
+    common = ["--dataset", "digits", "--image-size", "8", "--steps", "1", "--batch-size", "8", "--device", "cpu"]
+    common += ["--no-progress", "--num-train-timesteps", "50"]
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "ddpm"), *common]) == 0
+    assert main(["train", "--task", "classifier", "--out", str(tmp_path / "clf"), *common]) == 0
+    sample = ["sample", "--checkpoint", str(tmp_path / "ddpm"), "--num-images", "4", "--steps", "2", "--device", "cpu"]
+    grid = tmp_path / "guided.png"
+    assert main([*sample, "--classifier", str(tmp_path / "clf"), "--classifier-scale", "3", "--out", str(grid)]) == 0
+    assert grid.is_file()
+    bad = tmp_path / "bad.png"
+    assert main([*sample, "--classifier", str(tmp_path / "clf"), "--class-labels", "10", "--out", str(bad)]) == 2
+    assert "class labels must lie in [0, 9]" in capsys.readouterr().err
+    assert main([*sample, "--classifier", str(tmp_path / "nothing"), "--out", str(bad)]) == 2
+    assert not bad.exists()
