@@ -358,7 +358,8 @@ def _add_train_parser(sub) -> None:
 
     train = sub.add_parser(
         "train",
-        help="train a DDPM U-Net (torchrun --nproc_per_node=N -m ddpm_fast train ... for DDP)",
+        help="train a DDPM U-Net, or with --task a noise-aware classifier or a super-resolution stage "
+        "(torchrun --nproc_per_node=N -m ddpm_fast train ... for DDP)",
         description="Train a DDPM U-Net on a built-in dataset or an image folder. Every option can also be "
         "given in a TOML file (--config); flags override the file. Under torchrun the run is "
         "DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0 writes checkpoints and logs.",
