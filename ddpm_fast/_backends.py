@@ -197,7 +197,7 @@ OP_BACKENDS = {
     "posterior_step": ("reference", "cpp", "cuda", "triton"),
     "solver_step": ("reference", "cpp", "cuda", "triton"),
     "group_norm_silu": ("reference", "cpp", "triton"),
-    "vlb_terms": ("reference", "cpp", "triton"),
+    "vlb_terms": ("reference", "cpp", "cuda", "triton"),
     "attention": ("triton", "sdpa", "reference"),
 }
 
@@ -205,6 +205,8 @@ OP_BACKENDS = {
 # their launch: a call of the CUDA C++ kernels costs ~40-60 us, of Triton's Python launcher
 # ~140-180 us (H100, torch 2.11, triton 3.6: benchmarks/results/h100-2026-11-26-*.json), while
 # at 50M elements Triton's kernels run at ~100% of copy bandwidth and the CUDA C++ ones at 55-70%.
+# vlb_terms takes the same switch (its CUDA C++ kernels: two launches forward, one backward), by
+# analogy: not yet measured on a GPU.
 ELEMENTWISE_CUDA_CPP_BELOW = 1 << 24
 # Attention: up to this head_dim SDPA's fused CUDA kernels (flash, memory-efficient) run; beyond, Triton.
 SDPA_MAX_HEAD_DIM = 256
@@ -247,7 +249,7 @@ def choose(
     if requested is not None and requested not in valid:
         if op == "attention" and requested in ("cpp", "cuda"):
             hint = " (attention has no C++ kernel; SDPA is torch's own)"
-        elif op in ("group_norm_silu", "vlb_terms") and requested == "cuda":
+        elif op == "group_norm_silu" and requested == "cuda":
             hint = " (no CUDA C++ kernel: use backend='triton', or 'reference', on CUDA)"
         else:
             hint = ""
@@ -261,7 +263,7 @@ def choose(
         return name
     if name == "triton" and dtype == torch.float64:
         return "cuda" if device.type == "cuda" and "cuda" in valid and _cuda_cpp_available() else "reference"
-    if op in ("group_norm_silu", "vlb_terms") and name == "cuda":
+    if op == "group_norm_silu" and name == "cuda":
         return "reference"  # Triton missing on CUDA: no CUDA C++ kernel to fall back to
     small = launch_bound and numel < ELEMENTWISE_CUDA_CPP_BELOW
     if name == "triton" and device.type == "cuda" and small and "cuda" in valid:

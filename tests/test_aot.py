@@ -63,7 +63,14 @@ def test_occupancy_and_roofline_are_reported(reports):
 def test_cuda_kernels_compile_without_spills(aot):
     cuda = [r for r in aot["reports"] if r["source"] == "cuda"]
     sources = {r["name"].split(":")[0] for r in cuda}
-    assert aot["nvcc"] and sources == {"noising_cuda.cu", "posterior_cuda.cu", "solver_step_cuda.cu"}
+    assert aot["nvcc"] and sources == {
+        "noising_cuda.cu",
+        "posterior_cuda.cu",
+        "solver_step_cuda.cu",
+        "vlb_terms_cuda.cu",
+    }
+    vlb = {r["name"].split(":")[1].split("<")[0] for r in cuda if r["name"].startswith("vlb_terms_cuda.cu")}
+    assert vlb == {"vlb_terms_fwd_kernel", "vlb_terms_sum_kernel", "vlb_terms_bwd_kernel"}, vlb
     assert {r["arch"] for r in cuda} == {"sm_90", "sm_80"}
     for r in cuda:
         assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255, r

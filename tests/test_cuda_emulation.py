@@ -1,21 +1,24 @@
-"""The CUDA C++ elementwise kernels, run on the CPU: csrc/noising_cuda.cu and posterior_cuda.cu
-compiled with g++ against stand-in CUDA headers (tests/cuda_emulation/), each launch stepped
-one thread at a time. GPUs are rare on the machines this project is built on; this checks the
-CUDA kernels everywhere:
+"""The CUDA C++ kernels, run on the CPU: csrc/noising_cuda.cu, posterior_cuda.cu and
+vlb_terms_cuda.cu compiled with g++ against stand-in CUDA headers (tests/cuda_emulation/), each
+launch stepped one thread at a time (the threads of a block that synchronise, as in vlb_terms'
+block reduction, as fibers switched at each __syncthreads). GPUs are rare on the machines this
+project is built on; this checks the CUDA kernels everywhere:
 
 - the harness (harness.cpp): which elements each thread takes, and the in-kernel noise lanes,
   bit for bit;
-- the ops: q_sample and posterior_step run end to end (the Python wrappers, the quantile of
-  dynamic thresholding) with the emulated kernels in place of the CUDA ones, against the
+- the ops: q_sample, posterior_step and vlb_terms run end to end (the Python wrappers, the
+  quantile of dynamic thresholding) with the emulated kernels in place of the CUDA ones, against the
   reference, over every step configuration.
 
 The math library is the host's (the stand-in half and bfloat16 types round to nearest even,
 as the GPU's conversions do), so values follow the reference's tolerance rule, not a GPU's
-bits. What the emulation cannot see: timing, memory coalescing, races (kernels with shared
-memory or barriers would need more than one thread at a time)."""
+bits. What the emulation cannot see: timing, memory coalescing, races (threads run one at a time
+between barriers, so a missing __syncthreads goes unnoticed)."""
 
 import ctypes
+import importlib
 import itertools
+import math
 import re
 import shutil
 import subprocess
@@ -23,6 +26,7 @@ import types
 from pathlib import Path
 
 import pytest
+import test_vlb_terms_op as vlb_op
 import torch
 from conftest import assert_close_to_reference, assert_mostly_identical
 from test_noising import LOW_DTYPES, TARGETS, lay_out, make_inputs, reference_outputs, timesteps
@@ -41,7 +45,7 @@ from test_posterior import (
 
 import ddpm_fast
 from ddpm_fast import q_sample
-from ddpm_fast.ops import noising, posterior
+from ddpm_fast.ops import noising, posterior, vlb_terms
 from ddpm_fast.ops._common import as_3d
 from ddpm_fast.schedule import PREDICTION_TYPES, VARIANCE_TYPES
 
@@ -52,20 +56,22 @@ EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 LAUNCH = re.compile(r"(\w+<[^<>]*>)<<<([^,]+), (\w+), 0, stream>>>\(([^;]*)\);")
 
 
-def rewrite_launches(source: str) -> str:
-    """kernel<<<blocks, threads, 0, stream>>>(args); -> emulate_launch(blocks, threads, [&] { kernel(args); });"""
-    rewritten, count = LAUNCH.subn(r"emulate_launch(\2, \3, [&] { \1(\4); });", source)
-    assert count == 1, f"expected one kernel launch, found {count}"
+def rewrite_launches(source: str, launches: int = 1) -> str:
+    """kernel<<<blocks, threads, 0, stream>>>(args); -> emulate_launch(blocks, threads, [&] { kernel(args); });
+    emulate_launch_synced (a fiber per thread) where the kernels synchronise with __syncthreads."""
+    runner = "emulate_launch_synced" if "__syncthreads" in source else "emulate_launch"
+    rewritten, count = LAUNCH.subn(rf"{runner}(\2, \3, [&] {{ \1(\4); }});", source)
+    assert count == launches, f"expected {launches} kernel launches, found {count}"
     return rewritten
 
 
 def compile_emulation(out_dir: Path, main: Path | None) -> Path:
-    """The two .cu files (launches rewritten) plus ``main`` as an executable, or as a shared
-    library with c_api.cpp's entry points when main is None."""
+    """The .cu files of q_sample, posterior_step and vlb_terms (launches rewritten) plus ``main`` as
+    an executable, or as a shared library with c_api.cpp's entry points when main is None."""
     sources = []
-    for name in ("noising_cuda.cu", "posterior_cuda.cu"):
+    for name, launches in (("noising_cuda.cu", 1), ("posterior_cuda.cu", 1), ("vlb_terms_cuda.cu", 3)):
         out = out_dir / name.replace(".cu", ".cpp")
-        out.write_text(rewrite_launches((ROOT / "csrc" / name).read_text()))
+        out.write_text(rewrite_launches((ROOT / "csrc" / name).read_text(), launches))
         sources.append(str(out))
     target = out_dir / ("emulated" if main is not None else "emulated.so")
     flags = [] if main is not None else ["-shared", "-fPIC"]
@@ -136,9 +142,29 @@ def emulated_ops(tmp_path_factory):
         )
         assert status == 0
 
+    def vlb_args(mo, x0, x_t, t, table, var, clip, grad=None, g=None, terms=None, mean_grad=True):
+        ptrs = [_ptr(x) for x in (mo, x0, x_t, grad, t, table, g, terms)]
+        n, c, s = as_3d(x0).shape
+        ints = [v for x in (mo, x0, x_t, grad) for v in _strides(x)]
+        ints += [c * mo.stride(1), 0 if grad is None else c * grad.stride(1), table.shape[0], n, c, s]  # as the glue
+        ints += [var, int(clip), int(mean_grad), DTYPE_CODES[x0.dtype]]
+        per = 1.0 / (c * s * math.log(2.0))
+        return (ctypes.c_void_p * 8)(*ptrs), (ctypes.c_int64 * len(ints))(*ints), (ctypes.c_double * 1)(per)
+
+    def vlb_fwd_op(mo, x0, x_t, t, table, var, clip, terms):
+        assert terms.is_contiguous() and terms.dtype == (torch.float64 if x0.dtype == torch.float64 else torch.float32)
+        assert lib.emulated_vlb_terms_fwd(*vlb_args(mo, x0, x_t, t, table, var, clip, terms=terms)) == 0
+
+    def vlb_bwd_op(grad_terms, mo, x0, x_t, t, table, var, clip, mean_grad, grad):
+        g = grad_terms.double().contiguous()  # as the glue
+        args = vlb_args(mo, x0, x_t, t, table, var, clip, grad=grad, g=g, mean_grad=mean_grad)
+        assert lib.emulated_vlb_terms_bwd(*args) == 0
+
     kernels = types.SimpleNamespace(
         q_sample=q_sample_op,
         posterior_step=posterior_op,
+        vlb_terms_fwd=vlb_fwd_op,
+        vlb_terms_bwd=vlb_bwd_op,
         abs_order_stats=torch.ops.ddpm_fast_C.abs_order_stats,  # the CPU quantile (CUDA uses topk)
     )
     return types.SimpleNamespace(ddpm_fast_C=kernels)
@@ -249,3 +275,84 @@ def test_q_sample_low_precision(on_emulated_cuda, schedule, dtype):
     assert drawn.dtype == dtype
     ref = reference_outputs(x0, t, schedule, drawn, None)  # x_t from the noise as stored
     assert_mostly_identical(x_t, ref["same"][0])
+
+
+# ------------------------------------------------------------------ vlb_terms (a block reduction: fibers)
+@pytest.fixture
+def on_emulated_vlb(monkeypatch, emulated_ops):
+    """vlb_terms with backend='cuda' runs the emulated kernels (forward: per-tile partials from a
+    __syncthreads tree, then a per-sample sum; backward: elementwise) on CPU tensors."""
+    if not ddpm_fast.backends()["cpp"][0]:
+        pytest.skip("needs the C++ extension (the op's registration)")
+    module = importlib.import_module("ddpm_fast.ops.vlb_terms")
+    monkeypatch.setattr(module, "torch", _TorchWithOps(emulated_ops))
+    monkeypatch.setattr(module, "choose", lambda op, requested, device, **facts: "cuda")
+
+
+@pytest.mark.parametrize(("variance_type", "prediction_type"), vlb_op.VARIANTS)
+def test_vlb_terms_every_variance_type(on_emulated_vlb, variance_type, prediction_type):
+    args = vlb_op.make_inputs((4, 3, 5, 7), variance_type, prediction_type)
+    vlb_op.check(*args, "cuda", prediction_type=prediction_type, variance_type=variance_type)
+
+
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned", "fixed_large"])
+def test_vlb_terms_clip_denoised(on_emulated_vlb, variance_type):
+    out, x0, x_t, t = vlb_op.make_inputs((3, 2, 4, 5), variance_type, "sample", seed=4)
+    out[:, :2] *= 1.5  # some x0 predictions past [-1, 1]
+    vlb_op.check(out, x0, x_t, t, "cuda", prediction_type="sample", variance_type=variance_type, clip_denoised=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", vlb_op.LAYOUTS)
+def test_vlb_terms_dtypes_and_layouts(on_emulated_vlb, dtype, layout):
+    _, grad = vlb_op.check(*vlb_op.layout_inputs(dtype, layout), "cuda", variance_type="learned_range")
+    assert grad.dtype == dtype
+
+
+def test_vlb_terms_several_tiles_per_row(on_emulated_vlb):
+    """Rows of 1155 elements (two 1024-element tiles, the second partial): the partials of a sample
+    summed in order; the same bits on a second run."""
+    out, x0, x_t, t = vlb_op.make_inputs((2, 2, 33, 35), "learned_range", seed=7)
+    first = vlb_op.check(out, x0, x_t, t, "cuda", variance_type="learned_range")
+    second = vlb_op.fast_terms(out, x0, x_t, t, "cuda", variance_type="learned_range")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_vlb_terms_stop_gradient_on_the_mean(on_emulated_vlb):
+    out, x0, x_t, t = vlb_op.make_inputs((3, 2, 4, 4), "learned_range", seed=5)
+    terms, grad = vlb_op.fast_terms(out, x0, x_t, t, "cuda")
+    frozen_terms, frozen_grad = vlb_op.fast_terms(out, x0, x_t, t, "cuda", mean_grad=False)
+    assert torch.equal(terms, frozen_terms)
+    assert torch.equal(frozen_grad[:, :2], torch.zeros_like(frozen_grad[:, :2]))
+    assert torch.equal(frozen_grad[:, 2:], grad[:, 2:]) and grad[:, :2].abs().sum() > 0
+
+
+def test_vlb_terms_float64(on_emulated_vlb):
+    out, x0, x_t, t = (x.double() if x.is_floating_point() else x for x in vlb_op.make_inputs((3, 2, 5, 3), "learned"))
+    f_terms, f_grad = vlb_op.fast_terms(out, x0, x_t, t, "cuda", variance_type="learned")
+    e_terms, e_grad = vlb_op.reference_terms(out, x0, x_t, t, torch.float64, variance_type="learned")
+    assert f_terms.dtype == torch.float64
+    torch.testing.assert_close(f_terms, e_terms, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f_grad, e_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_vlb_terms_decoder_tail_is_finite(on_emulated_vlb):
+    out, x0, x_t, t = vlb_op.make_inputs((2, 1, 4, 4), "learned_range", seed=6, t=torch.tensor([0, 0]))
+    out[:, 0] += 40 * torch.sign(torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0)))
+    f_terms, f_grad = vlb_op.fast_terms(out, x0, x_t, t, "cuda", variance_type="learned_range")
+    e_terms, _ = vlb_op.reference_terms(out.double(), x0.double(), x_t.double(), t, torch.float64)
+    assert torch.isfinite(f_terms).all() and torch.isfinite(f_grad).all()
+    torch.testing.assert_close(f_terms.double(), e_terms, rtol=1e-5, atol=0)
+
+
+def test_vlb_terms_bad_inputs(on_emulated_vlb):
+    """The op's checks run before any kernel, on the CUDA path too."""
+    out, x0, x_t, t = vlb_op.make_inputs((2, 1, 3, 3), "learned_range")
+    with pytest.raises(ValueError, match=r"8-bit data scaled to \[-1, 1\]"):
+        vlb_terms(out, x0 * 1.5, x_t, t, vlb_op.SCHEDULE, backend="cuda")
+    with pytest.raises(ValueError, match="needs a model output with 1 channels"):
+        vlb_terms(out, x0, x_t, t, vlb_op.SCHEDULE, variance_type="fixed_small", backend="cuda")
+    with pytest.raises(ValueError, match="x_t has shape"):
+        vlb_terms(out, x0, x_t[:1], t, vlb_op.SCHEDULE, backend="cuda")
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 999\]"):
+        vlb_terms(out, x0, x_t, torch.tensor([0, 1000]), vlb_op.SCHEDULE, backend="cuda")

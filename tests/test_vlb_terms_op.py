@@ -2,7 +2,8 @@
 float64 reference (ddpm_fast.vlb) under the tolerance rule, fp32 and bf16, each variance type and
 prediction type, odd shapes, channels_last and non-contiguous inputs, batch 1, the decoder (t = 0)
 beside KL terms, the hybrid loss's stop-gradient, float64 through the C++ kernel, the op's
-registration (opcheck) and bad inputs."""
+registration (opcheck), the default backend on CUDA and bad inputs. The CUDA C++ kernels run here
+emulated on the CPU (test_cuda_emulation.py, with this file's cases)."""
 
 import pytest
 import torch
@@ -50,7 +51,8 @@ def reference_terms(out, x0, x_t, t, dtype, **kw):
 
 
 def fast_terms(out, x0, x_t, t, backend, **kw):
-    out = out.detach().clone().requires_grad_()
+    # a leaf with out's strides (clone() would make a cropped or strided out contiguous)
+    out = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype).copy_(out).requires_grad_()
     terms = vlb_terms(out, x0, x_t, t, SCHEDULE, backend=backend, **kw)
     weights = torch.arange(1, t.numel() + 1, dtype=terms.dtype)
     (terms * weights).sum().backward()
@@ -89,9 +91,11 @@ def test_matches_the_float64_reference(backend, variance_type, prediction_type):
     check(*args, backend, prediction_type=prediction_type, variance_type=variance_type)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "batch1"])
-def test_dtypes_and_layouts(backend, dtype, layout):
+LAYOUTS = ["contiguous", "channels_last", "strided", "crop", "batch1"]
+
+
+def layout_inputs(dtype, layout):
+    """learned_range inputs in ``dtype`` laid out as ``layout`` (one of LAYOUTS)."""
     shape = (1, 3, 6, 5) if layout == "batch1" else (3, 2, 6, 5)
     out, x0, x_t, t = make_inputs(shape, "learned_range", seed=3, t=torch.tensor([0]) if layout == "batch1" else None)
     out, x0, x_t = (x.to(dtype) for x in (out, x0, x_t))
@@ -100,7 +104,16 @@ def test_dtypes_and_layouts(backend, dtype, layout):
     elif layout == "strided":  # every other column of a wider tensor: dims that do not merge
         out, x0, x_t = (torch.cat([x, x], -1)[..., ::2] for x in (out, x0, x_t))
         assert not x0.is_contiguous()
-    f_terms, f_grad = check(out, x0, x_t, t, backend, variance_type="learned_range")
+    elif layout == "crop":  # a window of a larger image: H and W do not merge into one strided dim
+        out, x0, x_t = (torch.cat([x, x], -1)[..., 1:6] for x in (out, x0, x_t))
+        assert not out.is_contiguous()
+    return out, x0, x_t, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dtypes_and_layouts(backend, dtype, layout):
+    f_terms, f_grad = check(*layout_inputs(dtype, layout), backend, variance_type="learned_range")
     if layout == "channels_last":
         assert f_grad.is_contiguous(memory_format=torch.channels_last) or f_grad.is_contiguous()
 
@@ -157,6 +170,24 @@ def test_opcheck():
     torch.library.opcheck(_vlb_op, (out.requires_grad_(), x0, x_t, t, table, 1, False, True, name))
 
 
+def test_default_on_cuda_follows_the_size(monkeypatch):
+    """vlb_terms on CUDA by default as posterior_step: the CUDA C++ kernels while a call is bound by
+    its launch (and for float64), Triton above; with Triton missing, the CUDA C++ kernels."""
+    from ddpm_fast import _backends
+
+    monkeypatch.setattr(_backends, "select_backend", lambda requested, device: requested or "triton")
+    monkeypatch.setattr(_backends, "_cuda_cpp_available", lambda: True)
+    cuda, below = torch.device("cuda"), _backends.ELEMENTWISE_CUDA_CPP_BELOW
+    assert _backends.choose("vlb_terms", None, cuda, numel=128 * 3 * 32 * 32) == "cuda"
+    assert _backends.choose("vlb_terms", None, cuda, numel=below) == "triton"
+    assert _backends.choose("vlb_terms", None, cuda, numel=10, launch_bound=False) == "triton"
+    assert _backends.choose("vlb_terms", None, cuda, numel=below, dtype=torch.float64) == "cuda"
+    assert _backends.choose("vlb_terms", "cuda", cuda, numel=below) == "cuda"
+    monkeypatch.setattr(_backends, "select_backend", lambda requested, device: requested or "cuda")  # no Triton
+    assert _backends.choose("vlb_terms", None, cuda, numel=below) == "cuda"
+    assert _backends.op_backend("vlb_terms", "cuda") == "cuda"
+
+
 def test_bad_inputs():
     out, x0, x_t, t = make_inputs((2, 1, 3, 3), "learned_range")
     with pytest.raises(ValueError, match=r"8-bit data scaled to \[-1, 1\]"):
@@ -169,5 +200,7 @@ def test_bad_inputs():
         vlb_terms(out, x0, x_t[:1], t, SCHEDULE)
     with pytest.raises(ValueError, match=r"t must lie in \[0, 999\]"):
         vlb_terms(out, x0, x_t, torch.tensor([0, 1000]), SCHEDULE)
-    with pytest.raises(ValueError, match="unknown backend 'cuda' for vlb_terms"):
+    with pytest.raises(ValueError, match="unknown backend 'cpu' for vlb_terms"):
+        vlb_terms(out, x0, x_t, t, SCHEDULE, backend="cpu")
+    with pytest.raises((RuntimeError, ValueError), match="backend 'cuda'"):  # not here, or not on CPU tensors
         vlb_terms(out, x0, x_t, t, SCHEDULE, backend="cuda")

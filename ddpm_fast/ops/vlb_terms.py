@@ -4,7 +4,8 @@ where t == 0 the discretized Gaussian decoder's -log p(x_0 | x_1), in bits per d
 formulas and the float64 reference: ``ddpm_fast.vlb``). The hybrid loss's L_vlb (Nichol & Dhariwal
 2021) is their mean; ``mean_grad=False`` is its stop-gradient on the mean.
 
-Kernels: C++ on the CPU (KL in fp32 with float64 sums, the decoder in float64), Triton (fp32).
+Kernels: C++ on the CPU and CUDA C++ (both: KL in fp32 with float64 sums, the decoder in float64;
+the CUDA forward sums each sample in a fixed order, no atomics), Triton (fp32).
 The coefficients per timestep come from one (T, 8) table formed in float64 (``vlb_table``), so the
 log-variance gaps reach the kernels without cancellation.
 """
@@ -20,7 +21,7 @@ from .._backends import choose, load_extension
 from ..schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule, normalize_choice
 from ._common import check_float, direct_call_ok, kernel_views, timesteps_arg, value_checks_enabled
 
-# Kernel codes (csrc/vlb_terms_cpu.cpp, kernels/triton_vlb_terms.py).
+# Kernel codes (csrc/vlb_terms_cpu.cpp, csrc/vlb_terms_cuda.cuh, kernels/triton_vlb_terms.py).
 VAR_CODES = {"fixed_small": 0, "fixed_small_log": 0, "fixed_large": 0, "learned_range": 1, "learned": 2}
 
 
@@ -124,8 +125,9 @@ def _backward_impl(
         )
         return grad
     load_extension()
+    mo = in_view(model_output)  # (N, 2C, S) where its trailing dims do not merge; grad then viewed alike
     torch.ops.ddpm_fast_C.vlb_terms_bwd(
-        grad_terms.contiguous(), model_output, in_view(x0), in_view(x_t), t, table, var, clip, mean_grad, grad
+        grad_terms.contiguous(), mo, in_view(x0), in_view(x_t), t, table, var, clip, mean_grad, grad.view(mo.shape)
     )
     return grad
 
@@ -182,7 +184,7 @@ def vlb_terms(
             does in its bits/dim evaluation, not in its training loss).
         mean_grad: False stops the gradient into the prediction channels (the hybrid loss's L_vlb
             trains only the variance).
-        backend: "cpp", "triton" or "reference"; None picks the fastest here.
+        backend: "cpp", "cuda", "triton" or "reference"; None picks the fastest here.
 
     Returns:
         (N,) float32 (float64 for float64 inputs): KL / log 2 averaged over the sample's elements

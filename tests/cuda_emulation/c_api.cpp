@@ -2,9 +2,11 @@
 // flat arrays (pointers, integers, reals in the orders below): the emulated kernels then run
 // against the reference on every step configuration, as the GPU test suite would.
 #include <cstdint>
+#include <vector>
 
 #include "cuda_launch.h"
 #include "kernel_args.h"
+#include "vlb_terms_cuda.cuh"
 
 using namespace ddpm_fast;
 
@@ -49,4 +51,34 @@ extern "C" int emulated_posterior_step(void* const* p, const int64_t* i, const d
   a.use_clipped_model_output = i[30] != 0;
   a.final_alpha_cumprod = r[0], a.guidance_scale = r[1], a.clip_range = r[2], a.eta = r[3];
   return launch_posterior_cuda(a, mo_dtype, x_dtype, nullptr);
+}
+
+// p: model_output, x0, x_t, grad, t, table, g (backward), terms (forward; null: absent)
+// i: strides (3 each) of model_output, x0, x_t, grad; then mo_var, grad_var, T, N, C, S, var, clip,
+//    mean_grad, the inputs' dtype (kernel_args.h DType; float64 reads a float64 table and writes
+//    float64 terms)
+// r: per (1 / (C S log 2))
+namespace {
+VlbTermsArgs vlb_args(void* const* p, const int64_t* i, const double* r) {
+  VlbTermsArgs a;
+  a.mo = view(p[0], i), a.x0 = view(p[1], i + 3), a.xt = view(p[2], i + 6), a.grad = view(p[3], i + 9);
+  a.t = static_cast<const int64_t*>(p[4]);
+  a.table = Table{p[5], static_cast<DType>(i[21]) == kF64};
+  a.g = static_cast<const double*>(p[6]);
+  a.mo_var = i[12], a.grad_var = i[13], a.T = i[14], a.N = i[15], a.C = i[16], a.S = i[17];
+  a.var = static_cast<int>(i[18]), a.clip = i[19] != 0, a.mean_grad = i[20] != 0;
+  a.per = r[0];
+  return a;
+}
+}  // namespace
+
+extern "C" int emulated_vlb_terms_fwd(void* const* p, const int64_t* i, const double* r) {
+  const VlbTermsArgs a = vlb_args(p, i, r);
+  std::vector<double> partial(static_cast<size_t>(vlb_terms_partials(a)));
+  const DType dtype = static_cast<DType>(i[21]);
+  return launch_vlb_terms_fwd_cuda(a, dtype, partial.data(), p[7], dtype == kF64, nullptr);
+}
+
+extern "C" int emulated_vlb_terms_bwd(void* const* p, const int64_t* i, const double* r) {
+  return launch_vlb_terms_bwd_cuda(vlb_args(p, i, r), static_cast<DType>(i[21]), nullptr);
 }

@@ -1,7 +1,8 @@
-// Host stand-ins for the CUDA runtime pieces that csrc/'s elementwise kernels use, so that
+// Host stand-ins for the CUDA runtime pieces that csrc/'s kernels use, so that
 // test_cuda_emulation.py can compile those kernels with g++ and run them on the CPU: a kernel
-// is a plain function, threadIdx/blockIdx are globals that emulate.h steps through. Valid for
-// kernels without shared memory or barriers (each thread runs alone to completion).
+// is a plain function, threadIdx/blockIdx are globals that emulate.h steps through. __shared__
+// arrays are static (one copy, blocks run one after another); __syncthreads switches between the
+// threads of a block (emulate.h's emulate_launch_synced).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -20,6 +21,9 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __shared__ static
+
+inline void __syncthreads();  // emulate.h
 
 inline void sincosf(float x, float* s, float* c) {
   *s = std::sin(x);
