@@ -129,6 +129,26 @@ def _element(tab_ptr, t, out, v, x0, xt, VAR: tl.constexpr, CLIP: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(mo_ptr, x0_ptr, xt_ptr, t_ptr, C, S, T, LAYOUTS: tl.constexpr, VAR: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile: (row, n, c, s, mask), its clamped timestep, model_output's channel count
+    CM (2C with a variance channel) and the tile's fp32 out, v (= out without VAR), x0 and x_t."""
+    row, n, c, s, mask = row_index(C, S, BLOCK)
+    t = tl.minimum(tl.maximum(tl.load(t_ptr + n), 0), T - 1)
+    if VAR != 0:
+        CM = 2 * C
+    else:
+        CM = C
+    out = tl.load(mo_ptr + offset(n, c, s, CM, S, LAYOUTS & 1), mask=mask, other=0.0).to(tl.float32)
+    if VAR != 0:
+        v = tl.load(mo_ptr + offset(n, c + C, s, CM, S, LAYOUTS & 1), mask=mask, other=0.0).to(tl.float32)
+    else:
+        v = out
+    x0 = tl.load(x0_ptr + offset(n, c, s, C, S, (LAYOUTS >> 1) & 1), mask=mask, other=0.0).to(tl.float32)
+    xt = tl.load(xt_ptr + offset(n, c, s, C, S, (LAYOUTS >> 2) & 1), mask=mask, other=0.0).to(tl.float32)
+    return row, n, c, s, mask, t, CM, out, v, x0, xt
+
+
+@triton.jit
 def vlb_terms_fwd_kernel(
     mo_ptr,
     x0_ptr,
@@ -147,19 +167,7 @@ def vlb_terms_fwd_kernel(
 ):
     """partial[row * TILES + tile] = the sum of the tile's terms (nats). LAYOUTS: bit i set where
     tensor i of (model_output, x0, x_t) is NHWC; model_output has 2C channels when VAR != 0."""
-    row, n, c, s, mask = row_index(C, S, BLOCK)
-    t = tl.minimum(tl.maximum(tl.load(t_ptr + n), 0), T - 1)
-    if VAR != 0:
-        CM = 2 * C
-    else:
-        CM = C
-    out = tl.load(mo_ptr + offset(n, c, s, CM, S, LAYOUTS & 1), mask=mask, other=0.0).to(tl.float32)
-    if VAR != 0:
-        v = tl.load(mo_ptr + offset(n, c + C, s, CM, S, LAYOUTS & 1), mask=mask, other=0.0).to(tl.float32)
-    else:
-        v = out
-    x0 = tl.load(x0_ptr + offset(n, c, s, C, S, (LAYOUTS >> 1) & 1), mask=mask, other=0.0).to(tl.float32)
-    xt = tl.load(xt_ptr + offset(n, c, s, C, S, (LAYOUTS >> 2) & 1), mask=mask, other=0.0).to(tl.float32)
+    row, n, c, s, mask, t, CM, out, v, x0, xt = _load_tile(mo_ptr, x0_ptr, xt_ptr, t_ptr, C, S, T, LAYOUTS, VAR, BLOCK)
     value, _, _ = _element(tab_ptr, t, out, v, x0, xt, VAR, CLIP)
     tl.store(partial_ptr + row * TILES + tl.program_id(1), tl.sum(tl.where(mask, value, 0.0), axis=0))
 
@@ -185,19 +193,7 @@ def vlb_terms_bwd_kernel(
     """grad (shaped like model_output) = scale[n] x the element's derivatives; the mean channels get
     0 where not MEAN_GRAD (the stop-gradient of the hybrid loss). LAYOUTS: bits of (model_output, x0,
     x_t, grad)."""
-    row, n, c, s, mask = row_index(C, S, BLOCK)
-    t = tl.minimum(tl.maximum(tl.load(t_ptr + n), 0), T - 1)
-    if VAR != 0:
-        CM = 2 * C
-    else:
-        CM = C
-    out = tl.load(mo_ptr + offset(n, c, s, CM, S, LAYOUTS & 1), mask=mask, other=0.0).to(tl.float32)
-    if VAR != 0:
-        v = tl.load(mo_ptr + offset(n, c + C, s, CM, S, LAYOUTS & 1), mask=mask, other=0.0).to(tl.float32)
-    else:
-        v = out
-    x0 = tl.load(x0_ptr + offset(n, c, s, C, S, (LAYOUTS >> 1) & 1), mask=mask, other=0.0).to(tl.float32)
-    xt = tl.load(xt_ptr + offset(n, c, s, C, S, (LAYOUTS >> 2) & 1), mask=mask, other=0.0).to(tl.float32)
+    row, n, c, s, mask, t, CM, out, v, x0, xt = _load_tile(mo_ptr, x0_ptr, xt_ptr, t_ptr, C, S, T, LAYOUTS, VAR, BLOCK)
     _, g_m, g_v = _element(tab_ptr, t, out, v, x0, xt, VAR, CLIP)
     scale = tl.load(scale_ptr + n)
     ty = grad_ptr.dtype.element_ty
