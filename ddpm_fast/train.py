@@ -38,7 +38,7 @@ from . import reference, vlb
 from .ema import EMA
 from .ops import no_value_checks, q_sample, vlb_terms
 from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, Schedule, SchedulerConfig, normalize_choice
-from .solvers.registry import SCHEDULER_NAMES
+from .solvers.registry import SCHEDULER_NAMES, min_steps
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 NOISE_SOURCES = ("kernel", "torch")
@@ -217,6 +217,14 @@ class TrainConfig:
         self.eval_scheduler = normalize_choice("eval_scheduler", self.eval_scheduler, SCHEDULER_NAMES)
         if self.eval_every < 0 or self.eval_samples < 2 or self.eval_steps < 1:
             raise ValueError("eval_every must be >= 0, eval_samples >= 2 and eval_steps >= 1")
+        for use, prefix in ((self.sample_images, "sample"), (self.eval_every, "eval")):
+            name, steps = getattr(self, f"{prefix}_scheduler"), getattr(self, f"{prefix}_steps")
+            least = min_steps(name)
+            if use and steps < least:  # fail now, not after training up to the first grid
+                raise ValueError(
+                    f"{prefix}_steps={steps} is fewer than {prefix}_scheduler {name}'s solver_order={least}: "
+                    f"ask for {prefix}_steps >= {least}"
+                )
         if self.eval_metric not in ("auto", "fid", "classifier_fid"):
             raise ValueError(f"unknown eval_metric {self.eval_metric!r}; valid: auto, fid, classifier_fid")
         if self.eval_every:

@@ -69,6 +69,14 @@ def test_sample_errors(trained_run, tmp_path, capsys):
     assert "class labels must lie in [0, 9]" in capsys.readouterr().err
     assert cli.main(["sample", "--out", str(tmp_path / "x.png")]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+    # fewer steps than the multistep solver's order (2 by default): the message, no traceback, no grid
+    out = tmp_path / "few.png"
+    for name in ("dpmsolver++", "unipc"):
+        args = ["sample", "--checkpoint", str(trained_run), "--scheduler", name, "--steps", "1", "--out", str(out)]
+        assert cli.main([*args, "--num-images", "2"]) == 2
+        err = capsys.readouterr().err
+        assert "num_inference_steps=1 is fewer than solver_order=2" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_train_errors(tmp_path, capsys):

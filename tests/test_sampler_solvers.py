@@ -182,6 +182,29 @@ def test_no_host_reads_after_the_first_step(name):
     assert torch.equal(guarded, sample(unet, generator=gen(0), **kw))
 
 
+@pytest.mark.parametrize("solver_order", [2, 3])
+@pytest.mark.parametrize("name", ["dpmsolver++", "unipc"])
+def test_fewer_steps_than_the_order_is_an_error(diffusers, name, solver_order):
+    """By name and as a diffusers scheduler object (which would lower the order itself), before any
+    model call."""
+    steps = solver_order - 1
+    want = f"num_inference_steps={steps} is fewer than solver_order={solver_order}: ask for solver_order <= {steps}"
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return toy(x, t)
+
+    kw = dict(shape=(3, 4, 4), num_inference_steps=steps, progress=False)
+    with pytest.raises(ValueError, match=want):
+        sample(model, scheduler=name, scheduler_config=dict(solver_order=solver_order), **kw)
+    cls = {"dpmsolver++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}[name]
+    with pytest.raises(ValueError, match=want):
+        sample(model, scheduler=getattr(diffusers, cls)(solver_order=solver_order), **kw)
+    assert not calls
+    assert sample(model, scheduler=name, scheduler_config=dict(solver_order=steps), **kw).isfinite().all()
+
+
 def test_configs_and_names():
     # our training config (DDPM's clip_sample=True, "leading" spacing): schedule and prediction type only
     trained = SchedulerConfig(num_train_timesteps=200, prediction_type="v_prediction")

@@ -179,12 +179,12 @@ def test_thresholding_is_active(diffusers):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
-def test_fewer_steps_than_order(diffusers, steps):
-    """diffusers accepts steps < solver_order (the warm-up's lower orders cover them): so do we.
-    One step jumps from sigma_T to 0: x0 = (x - sigma_vp eps) / alpha cancels to ~1e-3 of x, which
-    diffusers' fp32 arithmetic feels (4e-5 relative); there the tolerance rule against a float64
-    loop (on diffusers' table) judges."""
-    config = dict(solver_order=3, algorithm_type="sde-dpmsolver++")
+def test_as_many_steps_as_the_order(diffusers, steps):
+    """steps == solver_order, the fewest steps of that order (the warm-up's lower orders cover them,
+    as in diffusers). One step jumps from sigma_T to 0: x0 = (x - sigma_vp eps) / alpha cancels to
+    ~1e-3 of x, which diffusers' fp32 arithmetic feels (4e-5 relative); there the tolerance rule
+    against a float64 loop (on diffusers' table) judges."""
+    config = dict(solver_order=steps, algorithm_type="sde-dpmsolver++")
     if steps > 1:
         check_against_diffusers(diffusers, toy, config, steps)
         return
@@ -206,6 +206,18 @@ def test_fewer_steps_than_order(diffusers, steps):
         lambda x: torch.randn(x.shape, generator=generator).double(),
     )
     assert_close_to_reference(ours, ref, truth)
+
+
+@pytest.mark.parametrize(("solver_order", "steps"), [(2, 1), (3, 1), (3, 2)])
+def test_fewer_steps_than_order_is_refused(solver_order, steps):
+    """diffusers lowers the order to the steps there are, silently: we refuse, naming both values."""
+    solver, schedule = DPMSolverMultistep(solver_order=solver_order), Schedule.from_config()
+    want = f"num_inference_steps={steps} is fewer than solver_order={solver_order}: ask for solver_order <= {steps} "
+    with pytest.raises(ValueError, match=want + "or more steps"):
+        solver.plan(schedule, steps)
+    custom = [900, 500][:steps]
+    with pytest.raises(ValueError, match=f"{steps} custom timesteps? (is|are) fewer than solver_order={solver_order}"):
+        solver.plan(schedule, timesteps=custom)
 
 
 def test_plan_timesteps_and_sigmas_cosine_karras(diffusers):

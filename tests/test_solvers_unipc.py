@@ -205,20 +205,37 @@ def test_the_last_step_into_sigma_zero_is_the_limit(diffusers):
 
 
 @pytest.mark.parametrize(
-    "steps,config",
-    [(1, {}), (2, {}), (2, dict(lower_order_final=False, final_sigmas_type="sigma_min")), (3, {})],
+    "orders,config",
+    [
+        ((1,), {}),
+        ((1, 1), {}),
+        ((1, 2), dict(lower_order_final=False, final_sigmas_type="sigma_min")),
+        ((1, 2, 1), {}),
+    ],
     ids=["1", "2", "2-no-lower-order-final", "3"],
 )
-def test_fewer_steps_than_order(diffusers, steps, config):
-    """diffusers lowers the order to the steps done (and, with lower_order_final, to the steps left):
-    so do we. Few steps are long ones, ill-conditioned in fp32 (one step jumps from sigma_T to 0, where
+def test_as_many_steps_as_the_order(diffusers, orders, config):
+    """steps == solver_order, the fewest steps of that order: diffusers' warm-up (and, with
+    lower_order_final, the steps left) lowers the order of the first and last: so do we. Few steps
+    are long ones, ill-conditioned in fp32 (one step jumps from sigma_T to 0, where
     x0 = (x - sigma_vp eps) / alpha cancels to ~1e-3 of x; without lower-order final steps the second
     of two is an order-2 step from sigma 3.4 to 0.01): the tolerance rule judges."""
-    config = dict(solver_order=3, **config)
-    solver = UniPCMultistep(**config)
-    expected = {1: (1,), 2: (1, 2) if not solver.lower_order_final else (1, 1), 3: (1, 2, 1)}[steps]
-    assert solver.step_orders(steps) == expected
+    steps = len(orders)
+    config = dict(solver_order=steps, **config)
+    assert UniPCMultistep(**config).step_orders(steps) == orders
     check_against_diffusers(diffusers, toy, config, steps, rule=True)
+
+
+@pytest.mark.parametrize(("solver_order", "steps"), [(2, 1), (3, 1), (3, 2)])
+def test_fewer_steps_than_order_is_refused(solver_order, steps):
+    """diffusers lowers the order to the steps there are, silently: we refuse, naming both values."""
+    solver, schedule = UniPCMultistep(solver_order=solver_order), Schedule.from_config()
+    want = f"num_inference_steps={steps} is fewer than solver_order={solver_order}: ask for solver_order <= {steps} "
+    with pytest.raises(ValueError, match=want + "or more steps"):
+        solver.plan(schedule, steps)
+    custom = [900, 500][:steps]
+    with pytest.raises(ValueError, match=f"{steps} custom timesteps? (is|are) fewer than solver_order={solver_order}"):
+        solver.plan(schedule, timesteps=custom)
 
 
 def test_custom_timesteps(diffusers):

@@ -199,6 +199,12 @@ def test_sample_grid_is_written(tmp_path):
         ({"dataset": "folder"}, ValueError, "needs --data-dir"),
         ({"dataset": "imagenet"}, ValueError, "unknown dataset"),
         ({"noise": "uniform"}, ValueError, "unknown noise"),
+        (
+            {"sample_images": 4, "sample_scheduler": "unipc", "sample_steps": 1},
+            ValueError,
+            "sample_steps=1 is fewer than sample_scheduler unipc's solver_order=2: ask for sample_steps >= 2",
+        ),
+        ({"eval_every": 5, "eval_steps": 1}, ValueError, "eval_steps=1 is fewer than eval_scheduler dpmsolver"),
     ],
 )
 def test_bad_options(tmp_path, options, error, match):

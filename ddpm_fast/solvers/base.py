@@ -246,6 +246,19 @@ class PlanBuilder:
         )
 
 
+def check_steps_for_order(solver_order: int, steps: int, num_inference_steps: int | None) -> None:
+    """Refuse fewer steps than a multistep solver's order. diffusers lowers the order to the steps
+    there are without a word, which silently runs another solver than the one asked for."""
+    if steps >= solver_order:
+        return
+    given = (
+        f"num_inference_steps={num_inference_steps} is"
+        if num_inference_steps is not None
+        else f"{steps} custom timestep{'s are' if steps != 1 else ' is'}"
+    )
+    raise ValueError(f"{given} fewer than solver_order={solver_order}: ask for solver_order <= {steps} or more steps")
+
+
 def with_guidance(plan: SolverPlan, prediction_type: str) -> SolverPlan:
     """The plan taking a guidance gradient g: at step s the model output is shifted by c_s g (after
     the limit, ``apply_step``), c_s giving the output whose eps is eps - sqrt(1 - a_bar_s) g

@@ -17,7 +17,8 @@ schedule.py); trailing spacing keeps exactly n timesteps (diffusers' float ``ara
 timestep -1, e.g. at n = 61), as ``schedule.select_timesteps`` does; a zero-terminal-SNR table's
 last a_bar is 2^-24 as diffusers sets it for ``rescale_betas_zero_snr``, also for trained betas
 that end at 1 (diffusers divides by zero there). Its deprecated ``dpmsolver`` / ``sde-dpmsolver``
-algorithms, ``flow_prediction`` and the exponential / beta / Lu / flow sigmas are refused.
+algorithms, ``flow_prediction`` and the exponential / beta / Lu / flow sigmas are refused, and so
+are fewer steps than ``solver_order`` (diffusers lowers the order to the steps there are).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from ..reference import compute_dtype, dynamic_threshold
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
-from .base import D0, HIST, NOISE, OUT, SCHEDULE_KEYS, PlanBuilder, SolverPlan, X, X0Limit
+from .base import D0, HIST, NOISE, OUT, SCHEDULE_KEYS, PlanBuilder, SolverPlan, X, X0Limit, check_steps_for_order
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -167,6 +168,7 @@ class DPMSolverMultistep:
                 f"a_bar = 0 at timestep {ts[~np.isfinite(sigmas)][0]} of this run (infinite sigma): trained_betas "
                 "reach 1 before the last timestep"
             )
+        check_steps_for_order(self.solver_order, len(ts), num_inference_steps)
         final = 0.0 if self.final_sigmas_type == "zero" else table[0]
         sigmas = np.concatenate([sigmas, [final]]).astype(np.float64)
         return self._plan_from_sigmas(ts, sigmas, device if device is not None else schedule.device)

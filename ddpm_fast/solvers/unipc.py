@@ -26,7 +26,8 @@ h -> infinity (the x0 prediction: x / alpha - sigma eps in the eps form), where 
 eps forms compute inf * 0 = NaN (its bh2 x0 form gives that limit exactly); a higher-order step
 into sigma = 0 (``lower_order_final=False`` with ``final_sigmas_type="zero"``) is refused, where
 diffusers returns inf or fails to solve a singular system; repeated sigmas under an order > 1
-update are refused. Custom ``timesteps`` (which diffusers' UniPC ``set_timesteps`` does not take)
+update are refused, and so are fewer steps than ``solver_order`` (diffusers lowers the order to
+the steps there are). Custom ``timesteps`` (which diffusers' UniPC ``set_timesteps`` does not take)
 use the table's sigmas at those timesteps. ``solver_p``, ``flow_prediction`` and the exponential /
 beta / flow sigmas are refused; ``thresholding`` is ignored with ``predict_x0=False``, as diffusers
 ignores it.
@@ -46,7 +47,7 @@ import torch
 
 from ..reference import compute_dtype, dynamic_threshold
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
-from .base import D0, HIST, OUT, SCHEDULE_KEYS, PlanBuilder, SolverPlan, X, X0Limit
+from .base import D0, HIST, OUT, SCHEDULE_KEYS, PlanBuilder, SolverPlan, X, X0Limit, check_steps_for_order
 from .dpmsolver import ZERO_SNR_ALPHA_BAR, dpm_timesteps, karras_sigmas, sigma_to_t, vp_coefficients, x0_conversion
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -139,6 +140,7 @@ class UniPCMultistep:
         """The plan of one run: ``num_inference_steps`` chosen as diffusers' ``set_timesteps`` does,
         or custom descending ``timesteps``; tensors on ``device`` (default: the schedule's)."""
         ts, sigmas = self.timesteps_and_sigmas(schedule, num_inference_steps, timesteps)
+        check_steps_for_order(self.solver_order, len(ts), num_inference_steps)
         return self._plan_from_sigmas(ts, sigmas, device if device is not None else schedule.device)
 
     def timesteps_and_sigmas(
