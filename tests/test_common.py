@@ -33,9 +33,9 @@ def test_module_weights_under_no_grad_skip_the_dispatcher(monkeypatch):
     with torch.no_grad():
         y = ddpm_fast.group_norm_silu(x, 2, norm.weight, norm.bias, norm.eps)
     torch.testing.assert_close(y, expected)
-    # with autograd, eager mode runs the op's formula as a plain autograd.Function: no dispatch either
+    # with autograd, eager mode records the op's C++ autograd node (cpp backend): no dispatch either
     y = ddpm_fast.group_norm_silu(x, 2, norm.weight, norm.bias, norm.eps)
-    assert type(y.grad_fn).__name__ == "_GroupNormSiluFunctionBackward"
+    assert "GroupNormSiluFunction" in y.grad_fn.name()
     torch.testing.assert_close(y.detach(), expected)
     # while compiling, the custom op is traced (one graph node, the registered formula)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

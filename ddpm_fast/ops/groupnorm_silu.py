@@ -14,6 +14,7 @@ g = dL/dn and g x_hat, from which dweight, dbias (sums over n), dscale and dshif
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -39,6 +40,12 @@ def _fwd_launcher(backend: str):
         return group_norm_silu_fwd_triton
     load_extension()
     return torch.ops.ddpm_fast_C.group_norm_silu_fwd
+
+
+@functools.cache
+def _cpp_autograd_op():
+    load_extension()
+    return torch.ops.ddpm_fast_C.group_norm_silu_autograd
 
 
 def _bwd_launcher(backend: str):
@@ -272,6 +279,9 @@ def group_norm_silu(
             residual=residual,
         )
     tensors = (x, weight, bias, bias_nc, scale_nc, shift_nc, residual)
+    if name == "cpp" and eager_autograd_ok(*tensors):
+        # eager C++: the op records a C++ autograd node (csrc/group_norm_silu_autograd.cpp)
+        return _cpp_autograd_op()(*tensors, num_groups, float(eps), silu)
     if direct_call_ok(*tensors):  # no autograd: skip dispatch
         op = _group_norm_silu_impl
     elif eager_autograd_ok(*tensors):
