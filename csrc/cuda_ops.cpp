@@ -8,6 +8,7 @@
 #include "solver_step_cuda.h"
 #include "solver_step_op_args.h"
 #include "vlb_terms_cuda.cuh"
+#include "vlb_terms_op_args.h"
 
 namespace ddpm_fast {
 namespace {
@@ -64,48 +65,14 @@ void solver_step_cuda(const at::Tensor& model_output, const at::Tensor& x, const
                "solver_step");
 }
 
-// The checks of vlb_terms_cpu.cpp's make_args, and the CUDA ones (one device, contiguous (N,) t).
-VlbTermsArgs make_vlb_terms_args(const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& x_t,
-                                 const at::Tensor& t, const at::Tensor& table, int64_t var, bool clip) {
-  DDPM_CHECK(is_float_type(x0.scalar_type()) && x0.dim() >= 2, "ddpm_fast: vlb_terms needs (N, C, ...) float x0");
-  DDPM_CHECK(model_output.scalar_type() == x0.scalar_type() && x_t.scalar_type() == x0.scalar_type(),
-             "ddpm_fast: vlb_terms needs model_output, x0 and x_t of one dtype");
-  DDPM_CHECK(var >= kVlbVarFixed && var <= kVlbVarLearned, "ddpm_fast: bad variance code");
-  VlbTermsArgs a;
-  a.N = x0.size(0), a.C = x0.size(1), a.S = spatial_numel(x0);
-  DDPM_CHECK(same_ncs(x0, x_t), "ddpm_fast: x_t has shape ", x_t.sizes(), ", expected ", x0.sizes());
-  DDPM_CHECK(model_output.size(0) == a.N && spatial_numel(model_output) == a.S &&
-                 model_output.size(1) == (var == kVlbVarFixed ? 1 : 2) * a.C,
-             "ddpm_fast: model_output has shape ", model_output.sizes(), " for x0 of shape ", x0.sizes());
-  check_same_device(x0, model_output, "model_output");
-  check_same_device(x0, x_t, "x_t");
-  check_same_device(x0, table, "the vlb table");
-  check_index_tensor(x0, t, "t", a.N);
-  const at::ScalarType table_type = x0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  DDPM_CHECK(table.dim() == 2 && table.size(1) == kVlbTableCols && table.is_contiguous() &&
-                 table.scalar_type() == table_type,
-             "ddpm_fast: the vlb table must be a contiguous (T, 8) ", table_type, " tensor");
-  a.mo = view3(model_output), a.x0 = view3(x0), a.xt = view3(x_t);
-  a.mo_var = a.C * model_output.stride(1);
-  a.t = t.data_ptr<int64_t>();
-  a.table = Table{table.data_ptr(), table_type == at::kDouble};
-  a.T = table.size(0);
-  a.per = 1.0 / (static_cast<double>(a.C * a.S) * 0.69314718055994530942);
-  a.var = static_cast<int>(var), a.clip = clip;
-  return a;
-}
-
 void vlb_terms_fwd_cuda(const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& x_t,
                         const at::Tensor& t, const at::Tensor& table, int64_t var, bool clip, const at::Tensor& terms) {
   const c10::cuda::CUDAGuard guard(x0.device());
   const VlbTermsArgs a = make_vlb_terms_args(model_output, x0, x_t, t, table, var, clip);
-  const at::ScalarType terms_type = x0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_same_device(x0, terms, "terms");
-  DDPM_CHECK(terms.dim() == 1 && terms.size(0) == a.N && terms.is_contiguous() && terms.scalar_type() == terms_type,
-             "ddpm_fast: terms must be a contiguous ", terms_type, " (N,) tensor");
+  check_vlb_terms_out(a, x0, terms);
   const at::Tensor partial = at::empty({vlb_terms_partials(a)}, x0.options().dtype(at::kDouble));
   check_launch(launch_vlb_terms_fwd_cuda(a, dtype_code(x0.scalar_type()), partial.data_ptr<double>(), terms.data_ptr(),
-                                         terms_type == at::kDouble, at::cuda::getCurrentCUDAStream()),
+                                         terms.scalar_type() == at::kDouble, at::cuda::getCurrentCUDAStream()),
                "vlb_terms_fwd");
 }
 
@@ -113,18 +80,9 @@ void vlb_terms_bwd_cuda(const at::Tensor& grad_terms, const at::Tensor& model_ou
                         const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& table, int64_t var, bool clip,
                         bool mean_grad, const at::Tensor& grad_model_output) {
   const c10::cuda::CUDAGuard guard(x0.device());
-  VlbTermsArgs a = make_vlb_terms_args(model_output, x0, x_t, t, table, var, clip);
-  check_same_device(x0, grad_terms, "grad_terms");
-  check_same_device(x0, grad_model_output, "grad_model_output");
-  DDPM_CHECK(grad_terms.dim() == 1 && grad_terms.size(0) == a.N, "ddpm_fast: grad_terms must have shape (N,)");
-  DDPM_CHECK(grad_model_output.sizes() == model_output.sizes() &&
-                 grad_model_output.scalar_type() == model_output.scalar_type(),
-             "ddpm_fast: grad_model_output must be shaped like model_output");
   const at::Tensor g = grad_terms.to(at::kDouble).contiguous();
-  a.grad = view3(grad_model_output);
-  a.grad_var = a.C * grad_model_output.stride(1);
-  a.g = g.data_ptr<double>();
-  a.mean_grad = mean_grad;
+  const VlbTermsArgs a =
+      make_vlb_terms_bwd_args(model_output, x0, x_t, t, table, var, clip, mean_grad, g, grad_model_output);
   check_launch(launch_vlb_terms_bwd_cuda(a, dtype_code(x0.scalar_type()), at::cuda::getCurrentCUDAStream()),
                "vlb_terms_bwd");
 }

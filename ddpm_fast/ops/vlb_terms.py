@@ -21,7 +21,7 @@ from .._backends import choose, load_extension
 from ..schedule import PREDICTION_TYPES, VARIANCE_TYPES, Schedule, normalize_choice
 from ._common import check_float, direct_call_ok, kernel_views, timesteps_arg, value_checks_enabled
 
-# Kernel codes (csrc/vlb_terms_cpu.cpp, csrc/vlb_terms_cuda.cuh, kernels/triton_vlb_terms.py).
+# Kernel codes (csrc/vlb_terms_math.h, kernels/triton_vlb_terms.py).
 VAR_CODES = {"fixed_small": 0, "fixed_small_log": 0, "fixed_large": 0, "learned_range": 1, "learned": 2}
 
 
