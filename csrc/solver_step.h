@@ -4,7 +4,9 @@
 //   D_0 = limit(p x + q out);  v = [x, out, D_0, z, H_0..H_{R-1}]
 //   x_next = mix[s, 0, :] . v;  H[write_slot[s, k]] = mix[s, 1 + k, :] . v  (all reads first)
 // Each row is summed as apply_step sums it: ((m0 x + m1 out) + m2 D_0) (+ m3 z), then + the
-// history terms summed on their own (m4 H_0 + m5 H_1 + ...). No torch or CUDA headers.
+// history terms summed on their own (m4 H_0 + m5 H_1 + ...). A slot whose coefficients are zero in
+// every row of the step is not read (its terms, 0 * H, drop out of the sums: the same value unless
+// the slot holds inf or NaN), so a step moves only the slots it uses. No torch or CUDA headers.
 #pragma once
 #include <cstdint>
 
@@ -58,6 +60,7 @@ struct SolverCoefs {
   F guide_coef;  // 0 without a guide
   F mix[1 + kSolverMaxWrites][kSolverCols];
   int slot[kSolverMaxWrites];
+  bool reads[kSolverMaxSlots];  // slot r has a nonzero coefficient in some row (r < R)
 };
 
 DDPM_HD int64_t solver_step_index(const SolverStepArgs& a) {
@@ -78,6 +81,13 @@ DDPM_HD SolverCoefs<F> solver_coefs(const SolverStepArgs& a) {
   for (int row = 0; row < 1 + kSolverMaxWrites; ++row) {
     DDPM_UNROLL
     for (int c = 0; c < kSolverCols; ++c) k.mix[row][c] = (row <= a.W && c < cols) ? F(m[row * cols + c]) : F(0);
+  }
+  DDPM_UNROLL
+  for (int r = 0; r < kSolverMaxSlots; ++r) {
+    bool used = false;
+    DDPM_UNROLL
+    for (int row = 0; row < 1 + kSolverMaxWrites; ++row) used = used || k.mix[row][kColHist + r] != F(0);
+    k.reads[r] = used;  // 0 beyond R (mix columns past 4 + R are 0)
   }
   DDPM_UNROLL
   for (int w = 0; w < kSolverMaxWrites; ++w) {

@@ -52,7 +52,9 @@ __global__ void solver_step_kernel(SolverStepArgs a, int64_t tiles_per_row) {
     const int64_t h_at = a.history.at(n, c, s);
     F h[kSolverMaxSlots];
 #pragma unroll
-    for (int r = 0; r < kSolverMaxSlots; ++r) h[r] = r < a.R ? load_as<F>(hist, h_at + r * a.hist_slot) : F(0);
+    for (int r = 0; r < kSolverMaxSlots; ++r) {
+      h[r] = r < a.R && k.reads[r] ? load_as<F>(hist, h_at + r * a.hist_slot) : F(0);  // unused slots: not read
+    }
     F written[kSolverMaxWrites];
     const F g = a.guide.ptr ? load_as<F>(static_cast<const X*>(a.guide.ptr), a.guide.at(n, c, s)) : F(0);
     const F next = solver_element<F>(a, k, x, out, z, has_z, h, ts, written, g);

@@ -42,7 +42,7 @@ from ddpm_fast import Schedule, reference
 from ddpm_fast._backends import choose, use_cpu_isa
 from ddpm_fast.ops import no_value_checks, solver_step
 from ddpm_fast.solvers import DPMSolverMultistep, X0Limit, apply_step, new_history, run
-from ddpm_fast.solvers.base import PlanBuilder
+from ddpm_fast.solvers.base import D0, HIST, PlanBuilder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # the op's module (ddpm_fast.ops.solver_step is the function: ops/__init__ exports it by that name)
@@ -220,6 +220,45 @@ def test_random_plans(backend_isa, slots, writes, limit):
     if slots and writes:  # without noise: the column is skipped, not multiplied by zero
         x, mo, _, history = to_device(device, *make_inputs(plan, seed=4))
         check(name, plan, 0, x, mo, history, None)
+
+
+def unused_params():
+    for param in fast_backend_params():
+        for limit in ("none", "clip"):
+            if is_slow(param.values[0][0]) and limit == "clip":
+                continue
+            yield pytest.param(param.values[0], limit, id=f"{param.id}-{limit}")
+
+
+@pytest.mark.parametrize("backend_isa,limit", list(unused_params()))
+def test_unused_slots_and_d0_are_not_read(backend_isa, limit):
+    """A slot whose coefficients are zero in every row of the step is not read (Heun's predictor
+    writes slot 0 without reading it; a warm-up step of a multistep solver reads fewer slots), and
+    D_0 with a zero column drops out: NaN there changes nothing. Steps: slot 1 unused (slots 0, 2
+    read: the kernels compact the slots they read), every slot unused, and D_0 unused too. The
+    reference (apply_step) sees those slots zeroed."""
+    name, isa = backend_isa
+    plan = random_plan(steps=3, slots=3, writes=2, limit=LIMITS[limit], seed=11, draws=False)
+    plan.mix[0, :, HIST + 1] = 0.0
+    plan.mix[1, :, HIST:] = 0.0
+    plan.mix[2, :, HIST:] = 0.0
+    plan.mix[2, :, D0] = 0.0
+    device = backend_device(name)
+    with isa_build(isa):
+        for step, unused in ((0, [1]), (1, [0, 1, 2]), (2, [0, 1, 2])):
+            x, mo, _, history = to_device(device, *make_inputs(plan, seed=20 + step))
+            poisoned = history.clone()
+            poisoned[unused] = float("nan")
+            h = poisoned.clone()
+            got = solver_step(plan, step, x, mo, h, backend=name)
+            (r, rh), (e, eh) = reference_step(plan, step, x, mo, history, None, None)  # the unused slots as given
+            assert_close_to_reference(got, r, e)
+            written = [int(k) for k in plan.write_slot[step] if k < plan.history_slots]
+            for slot in range(plan.history_slots):
+                if slot in written:
+                    assert_close_to_reference(h[slot], rh[slot], eh[slot])
+                else:  # an unused slot is neither read nor written: its NaN stays
+                    assert torch.equal(h[slot].isnan().cpu(), poisoned[slot].isnan().cpu())
 
 
 def test_reference_backend_is_apply_step():

@@ -53,6 +53,18 @@ def _mix_row(row_ptr, x, out, d0, z, h0, h1, h2, h3, HAS_Z: tl.constexpr, R: tl.
 
 
 @triton.jit
+def _slot_read(row_ptr, cols, col, W: tl.constexpr):
+    """Whether a history column has a nonzero coefficient in some row of the step (else the slot
+    is not read: its terms, 0 * H, drop out; csrc/solver_step.h)."""
+    used = tl.load(row_ptr + col) != 0
+    if W > 0:
+        used = used | (tl.load(row_ptr + cols + col) != 0)
+    if W > 1:
+        used = used | (tl.load(row_ptr + 2 * cols + col) != 0)
+    return used
+
+
+@triton.jit
 def _write(hist_ptr, slot_ptr, off, hist_slot, value, mask, R: tl.constexpr):
     """Store a write into its slot, unless it names the scratch slot R (clamped to [0, R])."""
     slot = tl.minimum(tl.maximum(tl.load(slot_ptr), 0), R)
@@ -140,19 +152,25 @@ def solver_step_kernel(
         else:
             z = 0.0
 
-        # every history value is read before any write; slot r at h_off + r hist_slot (int64 sums)
-        h_off = offset(n, c, s, C, S, (LAYOUTS >> 5) & 1)
-        h0 = tl.load(hist_ptr + h_off, mask=mask, other=0.0).to(tl.float32) if R > 0 else 0.0
-        h1 = tl.load(hist_ptr + (h_off + hist_slot), mask=mask, other=0.0).to(tl.float32) if R > 1 else 0.0
-        h2 = tl.load(hist_ptr + (h_off + hist_slot + hist_slot), mask=mask, other=0.0).to(tl.float32) if R > 2 else 0.0
-        h3 = (
-            tl.load(hist_ptr + (h_off + hist_slot + hist_slot + hist_slot), mask=mask, other=0.0).to(tl.float32)
-            if R > 3
-            else 0.0
-        )
-
+        # every history value is read before any write; slot r at h_off + r hist_slot (int64 sums);
+        # a slot without a nonzero coefficient this step is not read (masked off)
         cols: tl.constexpr = 4 + R
         rows = mix_ptr + step * ((1 + W) * cols)
+        h_off = offset(n, c, s, C, S, (LAYOUTS >> 5) & 1)
+        h0, h1, h2, h3 = 0.0, 0.0, 0.0, 0.0
+        if R > 0:
+            m0 = tl.where(_slot_read(rows, cols, 4, W), mask, False)
+            h0 = tl.load(hist_ptr + h_off, mask=m0, other=0.0).to(tl.float32)
+        if R > 1:
+            m1 = tl.where(_slot_read(rows, cols, 5, W), mask, False)
+            h1 = tl.load(hist_ptr + (h_off + hist_slot), mask=m1, other=0.0).to(tl.float32)
+        if R > 2:
+            m2 = tl.where(_slot_read(rows, cols, 6, W), mask, False)
+            h2 = tl.load(hist_ptr + (h_off + hist_slot + hist_slot), mask=m2, other=0.0).to(tl.float32)
+        if R > 3:
+            m3 = tl.where(_slot_read(rows, cols, 7, W), mask, False)
+            h3 = tl.load(hist_ptr + (h_off + hist_slot + hist_slot + hist_slot), mask=m3, other=0.0).to(tl.float32)
+
         has_z: tl.constexpr = HAS_NOISE or DRAW_NOISE
         x_next = _mix_row(rows, x, out, d0, z, h0, h1, h2, h3, has_z, R)
         if W > 0:

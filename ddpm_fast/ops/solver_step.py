@@ -270,7 +270,8 @@ def solver_step(
             (the first C channels are read in place); (2N, ...) halves [uncond, cond] with
             ``guidance_scale``, combined as uncond + s (cond - uncond).
         history: (R + 1, *x.shape) in x's dtype (``solvers.new_history``); slot R is the scratch
-            slot, which the kernels do not write.
+            slot, which the kernels do not write. The kernels read only the slots with a nonzero
+            coefficient at this step (the reference reads them all: 0 * NaN is NaN there).
         noise: z shaped like x; or ``seed``, a one-element int64 Philox key on x's device, for noise
             drawn in-kernel (``reference.philox_randn(seed, x.shape)``, as posterior_step draws it);
             neither: the noise column is skipped. Whether a step draws is the caller's (``plan.draws``).
