@@ -39,9 +39,13 @@ def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
     custom op: eager mode, plain tensors or parameters (no fake/functional subclasses), no
     autograd needed. It skips torch.library's dispatch, ~40 us a call, which dominates small
     launches (a U-Net's norms under no_grad pass nn.Parameter weights: those qualify)."""
-    if not eager_autograd_ok(*tensors):
+    if torch.compiler.is_compiling():
         return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # one loop: this runs on every eager call (eager_autograd_ok's test, and no gradient)
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
