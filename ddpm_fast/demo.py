@@ -13,9 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
 
 DEMO_DEFAULTS = {
     "out": "ddpm_demo",
@@ -70,6 +74,36 @@ def _samples(model: nn.Module, n: int, steps: int, scheduler_config, labels, gui
     ).clamp(-1, 1)
 
 
+def demo_train_config(out: str | Path, options: dict = DEMO_DEFAULTS, **fields) -> TrainConfig:
+    """The demo's training run: the tiny U-Net on the 16x16 digits on the CPU, with the steps, time
+    limit, batch size, learning rate, warm-up, seed and progress of ``options`` (the demo's options),
+    EMA 0.999 and no checkpoints or sample grids along the way; ``fields`` (TrainConfig fields, e.g.
+    ``class_conditional``) are added or replace these."""
+    from .train import TrainConfig
+
+    o = options
+    config = {
+        "dataset": "digits",
+        "image_size": IMAGE_SIZE,
+        "preset": "tiny",
+        "steps": o["steps"],
+        "time_limit": o["time_limit"],
+        "batch_size": o["batch_size"],
+        "lr": o["lr"],
+        "warmup_steps": o["warmup_steps"],
+        "ema_decay": 0.999,
+        "seed": o["seed"],
+        "out": str(out),
+        "checkpoint_every": 0,
+        "keep_checkpoints": 1,
+        "sample_images": 0,
+        "log_every": 25,
+        "progress": o["progress"],
+        "device": "cpu",
+    }
+    return TrainConfig(**{**config, **fields})
+
+
 def run_demo(**options) -> DemoResult:
     """Run the demo with ``DEMO_DEFAULTS`` overridden by ``options``; prints a report."""
     import copy
@@ -77,7 +111,7 @@ def run_demo(**options) -> DemoResult:
     from .data import make_dataset
     from .images import save_grid
     from .metrics import class_accuracy, classifier_fid, train_classifier
-    from .train import TrainConfig, Trainer
+    from .train import Trainer
 
     unknown = sorted(set(options) - set(DEMO_DEFAULTS))
     if unknown:
@@ -96,27 +130,7 @@ def run_demo(**options) -> DemoResult:
     real_x, real_y = train_x[pick], train_y[pick]
     say(f"digits classifier: {classifier.heldout_accuracy:.1%} held-out accuracy ({time.perf_counter() - start:.0f} s)")
 
-    config = TrainConfig(
-        dataset="digits",
-        image_size=IMAGE_SIZE,
-        preset="tiny",
-        class_conditional=o["conditional"],
-        steps=o["steps"],
-        time_limit=o["time_limit"],
-        batch_size=o["batch_size"],
-        lr=o["lr"],
-        warmup_steps=o["warmup_steps"],
-        ema_decay=0.999,
-        seed=o["seed"],
-        out=str(out),
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        sample_images=0,
-        log_every=25,
-        progress=o["progress"],
-        device="cpu",
-    )
-    trainer = Trainer(config)
+    trainer = Trainer(demo_train_config(out, o, class_conditional=o["conditional"]))
     labels = torch.arange(o["num_images"]) % 10 if o["conditional"] else None
     guidance = o["guidance_scale"] if o["conditional"] else None
     sample_args = (o["num_images"], o["sample_steps"], trainer.scheduler_config, labels, guidance, o["seed"])
