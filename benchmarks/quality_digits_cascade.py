@@ -24,61 +24,26 @@ Writes ``benchmarks/results/cpu-<date>-digits-cascade.json`` (with the machine's
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from quality_common import digits_metric, git_state, results_path, run_training, sample_digits, write_json
 
-from ddpm_fast import sample, sample_cascade
+from ddpm_fast import sample_cascade
 from ddpm_fast.cascade import super_resolve
-from ddpm_fast.data import make_dataset
-from ddpm_fast.demo import DEMO_DEFAULTS
+from ddpm_fast.demo import DEMO_DEFAULTS, demo_train_config
 from ddpm_fast.images import save_grid
-from ddpm_fast.metrics import class_accuracy, classifier_fid, train_classifier
-from ddpm_fast.train import TrainConfig, Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
+from ddpm_fast.metrics import class_accuracy, classifier_fid
 
 
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def train_run(out: str, seconds: float, steps: int, **options):
-    o = DEMO_DEFAULTS
-    config = TrainConfig(
-        dataset="digits",
-        preset="tiny",
-        steps=steps,
-        time_limit=seconds,
-        batch_size=o["batch_size"],
-        lr=o["lr"],
-        warmup_steps=o["warmup_steps"],
-        ema_decay=0.999,
-        seed=o["seed"],
-        out=out,
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        sample_images=0,
-        log_every=25,
-        progress=False,
-        device="cpu",
-        **options,
-    )
-    trainer = Trainer(config)
-    start = time.perf_counter()
-    try:
-        result = trainer.train()
-    finally:
-        trainer.close()
-    return result, trainer.scheduler_config, time.perf_counter() - start
+def train_run(out: str, seconds: float, steps: int, **fields):
+    """Trains the demo's run (``fields`` added, no progress bar); (the result, its scheduler config, seconds)."""
+    config = demo_train_config(out, steps=steps, time_limit=seconds, progress=False, **fields)
+    result, trainer, seconds = run_training(config)
+    return result, trainer.scheduler_config, seconds
 
 
 def main() -> None:
@@ -90,19 +55,15 @@ def main() -> None:
     parser.add_argument("--aug-levels", default="0,100", help="fixed augmentation levels sampled")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain 16x16 model")
     parser.add_argument("--out", default="/tmp/ddpm_quality_cascade", help="run directories and grids")
-    parser.add_argument(
-        "--json",
-        default=str(ROOT / "benchmarks" / "results" / f"cpu-{datetime.date.today().isoformat()}-digits-cascade.json"),
-    )
+    parser.add_argument("--json", default=results_path("digits-cascade"))
     args = parser.parse_args()
     seed, n = DEMO_DEFAULTS["seed"], DEMO_DEFAULTS["num_images"]
     levels = [int(v) for v in args.aug_levels.split(",")]
-    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", "ddpm_fast")
+    commit, dirty = git_state()
     load_start = os.getloadavg()
     t_all = time.perf_counter()
     out = Path(args.out)
-    classifier = train_classifier("digits", 16, seed)
-    test_x, test_y = make_dataset("digits", image_size=16, split="test").tensors()
+    classifier, test_x, test_y = digits_metric(16, seed)
     labels = torch.arange(n) % 10
 
     def score(images: torch.Tensor, with_labels: torch.Tensor | None = labels) -> dict:
@@ -168,16 +129,7 @@ def main() -> None:
             str(out / "plain16"), base_s + sr_s, args.steps, image_size=16, class_conditional=True
         )
         print(f"plain 16x16: {plain.step} steps in {plain_s:.0f} s")
-        images = sample(
-            plain.ema_model.eval(),
-            batch_size=n,
-            num_inference_steps=25,
-            scheduler="ddim",
-            scheduler_config=plain_sched,
-            class_labels=labels,
-            generator=torch.Generator().manual_seed(seed),
-            progress=False,
-        )
+        images = sample_digits(plain.ema_model.eval(), n, 25, plain_sched, labels, seed)
         plain_row = {"steps": plain.step, "train_seconds": plain_s, **score(images)}
         save_grid(images[:100].clamp(-1, 1), out / "plain16.png", nrow=10, scale=4)
     real = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed))[:n]
@@ -225,7 +177,7 @@ def main() -> None:
         f"{args.sr_seconds} --steps {args.steps} --cond-noise-max {args.cond_noise_max} --aug-levels {args.aug_levels}"
         + (" --no-plain" if args.no_plain else ""),
     }
-    Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.json, report, indent=1)
     print(json.dumps({k: report[k] for k in ("results", "plain16", "real_16x16")}, indent=1))
     print(f"wrote {args.json} ({report['wall_seconds']:.0f} s)")
 

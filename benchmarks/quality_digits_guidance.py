@@ -24,82 +24,34 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from quality_common import digits_metric, git_state, results_path, run_training, sample_digits, write_json
 
 import ddpm_fast
 from ddpm_fast import checkpoint as ckpt
 from ddpm_fast.classifier import Classifier
-from ddpm_fast.data import make_dataset
-from ddpm_fast.demo import DEMO_DEFAULTS, IMAGE_SIZE
-from ddpm_fast.metrics import class_accuracy, classifier_fid, train_classifier
-from ddpm_fast.sampler import sample
+from ddpm_fast.demo import IMAGE_SIZE, demo_train_config
+from ddpm_fast.headline.measure import cpu_model
+from ddpm_fast.metrics import class_accuracy, classifier_fid
 from ddpm_fast.schedule import Schedule
-from ddpm_fast.train import TrainConfig, Trainer
+from ddpm_fast.train import Trainer
 from ddpm_fast.train_classifier import ClassifierTrainer, noised_accuracy
 
-ROOT = Path(__file__).resolve().parents[1]
 SCALES = (0.0, 1.0, 3.0, 10.0)
 NUM_IMAGES, STEPS, SEED = 200, 50, 0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def common(out: str, seconds: float, **kw) -> TrainConfig:
-    o = DEMO_DEFAULTS
-    return TrainConfig(
-        dataset="digits",
-        image_size=IMAGE_SIZE,
-        preset="tiny",
-        steps=kw.pop("steps", o["steps"]),
-        time_limit=seconds,
-        batch_size=kw.pop("batch_size", o["batch_size"]),
-        lr=o["lr"],
-        warmup_steps=o["warmup_steps"],
-        ema_decay=0.999,
-        seed=o["seed"],
-        out=out,
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        sample_images=0,
-        log_every=25,
-        progress=False,
-        device="cpu",
-        **kw,
-    )
-
-
-def train(trainer_cls, config: TrainConfig) -> dict:
-    trainer = trainer_cls(config)
-    start = time.perf_counter()
-    try:
-        result = trainer.train()
-    finally:
-        trainer.close()
+def train(trainer_cls, out: str, seconds: float, **fields) -> dict:
+    """Trains the demo's run (``fields`` added, no progress bar) for ``seconds``; what the report says of it."""
+    config = demo_train_config(out, time_limit=seconds, progress=False, **fields)
+    result, _, seconds = run_training(config, trainer_cls)
     return {
         "steps": result.step,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
         "last_loss": result.last_loss,
         "run": str(config.out),
         "config": {k: v for k, v in config.to_dict().items() if k not in ("out", "progress", "resume")},
@@ -116,27 +68,26 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/ddpm_digits_guidance", help="where the runs go when training")
     parser.add_argument("--num-images", type=int, default=NUM_IMAGES, help="(smaller: a smoke test)")
     parser.add_argument("--steps", type=int, default=STEPS, help="DDIM steps (fewer: a smoke test)")
-    today = datetime.date.today().isoformat()
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / f"cpu-{today}-digits-guidance.json"))
+    parser.add_argument("--json", default=results_path("digits-guidance"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # on a shared 2-core machine 2 threads per process oversubscribe it
     t_all = time.perf_counter()
     load_start = os.getloadavg()
-    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", "ddpm_fast")
+    commit, dirty = git_state()
 
-    metric = train_classifier("digits", IMAGE_SIZE, SEED)
-    test_x, test_y = make_dataset("digits", image_size=IMAGE_SIZE, split="test").tensors()
+    metric, test_x, test_y = digits_metric(IMAGE_SIZE, SEED)
     print(f"digits metric classifier: {metric.heldout_accuracy:.1%} held-out accuracy", flush=True)
 
     runs = {}
     if args.diffusion is None:
         args.diffusion = f"{args.out}/diffusion"
-        runs["diffusion"] = train(Trainer, common(args.diffusion, args.diffusion_seconds, class_conditional=False))
+        runs["diffusion"] = train(Trainer, args.diffusion, args.diffusion_seconds, class_conditional=False)
         print(f"diffusion: {runs['diffusion']}", flush=True)
     if args.classifier is None:
         args.classifier = f"{args.out}/classifier"
-        config = common(args.classifier, args.classifier_seconds, task="classifier", batch_size=64, steps=20000)
-        runs["classifier"] = train(ClassifierTrainer, config)
+        runs["classifier"] = train(
+            ClassifierTrainer, args.classifier, args.classifier_seconds, task="classifier", batch_size=64, steps=20000
+        )
         print(f"classifier: {runs['classifier']}", flush=True)
 
     model, scheduler_config = ckpt.load_for_sampling(args.diffusion)
@@ -150,19 +101,9 @@ def main() -> None:
     rows = []
     for scale in SCALES:
         start = time.perf_counter()
-        images = sample(
-            model,
-            batch_size=n,
-            num_inference_steps=steps,
-            scheduler="ddim",
-            scheduler_config=scheduler_config,
-            classifier=clf,
-            classifier_scale=scale,
-            class_labels=labels,
-            generator=torch.Generator().manual_seed(SEED),
-            dtype=torch.float32,
-            progress=False,
-        ).clamp(-1, 1)
+        images = sample_digits(
+            model, n, steps, scheduler_config, labels, SEED, classifier=clf, classifier_scale=scale, dtype=torch.float32
+        )
         seconds = time.perf_counter() - start
         row = {
             "classifier_scale": scale,
@@ -203,8 +144,7 @@ def main() -> None:
         "rows": rows,
         "wall_seconds": round(time.perf_counter() - t_all, 1),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     print(f"wrote {args.json}")
 
 

@@ -19,61 +19,22 @@ Writes ``benchmarks/results/cpu-<date>-digits-hybrid.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import subprocess
 import time
-from pathlib import Path
 
 import torch
+from quality_common import digits_metric, git_state, results_path, run_training, sample_digits, write_json
 
 import ddpm_fast
-from ddpm_fast.data import make_dataset
-from ddpm_fast.demo import DEMO_DEFAULTS, IMAGE_SIZE
+from ddpm_fast.demo import DEMO_DEFAULTS, IMAGE_SIZE, demo_train_config
 from ddpm_fast.evaluation import quantize_8bit
 from ddpm_fast.likelihood import bits_per_dim
-from ddpm_fast.metrics import class_accuracy, classifier_fid, train_classifier
-from ddpm_fast.sampler import sample
+from ddpm_fast.metrics import class_accuracy, classifier_fid
 from ddpm_fast.schedule import Schedule
-from ddpm_fast.train import TrainConfig, Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "simple": dict(loss="simple", variance_type="fixed_small"),
     "hybrid": dict(loss="hybrid", variance_type="learned_range"),
 }
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def train_config(out: str, steps: int, time_limit: float, **options) -> TrainConfig:
-    o = DEMO_DEFAULTS
-    return TrainConfig(
-        dataset="digits",
-        image_size=IMAGE_SIZE,
-        preset="tiny",
-        class_conditional=o["conditional"],
-        steps=steps,
-        time_limit=time_limit,
-        batch_size=o["batch_size"],
-        lr=o["lr"],
-        warmup_steps=o["warmup_steps"],
-        ema_decay=0.999,
-        seed=o["seed"],
-        out=out,
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        sample_images=0,
-        log_every=25,
-        progress=False,
-        device="cpu",
-        **options,
-    )
 
 
 def main() -> None:
@@ -84,29 +45,27 @@ def main() -> None:
     )
     parser.add_argument("--t-stride", type=int, default=20, help="bits/dim: every s-th KL term (T = 1000)")
     parser.add_argument("--out", default="/tmp/ddpm_quality_hybrid", help="run directories")
-    parser.add_argument(
-        "--json",
-        default=str(ROOT / "benchmarks" / "results" / f"cpu-{datetime.date.today().isoformat()}-digits-hybrid.json"),
-    )
+    parser.add_argument("--json", default=results_path("digits-hybrid"))
     args = parser.parse_args()
     seed, n = DEMO_DEFAULTS["seed"], DEMO_DEFAULTS["num_images"]
-    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", "ddpm_fast")
+    commit, dirty = git_state()
     t_all = time.perf_counter()
     torch.manual_seed(seed)
-    classifier = train_classifier("digits", IMAGE_SIZE, seed)
-    test_x, test_y = make_dataset("digits", image_size=IMAGE_SIZE, split="test").tensors()
+    classifier, test_x, test_y = digits_metric(IMAGE_SIZE, seed)
     # bits/dim are of 8-bit data: the held-out digits on the 256-level grid, as `eval --nll` scores them
     test_x = quantize_8bit(test_x)
     labels = torch.arange(n) % 10
     rows = {}
     for name, options in RUNS.items():
-        trainer = Trainer(train_config(f"{args.out}/{name}", args.steps, args.time_limit, **options))
-        start = time.perf_counter()
-        try:
-            result = trainer.train()
-        finally:
-            trainer.close()
-        train_seconds = time.perf_counter() - start
+        config = demo_train_config(
+            f"{args.out}/{name}",
+            class_conditional=DEMO_DEFAULTS["conditional"],
+            steps=args.steps,
+            time_limit=args.time_limit,
+            progress=False,
+            **options,
+        )
+        result, trainer, train_seconds = run_training(config)
         model = result.ema_model.eval()
         schedule = Schedule.from_config(trainer.scheduler_config)
         start = time.perf_counter()
@@ -122,17 +81,7 @@ def main() -> None:
             seed=seed,
         )
         bpd_seconds = time.perf_counter() - start
-        images = sample(
-            model,
-            batch_size=n,
-            num_inference_steps=50,
-            scheduler="ddim",
-            scheduler_config=trainer.scheduler_config,
-            class_labels=labels,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="tensor",
-            progress=False,
-        ).clamp(-1, 1)
+        images = sample_digits(model, n, 50, trainer.scheduler_config, labels, seed)
         fid = classifier_fid(classifier, images, test_x)
         acc = class_accuracy(classifier, images, labels)
         rows[name] = {
@@ -170,7 +119,7 @@ def main() -> None:
         "command": "python benchmarks/quality_digits_hybrid.py "
         + f"--steps {args.steps} --time-limit {args.time_limit} --t-stride {args.t_stride}",
     }
-    Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.json, report, indent=1)
     print(f"wrote {args.json} ({report['wall_seconds']:.0f} s)")
 
 

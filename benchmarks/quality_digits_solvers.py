@@ -19,24 +19,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from quality_common import RESULTS, digits_metric, git_state, run_training, sample_digits, write_json
 
 import ddpm_fast
 from ddpm_fast import checkpoint as ckpt
 from ddpm_fast.data import make_dataset
-from ddpm_fast.demo import DEMO_DEFAULTS, IMAGE_SIZE
-from ddpm_fast.metrics import class_accuracy, classifier_fid, train_classifier
-from ddpm_fast.sampler import sample
-from ddpm_fast.train import TrainConfig, Trainer
+from ddpm_fast.demo import DEMO_DEFAULTS, IMAGE_SIZE, demo_train_config
+from ddpm_fast.headline.measure import cpu_model
+from ddpm_fast.metrics import class_accuracy, classifier_fid
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "cpu-2026-12-04-digits-solvers.json"
+DEFAULT_JSON = RESULTS / "cpu-2026-12-04-digits-solvers.json"
 # (scheduler, steps): the reference first, then the solvers of issue 17, then the others.
 SAMPLERS = [
     ("ddim", 50),
@@ -67,56 +64,10 @@ def with_options(config, name: str, options: dict):
     return {**{k: v for k, v in config.to_dict().items() if k in keep}, **options}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def demo_train_config(out: str) -> TrainConfig:
-    """The TrainConfig of ``run_demo`` with its default options."""
-    o = DEMO_DEFAULTS
-    return TrainConfig(
-        dataset="digits",
-        image_size=IMAGE_SIZE,
-        preset="tiny",
-        class_conditional=o["conditional"],
-        steps=o["steps"],
-        time_limit=o["time_limit"],
-        batch_size=o["batch_size"],
-        lr=o["lr"],
-        warmup_steps=o["warmup_steps"],
-        ema_decay=0.999,
-        seed=o["seed"],
-        out=out,
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        sample_images=0,
-        log_every=25,
-        progress=o["progress"],
-        device="cpu",
-    )
-
-
 def train_model(out: str) -> tuple[Path, float]:
-    trainer = Trainer(demo_train_config(out))
-    start = time.perf_counter()
-    try:
-        result = trainer.train()
-    finally:
-        trainer.close()
-    return result.last_checkpoint, time.perf_counter() - start
+    """``run_demo``'s training run with its default options."""
+    result, _, seconds = run_training(demo_train_config(out, class_conditional=DEMO_DEFAULTS["conditional"]))
+    return result.last_checkpoint, seconds
 
 
 def count_calls(model: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
@@ -136,10 +87,9 @@ def main() -> None:
     args = parser.parse_args()
     seed, n = DEMO_DEFAULTS["seed"], DEMO_DEFAULTS["num_images"]
     t_all = time.perf_counter()
-    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", "ddpm_fast")  # the code imported
+    commit, dirty = git_state()
 
-    classifier = train_classifier("digits", IMAGE_SIZE, seed)
-    test_x, _ = make_dataset("digits", image_size=IMAGE_SIZE, split="test").tensors()
+    classifier, test_x, _ = digits_metric(IMAGE_SIZE, seed)
     train_x, train_y = make_dataset("digits", image_size=IMAGE_SIZE, split="train").tensors()
     pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:n]
     fid_real = classifier_fid(classifier, train_x[pick], test_x)
@@ -164,17 +114,7 @@ def main() -> None:
             config = with_options(scheduler_config, name, options)
             calls[0] = 0
             start = time.perf_counter()
-            images = sample(
-                model,
-                batch_size=n,
-                num_inference_steps=steps,
-                scheduler=name,
-                scheduler_config=config,
-                class_labels=labels,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="tensor",
-                progress=False,
-            ).clamp(-1, 1)
+            images = sample_digits(model, n, steps, config, labels, seed, scheduler=name)
             wall = time.perf_counter() - start
             row = {
                 "name": name,
@@ -235,10 +175,7 @@ def main() -> None:
         "ddpm_fast_uncommitted_changes": dirty.splitlines() if dirty else [],
         "total_seconds": time.perf_counter() - t_all,
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.json, report)}")
 
 
 if __name__ == "__main__":
