@@ -185,9 +185,11 @@ def _plan_args(plan: SolverPlan) -> _PlanArgs:
 
 def _check_model_output(plan: _PlanArgs, model_output: torch.Tensor, x: torch.Tensor, guided: bool) -> None:
     mo_shape, x_shape = model_output.shape, x.shape
-    n, c = x_shape[0], x_shape[1]
     if model_output.device != x.device:
         raise ValueError(f"model_output is on {model_output.device}, x on {x.device}")
+    if mo_shape == x_shape and not guided:  # the common case, every step of a loop
+        return
+    n, c = x_shape[0], x_shape[1]
     if mo_shape[2:] != x_shape[2:]:
         raise ValueError(f"model_output shape {tuple(mo_shape)} does not fit x shape {tuple(x_shape)}")
     want = 2 * n if guided else n
