@@ -236,6 +236,21 @@ struct Rows {
     }
   }
 
+  // The backward's passes over cnt channels-contiguous pixels (pixel strides xs, dys, os; g at
+  // pixel p is g + p C): grad_ch / dx_ch pixel by pixel.
+  template <typename X>
+  DDPM_INLINE static void px_grad(const X* src, int64_t xs, const X* dy, int64_t dys, int64_t cnt, int64_t C,
+                                  const F* d, const F* r, const F* A, const F* B, bool silu, F* g, F* acc_g,
+                                  F* acc_gx) {
+    for (int64_t p = 0; p < cnt; ++p)
+      grad_ch(src + p * xs, dy + p * dys, C, d, r, A, B, silu, g + p * C, acc_g, acc_gx);
+  }
+  template <typename X>
+  DDPM_INLINE static void px_dx(const X* src, int64_t xs, const F* g, int64_t cnt, int64_t C, const F* d, const F* r,
+                                const F* A, const F* m1, const F* m2, X* out, int64_t os, F* acc) {
+    for (int64_t p = 0; p < cnt; ++p) dx_ch(src + p * xs, g + p * C, C, d, r, A, m1, m2, out + p * os, acc);
+  }
+
   // xh = (F(src) - (mean - add)) rstd (the forward's centring: one subtraction per element).
   template <typename X>
   DDPM_INLINE static void load_normalize(const X* src, int64_t len, F add, F mean, F rstd, F* xh) {
@@ -406,17 +421,37 @@ struct RowsSimd {
     }
   }
 
+  // ---- the channels_last passes over cnt pixels of C contiguous channels, register-blocked: each
+  // block of kB vectors of channels keeps its per-channel operands and sums in registers while the
+  // loop walks the block's column through the pixels (the per-pixel loops reloaded and stored them
+  // for every element). Every channel's operations and their order are the per-pixel loops', so the
+  // bits are too; the channels after the last full block run those per-pixel loops.
+  static constexpr int kSumBlock = 4;   // vectors of channels per block in the sums
+  static constexpr int kActBlock = 2;   // ... in the passes with an activation (its temporaries)
+
   // Per-channel sums over cnt channels-contiguous pixels (pixel stride ss): acc[c] = sum of src[c].
   template <typename X>
   DDPM_INLINE static void px_sum(const X* src, int64_t ss, int64_t cnt, int64_t C, float* acc) {
     if constexpr (!kFloat<X>) {
       Portable::px_sum(src, ss, cnt, C, acc);
     } else {
-      std::fill(acc, acc + C, 0.0f);
+      constexpr int kB = kSumBlock;
+      int64_t c0 = 0;
+      for (; c0 + kB * W <= C; c0 += kB * W) {
+        simd::Lanes<W> t[kB];
+        for (int j = 0; j < kB; ++j) t[j] = simd::splat<W>(0.0f);
+        for (int64_t p = 0; p < cnt; ++p) {
+          const X* row = src + p * ss + c0;
+          for (int j = 0; j < kB; ++j) t[j] = t[j] + load_x<W>(row + j * W);
+        }
+        for (int j = 0; j < kB; ++j) simd::store<W>(acc + c0 + j * W, t[j]);
+      }
+      std::fill(acc + c0, acc + C, 0.0f);
       for (int64_t p = 0; p < cnt; ++p) {
         const X* row = src + p * ss;
-        simd::for_lanes<W>(C, [&](auto w, int64_t c) DDPM_LAMBDA_INLINE {
+        simd::for_lanes<W>(C - c0, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
+          const int64_t c = c0 + i;
           simd::store<V>(acc + c, simd::load<V>(acc + c) + load_x<V>(row + c));
         });
       }
@@ -429,11 +464,26 @@ struct RowsSimd {
     if constexpr (!kFloat<X>) {
       Portable::px_sq_dev(src, ss, cnt, C, d, acc);
     } else {
-      std::fill(acc, acc + C, 0.0f);
+      constexpr int kB = kSumBlock;
+      int64_t c0 = 0;
+      for (; c0 + kB * W <= C; c0 += kB * W) {
+        simd::Lanes<W> t[kB], dd[kB];
+        for (int j = 0; j < kB; ++j) t[j] = simd::splat<W>(0.0f), dd[j] = simd::load<W>(d + c0 + j * W);
+        for (int64_t p = 0; p < cnt; ++p) {
+          const X* row = src + p * ss + c0;
+          for (int j = 0; j < kB; ++j) {
+            const simd::Lanes<W> v = load_x<W>(row + j * W) + dd[j];
+            t[j] = t[j] + v * v;
+          }
+        }
+        for (int j = 0; j < kB; ++j) simd::store<W>(acc + c0 + j * W, t[j]);
+      }
+      std::fill(acc + c0, acc + C, 0.0f);
       for (int64_t p = 0; p < cnt; ++p) {
         const X* row = src + p * ss;
-        simd::for_lanes<W>(C, [&](auto w, int64_t c) DDPM_LAMBDA_INLINE {
+        simd::for_lanes<W>(C - c0, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
+          const int64_t c = c0 + i;
           const simd::Lanes<V> v = load_x<V>(row + c) + simd::load<V>(d + c);
           simd::store<V>(acc + c, simd::load<V>(acc + c) + v * v);
         });
@@ -444,8 +494,122 @@ struct RowsSimd {
   template <typename X>
   DDPM_INLINE static void px_apply(const X* src, int64_t ss, int64_t cnt, int64_t C, const float* d, const float* a,
                                    const float* b, bool silu, const X* res, int64_t rss, X* out, int64_t oss) {
-    for (int64_t p = 0; p < cnt; ++p)
-      apply_ch(src + p * ss, C, d, a, b, silu, res ? res + p * rss : nullptr, out + p * oss);
+    if constexpr (!kFloat<X>) {
+      Portable::px_apply(src, ss, cnt, C, d, a, b, silu, res, rss, out, oss);
+    } else {
+      constexpr int kB = kActBlock;
+      int64_t c0 = 0;
+      auto run = [&](auto act, auto with_res) DDPM_LAMBDA_INLINE {
+        for (; c0 + kB * W <= C; c0 += kB * W) {
+          simd::Lanes<W> dd[kB], aa[kB], bb[kB];
+          for (int j = 0; j < kB; ++j) {
+            dd[j] = simd::load<W>(d + c0 + j * W), aa[j] = simd::load<W>(a + c0 + j * W);
+            bb[j] = simd::load<W>(b + c0 + j * W);
+          }
+          for (int64_t p = 0; p < cnt; ++p) {
+            const X* row = src + p * ss + c0;
+            X* o = out + p * oss + c0;
+            for (int j = 0; j < kB; ++j) {
+              const simd::Lanes<W> z = simd::fma<W, kFused>(load_x<W>(row + j * W) + dd[j], aa[j], bb[j]);
+              simd::Lanes<W> y = decltype(act)::value ? simd::silu<W, kFused>(z) : z;
+              if constexpr (decltype(with_res)::value) y += load_x<W>(res + p * rss + c0 + j * W);
+              store_x<W>(o + j * W, y);
+            }
+          }
+        }
+      };
+      dispatch2(silu, res != nullptr, run);
+      if (c0 < C)
+        for (int64_t p = 0; p < cnt; ++p)
+          apply_ch(src + p * ss + c0, C - c0, d + c0, a + c0, b + c0, silu, res ? res + p * rss + c0 : nullptr,
+                   out + p * oss + c0);
+    }
+  }
+
+  // The backward's first pass over cnt pixels (pixel strides xs, dys; g at pixel p is g + p C):
+  // grad_ch pixel by pixel, register-blocked.
+  template <typename X>
+  DDPM_INLINE static void px_grad(const X* src, int64_t xs, const X* dy, int64_t dys, int64_t cnt, int64_t C,
+                                  const float* d, const float* r, const float* A, const float* B, bool silu, float* g,
+                                  float* acc_g, float* acc_gx) {
+    if constexpr (!kFloat<X>) {
+      Portable::px_grad(src, xs, dy, dys, cnt, C, d, r, A, B, silu, g, acc_g, acc_gx);
+    } else {
+      constexpr int kB = kActBlock;
+      int64_t c0 = 0;
+      auto run = [&](auto act) DDPM_LAMBDA_INLINE {
+        for (; c0 + kB * W <= C; c0 += kB * W) {
+          simd::Lanes<W> dd[kB], rr[kB], aa[kB], bb[kB], sg[kB], sgx[kB];
+          for (int j = 0; j < kB; ++j) {
+            const int64_t c = c0 + j * W;
+            dd[j] = simd::load<W>(d + c), rr[j] = simd::load<W>(r + c), aa[j] = simd::load<W>(A + c);
+            bb[j] = simd::load<W>(B + c), sg[j] = simd::load<W>(acc_g + c), sgx[j] = simd::load<W>(acc_gx + c);
+          }
+          for (int64_t p = 0; p < cnt; ++p) {
+            for (int j = 0; j < kB; ++j) {
+              const int64_t c = c0 + j * W;
+              const simd::Lanes<W> xh = (load_x<W>(src + p * xs + c) + dd[j]) * rr[j];
+              const simd::Lanes<W> z = simd::fma<W, kFused>(xh, aa[j], bb[j]);
+              const simd::Lanes<W> gi = grad_act<W, decltype(act)::value>(z, load_x<W>(dy + p * dys + c));
+              simd::store<W>(g + p * C + c, gi);
+              sg[j] = sg[j] + gi;
+              sgx[j] = simd::fma<W, kFused>(gi, xh, sgx[j]);
+            }
+          }
+          for (int j = 0; j < kB; ++j) {
+            simd::store<W>(acc_g + c0 + j * W, sg[j]);
+            simd::store<W>(acc_gx + c0 + j * W, sgx[j]);
+          }
+        }
+      };
+      if (silu) run(std::true_type{});
+      else run(std::false_type{});
+      if (c0 < C)
+        for (int64_t p = 0; p < cnt; ++p)
+          grad_ch(src + p * xs + c0, dy + p * dys + c0, C - c0, d + c0, r + c0, A + c0, B + c0, silu, g + p * C + c0,
+                  acc_g + c0, acc_gx + c0);
+    }
+  }
+
+  // The second pass over cnt pixels: dx_ch pixel by pixel, register-blocked.
+  template <typename X>
+  DDPM_INLINE static void px_dx(const X* src, int64_t xs, const float* g, int64_t cnt, int64_t C, const float* d,
+                                const float* r, const float* A, const float* m1, const float* m2, X* out, int64_t os,
+                                float* acc) {
+    if constexpr (!kFloat<X>) {
+      Portable::px_dx(src, xs, g, cnt, C, d, r, A, m1, m2, out, os, acc);
+    } else {
+      constexpr int kB = kActBlock;
+      int64_t c0 = 0;
+      auto run = [&](auto with_acc) DDPM_LAMBDA_INLINE {
+        for (; c0 + kB * W <= C; c0 += kB * W) {
+          simd::Lanes<W> dd[kB], rr[kB], aa[kB], mm1[kB], mm2[kB], t[kB];
+          for (int j = 0; j < kB; ++j) {
+            const int64_t c = c0 + j * W;
+            dd[j] = simd::load<W>(d + c), rr[j] = simd::load<W>(r + c), aa[j] = simd::load<W>(A + c);
+            mm1[j] = simd::load<W>(m1 + c), mm2[j] = simd::load<W>(m2 + c);
+            if constexpr (decltype(with_acc)::value) t[j] = simd::load<W>(acc + c);
+          }
+          for (int64_t p = 0; p < cnt; ++p) {
+            for (int j = 0; j < kB; ++j) {
+              const int64_t c = c0 + j * W;
+              const simd::Lanes<W> xh = (load_x<W>(src + p * xs + c) + dd[j]) * rr[j];
+              const simd::Lanes<W> dx = rr[j] * dx_inner<W>(aa[j], simd::load<W>(g + p * C + c), mm1[j], xh, mm2[j]);
+              store_x<W>(out + p * os + c, dx);
+              if constexpr (decltype(with_acc)::value) t[j] = t[j] + dx;
+            }
+          }
+          if constexpr (decltype(with_acc)::value)
+            for (int j = 0; j < kB; ++j) simd::store<W>(acc + c0 + j * W, t[j]);
+        }
+      };
+      if (acc) run(std::true_type{});
+      else run(std::false_type{});
+      if (c0 < C)
+        for (int64_t p = 0; p < cnt; ++p)
+          dx_ch(src + p * xs + c0, g + p * C + c0, C - c0, d + c0, r + c0, A + c0, m1 + c0, m2 + c0,
+                out + p * os + c0, acc ? acc + c0 : nullptr);
+    }
   }
 
   // The backward's first pass over one channels-contiguous pixel: x_hat = (x + d) r,
@@ -659,6 +823,18 @@ struct RowsSimd {
     ATTR static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,        \
                            const float* A, const float* m1, const float* m2, X* out, float* acc) {           \
       Impl::dx_ch(src, g, len, d, r, A, m1, m2, out, acc);                                                   \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static void px_grad(const X* src, int64_t xs, const X* dy, int64_t dys, int64_t cnt, int64_t C,      \
+                             const float* d, const float* r, const float* A, const float* B, bool silu, float* g, \
+                             float* acc_g, float* acc_gx) {                                                  \
+      Impl::px_grad(src, xs, dy, dys, cnt, C, d, r, A, B, silu, g, acc_g, acc_gx);                            \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static void px_dx(const X* src, int64_t xs, const float* g, int64_t cnt, int64_t C, const float* d,  \
+                           const float* r, const float* A, const float* m1, const float* m2, X* out, int64_t os, \
+                           float* acc) {                                                                     \
+      Impl::px_dx(src, xs, g, cnt, C, d, r, A, m1, m2, out, os, acc);                                         \
     }                                                                                                        \
     template <typename X>                                                                                    \
     ATTR static void load_normalize(const X* src, int64_t len, float add, float mean, float rstd, float* xh) { \
@@ -1048,17 +1224,15 @@ void backward_cl_kernel(const GroupNormArgs& a) {
     std::fill(acc1, acc1 + C, F(0));
     if (pass == 0) {
       std::fill(acc2, acc2 + C, F(0));
-      for (int64_t s = s0; s < s0 + cnt; ++s)
-        R::grad_ch(x + a.x.at(n, 0, s), dy + a.dy.at(n, 0, s), C, d.data() + o, r.data() + o, A.data() + o,
-                   B.data() + o, a.silu, g + s * C, acc1, acc2);
+      R::px_grad(x + a.x.at(n, 0, s0), a.x.ss, dy + a.dy.at(n, 0, s0), a.dy.ss, cnt, C, d.data() + o, r.data() + o,
+                 A.data() + o, B.data() + o, a.silu, g + s0 * C, acc1, acc2);
       double* p2 = part_gx.data() + (n * K + k) * C;
       for (int64_t c = 0; c < C; ++c) p1[c] = acc1[c], p2[c] = acc2[c];
       return;
     }
     F* acc = dbias_nc ? acc1 : nullptr;
-    for (int64_t s = s0; s < s0 + cnt; ++s)
-      R::dx_ch(x + a.x.at(n, 0, s), g + s * C, C, d.data() + o, r.data() + o, A.data() + o, m1.data() + o,
-               m2.data() + o, dx + a.dx.at(n, 0, s), acc);
+    R::px_dx(x + a.x.at(n, 0, s0), a.x.ss, g + s0 * C, cnt, C, d.data() + o, r.data() + o, A.data() + o,
+             m1.data() + o, m2.data() + o, dx + a.dx.at(n, 0, s0), a.dx.ss, acc);
     if (dbias_nc)
       for (int64_t c = 0; c < C; ++c) p1[c] = acc1[c];
   };

@@ -274,11 +274,14 @@ def test_channels_last(backend):
         assert_close_fp32(g_cl[name], g_nchw[name])
 
 
-# name: (shape, groups, dtype) for the cpp kernel's channels_last forward (vectorised along C): batch 1
+# name: (shape, groups, dtype) for the cpp kernel's channels_last passes (vectorised along C): batch 1
 # (positions split across the threads), channel counts off the 8-lane width, 1x1, every dtype.
 CPP_CHANNELS_LAST = {
     "batch1-32x32": ((1, 128, 32, 32), 32, torch.float32),
     "C12-G3-odd": ((3, 12, 5, 7), 3, torch.float32),
+    # register blocks of 64 (sums) and 32 (SiLU passes) channels at 16 lanes, then a tail
+    "C96-G3-blocks-and-tail": ((2, 96, 6, 5), 3, torch.float32),
+    "C200-G8-blocks-and-tail": ((1, 200, 3, 5), 8, torch.float32),
     "1x1": ((2, 64, 1, 1), 32, torch.float32),
     "bf16": ((1, 64, 9, 9), 32, torch.bfloat16),
     "fp16": ((2, 24, 6, 5), 6, torch.float16),
