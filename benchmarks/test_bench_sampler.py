@@ -30,6 +30,7 @@ U-Net runs: a 3-step warm-up, then 3 timed runs (one at 1000 steps).
     diffusers       the manual loop: set_timesteps, x_T * init_noise_sigma, then per step
                     scale_model_input, the U-Net, scheduler.step (no pipeline exists for it)
     ddpm_fast       sample(scheduler=DPMSolverMultistepScheduler(solver_order=2)), the same U-Net
+    ddpm_fast-unet  the same with ddpm_fast.UNet holding the same weights
     ddpm_fast-ddim  sample() with DDIM at the same number of steps, for reference: its ratio to
                     diffusers' DPM-Solver++ run is vs_diffusers_dpmsolver (not a speedup of the same
                     sampler)
@@ -232,7 +233,7 @@ def test_sample_loop(benchmark, roofline, impl, kind, steps):
 
 # ---------------------------------------------------------------- DPM-Solver++ with the U-Net
 DPM_RUNS = [("cifar10", 256, 20)] if ON_CUDA else [("tiny", 64, 20)]  # (preset, images, steps)
-DPM_IMPLS = ["diffusers", "ddpm_fast", "ddpm_fast-ddim"]
+DPM_IMPLS = ["diffusers", "ddpm_fast", "ddpm_fast-unet", "ddpm_fast-ddim"]
 
 
 def dpm_fn(impl: str, preset: str, batch: int, steps: int):
@@ -252,13 +253,14 @@ def dpm_fn(impl: str, preset: str, batch: int, steps: int):
             return x
 
         return run
-    theirs, _ = models(preset)
+    theirs, ours = models(preset)
+    model = ours if impl == "ddpm_fast-unet" else theirs
     scheduler = (
         diffusers.DDIMScheduler() if impl == "ddpm_fast-ddim" else diffusers.DPMSolverMultistepScheduler(solver_order=2)
     )
 
     def run(n=steps):
-        return sample(theirs, batch_size=batch, scheduler=scheduler, num_inference_steps=n, generator=_generator(),
+        return sample(model, batch_size=batch, scheduler=scheduler, num_inference_steps=n, generator=_generator(),
                       output_type="tensor", progress=False, dtype=DTYPE)  # fmt: skip
 
     return run
