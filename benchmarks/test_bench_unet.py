@@ -11,6 +11,11 @@ CUDA: the cifar10 preset at batch 128 under bf16 autocast (fp32 weights), also o
 mode="reduce-overhead" (CUDA graphs). CPU: cifar10 at batch 2 eager, and the tiny preset at
 batch 8, fp32: forward eager and compiled, training step eager (compiling the 35.7M model, or a
 training step, costs minutes on 2 cores: DDPM_FAST_BENCH_COMPILE=1 adds the compiled tiny steps).
+
+CPU with bf16 units (AMX or AVX512-BF16: ddpm_fast._backends.cpu_has_bf16_units), group
+unet-forward-<preset>-b<batch>-cpu-autocast: the eager forward of both models in fp32 and under bf16
+autocast (fp32 weights, as sample()'s default there), cifar10 at batch 8 and tiny at batch 64: what
+sample()'s default dtype on such CPUs is chosen from.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from conftest import DEVICE, ON_CUDA, compile_fn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_fast import UNet
+from ddpm_fast._backends import cpu_has_bf16_units
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -127,3 +133,30 @@ def test_unet_train_step(roofline, preset, batch, impl):
 
     roofline(fn, flops=flops, flop_dtype=DTYPE, warmup=3 if "compile" in impl else 1)
     _record(roofline, preset, batch)
+
+
+AUTOCAST_CASES = [
+    (preset, batch, impl, amp)
+    for preset, batch in (("cifar10", 8), ("tiny", 64))
+    for impl in EAGER
+    for amp in ("fp32", "bf16")
+]
+
+
+@pytest.mark.skipif(ON_CUDA or not cpu_has_bf16_units(), reason="a CPU with bf16 units (AMX or AVX512-BF16)")
+@pytest.mark.parametrize("preset, batch, impl, amp", AUTOCAST_CASES)
+def test_unet_forward_cpu_autocast(roofline, preset, batch, impl, amp):
+    roofline.benchmark.group = f"unet-forward-{preset}-b{batch}-cpu-autocast"
+    ours, theirs = _models(preset)
+    model = (ours if impl == "ddpm_fast" else theirs).eval()
+    x, t, _ = _inputs(ours, batch)
+    flops = _flops(preset, batch, train=False)
+
+    def fn():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            out = model(x, t)
+        return out if impl == "ddpm_fast" else out.sample
+
+    roofline(fn, flops=flops, flop_dtype=torch.bfloat16 if amp == "bf16" else torch.float32, warmup=1)
+    _record(roofline, preset, batch)
+    roofline.benchmark.extra_info["autocast"] = amp

@@ -175,16 +175,31 @@ def _select_backend(requested: str | None, device_type: str, interpreting: bool)
     return requested
 
 
+# The CPU features oneDNN runs bf16 convolutions and matmuls on: AMX tiles (Intel Sapphire Rapids
+# and later) or AVX512-BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of /proc/cpuinfo's text (Linux; x86 "flags", Arm "Features")."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
 @cache
-def cpu_has_amx() -> bool:
-    """The CPU has AMX bf16 tile units (Intel Sapphire Rapids and later; Linux reports it in
-    /proc/cpuinfo). There bf16 convolutions run ~2.4x faster than fp32 (issue 21: the cifar10
-    U-Net forward at batch 8, 136 vs 331 ms on a 2-core Xeon), so sample() autocasts by default."""
+def cpu_has_bf16_units() -> bool:
+    """The CPU has bf16 matrix or dot-product units (BF16_CPU_FLAGS). There bf16 autocast pays:
+    the cifar10 U-Net forward at batch 8 ran 136 vs 331 ms (fp32) on a 2-core Xeon with AMX
+    (issue 21), 304 vs 521 ms on a 2-core AMD EPYC Zen 4 with AVX512-BF16
+    (benchmarks/results/cpu-2026-12-05b-unet-autocast.json), so sample() autocasts by default."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = cpu_flags(Path("/proc/cpuinfo").read_text())
     except OSError:
         return False
-    return " amx_bf16" in flags
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
 # ---------------------------------------------------------------- per-op choice

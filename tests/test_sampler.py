@@ -29,14 +29,6 @@ ATOL = 3e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
-@pytest.fixture(autouse=True)
-def fp32_by_default(monkeypatch):
-    """sample()'s default dtype is bf16 autocast on a CPU with AMX (an Intel Xeon CI machine may have
-    it): the equivalence tests compare fp32 runs, as if the CPU had none; test_default_dtype_follows_the_cpu
-    checks the choice itself."""
-    monkeypatch.setattr(ddpm_sampler, "cpu_has_amx", lambda: False)
-
-
 # One tiny architecture in diffusers' terms (UNet2DModel's arguments), built as either model; both
 # take the same overrides (num_class_embeds = classes + the null label).
 TINY_UNET = dict(
@@ -528,15 +520,32 @@ def test_bf16_autocast_on_cpu(unet):
 
 
 def test_default_dtype_follows_the_cpu(monkeypatch, unet):
-    """By default the model runs under bf16 autocast on a CPU with AMX units, in fp32 elsewhere on
-    the CPU; dtype=torch.float32 keeps fp32 on AMX too."""
+    """By default the model runs under bf16 autocast on a CPU with bf16 units (AMX or AVX512-BF16),
+    in fp32 elsewhere on the CPU (the suite's fixture in conftest pretends there are none);
+    dtype=torch.float32 keeps fp32 where there are."""
     kw = dict(batch_size=2, scheduler="ddim", num_inference_steps=3, progress=False)
     fp32 = sample(unet, generator=gen(0), **kw)
     bf16 = sample(unet, generator=gen(0), dtype=torch.bfloat16, **kw)
-    monkeypatch.setattr(ddpm_sampler, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(ddpm_sampler, "cpu_has_bf16_units", lambda: True)
     torch.testing.assert_close(sample(unet, generator=gen(0), **kw), bf16, rtol=0, atol=0)
     torch.testing.assert_close(sample(unet, generator=gen(0), dtype=torch.float32, **kw), fp32, rtol=0, atol=0)
     assert not torch.equal(fp32, bf16)
+
+
+@pytest.mark.parametrize(
+    ("flags", "has"),
+    [("fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni", True),  # AMD Zen 4
+     ("fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", True),  # Intel Sapphire Rapids
+     ("fpu sse2 avx2 fma avx512f avx512bw", False),  # AVX-512 without bf16 (Skylake-X, Ice Lake)
+     ("fpu sse2 avx2 fma", False)],  # AMD Zen 3
+)  # fmt: skip
+def test_bf16_units_from_cpuinfo(flags, has):
+    """The bf16 default follows /proc/cpuinfo's flags line: AMX or AVX512-BF16, whole words only."""
+    from ddpm_fast._backends import BF16_CPU_FLAGS, cpu_flags
+
+    cpuinfo = f"processor\t: 0\nmodel name\t: some CPU bf16 amx_bf16x\nflags\t\t: {flags}\nbugs\t\t: spectre\n"
+    assert any(flag in cpu_flags(cpuinfo) for flag in BF16_CPU_FLAGS) is has
+    assert cpu_flags("processor : 0\n") == set()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
