@@ -193,7 +193,7 @@ def cpu_flags(cpuinfo: str) -> set[str]:
 def cpu_has_bf16_units() -> bool:
     """The CPU has bf16 matrix or dot-product units (BF16_CPU_FLAGS). There bf16 autocast pays:
     the cifar10 U-Net forward at batch 8 ran 136 vs 331 ms (fp32) on a 2-core Xeon with AMX
-    (issue 21), 304 vs 521 ms on a 2-core AMD EPYC Zen 4 with AVX512-BF16
+    (issue 21), 299 vs 522 ms on a 2-core AMD EPYC Zen 4 with AVX512-BF16
     (benchmarks/results/cpu-2026-12-05b-unet-autocast.json), so sample() autocasts by default."""
     try:
         flags = cpu_flags(Path("/proc/cpuinfo").read_text())
