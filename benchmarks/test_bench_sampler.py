@@ -23,6 +23,10 @@ the U-Net forwards (counted with torch's FlopCounterMode), speedup_vs_diffusers 
 / this one's, same group) and, on the CPU, time_split_3_steps (a profiled 3-step run's time in
 convolutions and elsewhere).
 U-Net runs: a 3-step warm-up, then 3 timed runs (one at 1000 steps).
+  sampler-unet-<model>-<kind><steps>-b<batch>-bf16   CPUs with bf16 units only (AMX or AVX512-BF16,
+  where sample() autocasts to bf16 by default): cifar10 8 x 10 and tiny 64 x 50 DDIM steps in bf16,
+  diffusers' pipeline with its U-Net cast to bf16 against sample() under bf16 autocast with either
+  U-Net ("ddpm_fast": diffusers', "ddpm_fast-unet": ours)
 
   sampler-unet-<model>-dpmsolver++<steps>-b<batch>   DPM-Solver++ (solver_order=2, diffusers'
   DPMSolverMultistepScheduler defaults otherwise) with the same U-Net; CPU: the tiny preset at
@@ -47,6 +51,7 @@ from conftest import DEVICE, ON_CUDA, compile_fn, sync, time_split
 
 import ddpm_fast
 from ddpm_fast import Schedule, StepConfig, reference, sample
+from ddpm_fast._backends import cpu_has_bf16_units
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -75,9 +80,9 @@ def models(preset: str):
 
 
 @functools.cache
-def diffusers_unet(preset: str):
-    """The diffusers pipelines' copy of the U-Net, in DTYPE (bf16 on CUDA)."""
-    return copy.deepcopy(models(preset)[0]).to(DTYPE)
+def diffusers_unet(preset: str, dtype: torch.dtype = DTYPE):
+    """The diffusers pipelines' copy of the U-Net, in dtype (DTYPE: bf16 on CUDA)."""
+    return copy.deepcopy(models(preset)[0]).to(dtype)
 
 
 @functools.cache
@@ -99,11 +104,12 @@ def _generator() -> torch.Generator:
     return torch.Generator(DEVICE).manual_seed(0)
 
 
-def unet_fn(impl: str, preset: str, batch: int, kind: str, steps: int):
+def unet_fn(impl: str, preset: str, batch: int, kind: str, steps: int, dtype: torch.dtype = DTYPE):
     theirs, ours = models(preset)
     scheduler = diffusers.DDPMScheduler() if kind == "ddpm" else diffusers.DDIMScheduler()
     if impl == "diffusers":
-        pipe = (diffusers.DDPMPipeline if kind == "ddpm" else diffusers.DDIMPipeline)(diffusers_unet(preset), scheduler)
+        unet = diffusers_unet(preset, dtype)
+        pipe = (diffusers.DDPMPipeline if kind == "ddpm" else diffusers.DDIMPipeline)(unet, scheduler)
         pipe.set_progress_bar_config(disable=True)
 
         def run(n=steps):
@@ -116,7 +122,7 @@ def unet_fn(impl: str, preset: str, batch: int, kind: str, steps: int):
 
     def run(n=steps):
         return sample(model, batch_size=batch, scheduler=scheduler, num_inference_steps=n, noise=noise,
-                      generator=_generator(), output_type="pt", progress=False, dtype=DTYPE)  # fmt: skip
+                      generator=_generator(), output_type="pt", progress=False, dtype=dtype)  # fmt: skip
 
     return run
 
@@ -168,6 +174,28 @@ def test_sample_unet(benchmark, roofline, impl, preset, batch, kind, steps):
     if benchmark.stats is not None and not ON_CUDA:  # where the time goes: one profiled 3-step run
         benchmark.extra_info["time_split_3_steps"] = time_split(lambda: fn(3))
     _report(benchmark, f"unet-{preset}-{kind}{steps}-b{batch}", impl, batch)
+
+
+# CPUs with bf16 units (AMX, AVX512-BF16), where sample() autocasts to bf16 by default: the same
+# runs in bf16, diffusers' pipeline with its U-Net cast to bf16 (its usual half-precision setup).
+BF16_CPU_RUNS = [("cifar10", 8, "ddim", 10), ("tiny", 64, "ddim", 50)]
+BF16_CPU_IMPLS = ["diffusers", "ddpm_fast", "ddpm_fast-unet"]
+
+
+@pytest.mark.skipif(ON_CUDA or not cpu_has_bf16_units(), reason="a CPU with bf16 units (AMX or AVX512-BF16)")
+@pytest.mark.parametrize(
+    ("impl", "preset", "batch", "kind", "steps"),
+    [(impl, *run) for run in BF16_CPU_RUNS for impl in BF16_CPU_IMPLS],
+    ids=[f"{impl}-{p}-b{b}-{k}{n}-bf16" for p, b, k, n in BF16_CPU_RUNS for impl in BF16_CPU_IMPLS],
+)
+def test_sample_unet_cpu_bf16(benchmark, roofline, impl, preset, batch, kind, steps):
+    benchmark.group = f"sampler-unet-{preset}-{kind}{steps}-b{batch}-bf16"
+    fn = unet_fn(impl, preset, batch, kind, steps, dtype=torch.bfloat16)
+    _timed(benchmark, roofline, fn, flops_per_image(preset) * batch * steps, rounds=3)
+    benchmark.extra_info.update(
+        batch=batch, steps=steps, model=preset, dtype="bfloat16", torch_threads=torch.get_num_threads()
+    )
+    _report(benchmark, f"unet-{preset}-{kind}{steps}-b{batch}-bf16", impl, batch)
 
 
 # ---------------------------------------------------------------- the loop alone

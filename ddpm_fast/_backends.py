@@ -202,6 +202,15 @@ def cpu_has_bf16_units() -> bool:
     return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
+def cpu_bf16_autocast_default() -> bool:
+    """Whether sample() autocasts to bf16 on the CPU by default: where the CPU has bf16 units, unless
+    DDPM_FAST_CPU_BF16=0 (or =1 to force it; the test suite sets 0 for itself and its subprocesses)."""
+    setting = os.environ.get("DDPM_FAST_CPU_BF16", "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    return cpu_has_bf16_units()
+
+
 # ---------------------------------------------------------------- per-op choice
 # Every default below comes from benchmarks/results on each device; this is the one place that
 # decides which backend runs an op (the ops, the sampler and the U-Net all ask `choose`).

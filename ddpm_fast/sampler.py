@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._backends import cpu_has_bf16_units
+from ._backends import cpu_bf16_autocast_default
 from .ops import no_value_checks
 from .ops.noising import q_sample
 from .schedule import Schedule, SchedulerConfig
@@ -142,7 +142,8 @@ def sample(
         progress: show a tqdm progress bar.
         callback: ``callback(step, t, x_t)`` after every step with that chunk's new sample.
         dtype: the model's autocast dtype: default bfloat16 on CUDA and on CPUs with bf16 units
-            (AMX or AVX512-BF16, where the U-Net runs 1.7-2.4x faster), else none (fp32);
+            (AMX or AVX512-BF16, where the U-Net runs 1.7-2.4x faster; DDPM_FAST_CPU_BF16=0 turns
+            that off), else none (fp32);
             torch.float32 turns autocast off (diffusers' fp32 results). The sample and the step
             math stay in fp32.
         chunk_size: at most this many images per forward pass (2x that with guidance); default
@@ -645,7 +646,8 @@ def _chunk_size(chunk_size: int | None, image_shape: tuple[int, ...], guided: bo
 
 def _autocast_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
     if dtype is None:  # bf16 where the hardware makes it pay: a GPU, or a CPU with bf16 units
-        return torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_units()) else None
+        bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_bf16_autocast_default())
+        return torch.bfloat16 if bf16 else None
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype (the model's autocast dtype) must be float32, bfloat16 or float16, got {dtype}")
     return None if dtype == torch.float32 else dtype

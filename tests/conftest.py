@@ -19,6 +19,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (ddpm_fast imports it lazily)
+# sample()'s default dtype is bf16 autocast on a CPU with bf16 units (AMX or AVX512-BF16: a CI
+# machine may have them). The suite and its subprocesses compare fp32 runs, as on a CPU without;
+# tests/test_sampler.py::test_default_dtype_follows_the_cpu checks the choice itself.
+os.environ["DDPM_FAST_CPU_BF16"] = "0"
 
 import pytest  # noqa: E402
 
@@ -180,13 +184,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fp32_sampling_by_default(monkeypatch):
-    """sample()'s default dtype is bf16 autocast on a CPU with bf16 units (AMX or AVX512-BF16: an
-    Intel Xeon or AMD EPYC CI machine may have them). The suite compares fp32 runs, as if the CPU
-    had none; tests/test_sampler.py::test_default_dtype_follows_the_cpu checks the choice itself."""
-    import ddpm_fast.sampler
-
-    monkeypatch.setattr(ddpm_fast.sampler, "cpu_has_bf16_units", lambda: False)

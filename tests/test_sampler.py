@@ -521,12 +521,12 @@ def test_bf16_autocast_on_cpu(unet):
 
 def test_default_dtype_follows_the_cpu(monkeypatch, unet):
     """By default the model runs under bf16 autocast on a CPU with bf16 units (AMX or AVX512-BF16),
-    in fp32 elsewhere on the CPU (the suite's fixture in conftest pretends there are none);
-    dtype=torch.float32 keeps fp32 where there are."""
+    in fp32 elsewhere on the CPU; DDPM_FAST_CPU_BF16 overrides the CPU's flags (the suite sets 0, as
+    if there were none); dtype=torch.float32 keeps fp32 where there are."""
     kw = dict(batch_size=2, scheduler="ddim", num_inference_steps=3, progress=False)
     fp32 = sample(unet, generator=gen(0), **kw)
     bf16 = sample(unet, generator=gen(0), dtype=torch.bfloat16, **kw)
-    monkeypatch.setattr(ddpm_sampler, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setenv("DDPM_FAST_CPU_BF16", "1")
     torch.testing.assert_close(sample(unet, generator=gen(0), **kw), bf16, rtol=0, atol=0)
     torch.testing.assert_close(sample(unet, generator=gen(0), dtype=torch.float32, **kw), fp32, rtol=0, atol=0)
     assert not torch.equal(fp32, bf16)
