@@ -26,6 +26,7 @@ from ddpm_fast import Schedule, reference
 from ddpm_fast.solvers import (
     DIFFUSERS_SOLVERS,
     DPMSolverMultistep,
+    UniPCMultistep,
     X0Limit,
     apply_step,
     new_history,
@@ -208,10 +209,11 @@ def test_as_many_steps_as_the_order(diffusers, steps):
     assert_close_to_reference(ours, ref, truth)
 
 
+@pytest.mark.parametrize("solver_class", [DPMSolverMultistep, UniPCMultistep], ids=["dpmsolver++", "unipc"])
 @pytest.mark.parametrize(("solver_order", "steps"), [(2, 1), (3, 1), (3, 2)])
-def test_fewer_steps_than_order_is_refused(solver_order, steps):
+def test_fewer_steps_than_order_is_refused(solver_class, solver_order, steps):
     """diffusers lowers the order to the steps there are, silently: we refuse, naming both values."""
-    solver, schedule = DPMSolverMultistep(solver_order=solver_order), Schedule.from_config()
+    solver, schedule = solver_class(solver_order=solver_order), Schedule.from_config()
     want = f"num_inference_steps={steps} is fewer than solver_order={solver_order}: ask for solver_order <= {steps} "
     with pytest.raises(ValueError, match=want + "or more steps"):
         solver.plan(schedule, steps)

@@ -226,18 +226,6 @@ def test_as_many_steps_as_the_order(diffusers, orders, config):
     check_against_diffusers(diffusers, toy, config, steps, rule=True)
 
 
-@pytest.mark.parametrize(("solver_order", "steps"), [(2, 1), (3, 1), (3, 2)])
-def test_fewer_steps_than_order_is_refused(solver_order, steps):
-    """diffusers lowers the order to the steps there are, silently: we refuse, naming both values."""
-    solver, schedule = UniPCMultistep(solver_order=solver_order), Schedule.from_config()
-    want = f"num_inference_steps={steps} is fewer than solver_order={solver_order}: ask for solver_order <= {steps} "
-    with pytest.raises(ValueError, match=want + "or more steps"):
-        solver.plan(schedule, steps)
-    custom = [900, 500][:steps]
-    with pytest.raises(ValueError, match=f"{steps} custom timesteps? (is|are) fewer than solver_order={solver_order}"):
-        solver.plan(schedule, timesteps=custom)
-
-
 def test_custom_timesteps(diffusers):
     """diffusers' UniPC set_timesteps takes no custom timesteps; its scheduler is given them the way
     set_timesteps would set them (sigmas from its table at those timesteps, then 0)."""
