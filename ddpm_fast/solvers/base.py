@@ -30,6 +30,7 @@ out' = out + shift, D_0' = limit(p x + q out) + q shift. One more input, no extr
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -59,6 +60,23 @@ X, OUT, D0, NOISE, HIST = 0, 1, 2, 3, 4
 def schedule_from_dict(config: Mapping[str, Any], device: torch.device | str = "cpu") -> Schedule:
     """Our float64 ``Schedule`` from the noise-schedule keys of any diffusers scheduler config."""
     return Schedule.from_config(SchedulerConfig(**{k: config[k] for k in SCHEDULE_KEYS if k in config}), device=device)
+
+
+def options_from_config(cls: Any, config: Mapping[str, Any], unsupported: Mapping[str, Any], who: str) -> Any:
+    """The solver dataclass ``cls`` made from a scheduler config dict: its fields are taken, the
+    noise-schedule keys left to ``schedule_from_dict``; an ``unsupported`` option (name -> the
+    value that means "off") raises when it is on; other keys warn, bar those starting with '_'
+    (diffusers' own). ``who`` names the solver in both messages."""
+    for name, off in unsupported.items():
+        if name in config and config[name] != off:
+            raise ValueError(f"{name}={config[name]!r} is not supported by ddpm_fast's {who}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(
+        k for k in config if k not in fields and k not in SCHEDULE_KEYS and k not in unsupported and k[:1] != "_"
+    )
+    if unknown:  # stacklevel 3: the caller of the solver's from_config
+        warnings.warn(f"ignoring scheduler config keys {who} does not use: {unknown}", stacklevel=3)
+    return cls(**{k: v for k, v in config.items() if k in fields})
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,7 @@ are fewer steps than ``solver_order`` (diffusers lowers the order to the steps t
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +33,7 @@ import torch
 
 from ..reference import compute_dtype, dynamic_threshold
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
-from .base import D0, HIST, NOISE, OUT, SCHEDULE_KEYS, PlanBuilder, SolverPlan, X, X0Limit, check_steps_for_order
+from .base import D0, HIST, NOISE, OUT, PlanBuilder, SolverPlan, X, X0Limit, check_steps_for_order, options_from_config
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -107,17 +105,7 @@ class DPMSolverMultistep:
 
         The noise-schedule keys are left to ``base.schedule_from_dict``; an option this solver does
         not implement raises when it is on; other keys (not starting with '_') warn."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for name, off in UNSUPPORTED_OPTIONS.items():
-            if name in config and config[name] != off:
-                raise ValueError(f"{name}={config[name]!r} is not supported by ddpm_fast's DPM-Solver++")
-        unknown = sorted(
-            k for k in config if k not in fields and k not in SCHEDULE_KEYS and k not in UNSUPPORTED_OPTIONS
-        )
-        unknown = [k for k in unknown if not k.startswith("_")]
-        if unknown:
-            warnings.warn(f"ignoring scheduler config keys DPM-Solver++ does not use: {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return options_from_config(cls, config, UNSUPPORTED_OPTIONS, "DPM-Solver++")
 
     def plan(
         self,

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +53,7 @@ import torch
 
 from ..reference import compute_dtype
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
-from .base import NOISE, OUT, SCHEDULE_KEYS, PlanBuilder, SolverPlan, X
+from .base import NOISE, OUT, PlanBuilder, SolverPlan, X, options_from_config
 from .dpmsolver import ZERO_SNR_ALPHA_BAR, karras_sigmas, sigma_to_t, x0_conversion
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
@@ -65,19 +64,6 @@ UNSUPPORTED_OPTIONS = {
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
 }
-
-
-def check_config(config: Mapping[str, Any], fields: set[str], unsupported: Mapping[str, Any], who: str) -> None:
-    """Raise on an option ``who`` does not implement when it is on; warn on other keys that are
-    neither options (``fields``) nor noise-schedule keys (keys starting with '_' are diffusers')."""
-    for name, off in unsupported.items():
-        if name in config and config[name] != off:
-            raise ValueError(f"{name}={config[name]!r} is not supported by ddpm_fast's {who}")
-    unknown = sorted(
-        k for k in config if k not in fields and k not in SCHEDULE_KEYS and k not in unsupported and k[:1] != "_"
-    )
-    if unknown:
-        warnings.warn(f"ignoring scheduler config keys {who} does not use: {unknown}", stacklevel=3)
 
 
 def sigma_table(schedule: Schedule, prediction_type: str) -> np.ndarray:
@@ -216,9 +202,7 @@ class EulerDiscrete:
 
         The noise-schedule keys are left to ``base.schedule_from_dict``; an option this solver does
         not implement raises when it is on; other keys (not starting with '_') warn."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        check_config(config, fields, UNSUPPORTED_OPTIONS, "Euler")
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return options_from_config(cls, config, UNSUPPORTED_OPTIONS, "Euler")
 
     def timesteps_and_sigmas(
         self, schedule: Schedule, num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None
@@ -305,9 +289,7 @@ class EulerAncestralDiscrete:
     def from_config(cls, config: Mapping[str, Any]) -> EulerAncestralDiscrete:
         """From a diffusers ``EulerAncestralDiscreteScheduler`` config (``dict(scheduler.config)``);
         noise-schedule keys are left to ``base.schedule_from_dict``, other keys warn."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        check_config(config, fields, {}, "Euler ancestral")
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return options_from_config(cls, config, {}, "Euler ancestral")
 
     def timesteps_and_sigmas(
         self, schedule: Schedule, num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None

@@ -33,7 +33,6 @@ diffusers config keeps them in ``base.schedule_from_dict``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,9 +43,9 @@ import torch
 
 from ..reference import compute_dtype
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice
-from .base import D0, HIST, OUT, PlanBuilder, SolverPlan, X, X0Limit
+from .base import D0, HIST, OUT, PlanBuilder, SolverPlan, X, X0Limit, options_from_config
 from .dpmsolver import x0_conversion
-from .euler import check_config, euler_timesteps_and_sigmas, init_noise_sigma
+from .euler import euler_timesteps_and_sigmas, init_noise_sigma
 
 UNSUPPORTED_OPTIONS = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
 
@@ -78,9 +77,7 @@ class HeunDiscrete:
 
         The noise-schedule keys are left to ``base.schedule_from_dict``; an option this solver does
         not implement raises when it is on; other keys (not starting with '_') warn."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        check_config(config, fields, UNSUPPORTED_OPTIONS, "Heun")
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return options_from_config(cls, config, UNSUPPORTED_OPTIONS, "Heun")
 
     def timesteps_and_sigmas(
         self, schedule: Schedule, num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None

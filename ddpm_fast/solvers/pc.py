@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +63,7 @@ import torch
 
 from ..reference import compute_dtype
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
-from .base import D0, NOISE, OUT, SCHEDULE_KEYS, PlanBuilder, SolverPlan, X, apply_step, split_output
+from .base import D0, NOISE, OUT, PlanBuilder, SolverPlan, X, apply_step, options_from_config, split_output
 
 VARIANCE_TYPES = (None, "learned", "learned_range")
 
@@ -112,11 +111,7 @@ class PredictorCorrector:
     def from_config(cls, config: Mapping[str, Any]) -> PredictorCorrector:
         """From a scheduler config dict: this solver's fields are taken, the noise-schedule keys
         left to ``base.schedule_from_dict``, other keys (not starting with '_') warn."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if k not in fields and k not in SCHEDULE_KEYS and not k.startswith("_"))
-        if unknown:
-            warnings.warn(f"ignoring scheduler config keys the pc sampler does not use: {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return options_from_config(cls, config, {}, "the pc sampler")
 
     def plan(
         self,

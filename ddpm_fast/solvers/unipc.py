@@ -35,9 +35,7 @@ ignores it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +45,7 @@ import torch
 
 from ..reference import compute_dtype, dynamic_threshold
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
-from .base import D0, HIST, OUT, SCHEDULE_KEYS, PlanBuilder, SolverPlan, X, X0Limit, check_steps_for_order
+from .base import D0, HIST, OUT, PlanBuilder, SolverPlan, X, X0Limit, check_steps_for_order, options_from_config
 from .dpmsolver import ZERO_SNR_ALPHA_BAR, dpm_timesteps, karras_sigmas, sigma_to_t, vp_coefficients, x0_conversion
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -113,17 +111,7 @@ class UniPCMultistep:
 
         The noise-schedule keys are left to ``base.schedule_from_dict``; an option this solver does
         not implement raises when it is on; other keys (not starting with '_') warn."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for name, off in UNSUPPORTED_OPTIONS.items():
-            if name in config and config[name] != off:
-                raise ValueError(f"{name}={config[name]!r} is not supported by ddpm_fast's UniPC")
-        unknown = sorted(
-            k for k in config if k not in fields and k not in SCHEDULE_KEYS and k not in UNSUPPORTED_OPTIONS
-        )
-        unknown = [k for k in unknown if not k.startswith("_")]
-        if unknown:
-            warnings.warn(f"ignoring scheduler config keys UniPC does not use: {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return options_from_config(cls, config, UNSUPPORTED_OPTIONS, "UniPC")
 
     @property
     def thresholded(self) -> bool:
