@@ -116,26 +116,11 @@ class DPMSolverMultistep:
     ) -> SolverPlan:
         """The plan of one run: ``num_inference_steps`` chosen as diffusers' ``set_timesteps`` does,
         or custom descending ``timesteps``; tensors on ``device`` (default: the schedule's)."""
-        if self.prediction_type == "epsilon" and schedule.zero_terminal_snr:
-            raise ValueError(
-                "prediction_type='epsilon' cannot sample a zero-terminal-SNR schedule (x0 = (x - sigma eps) / alpha "
-                "divides by alpha_T = 0): use prediction_type='v_prediction' or 'sample'"
-            )
-        if self.use_karras_sigmas and schedule.zero_terminal_snr:
-            raise ValueError(
-                "use_karras_sigmas=True needs a finite largest sigma, and this schedule has a zero terminal SNR "
-                "(sigma_T = infinity): turn use_karras_sigmas or rescale_betas_zero_snr off"
-            )
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps and timesteps")
+        table = multistep_sigma_table(
+            schedule, self.prediction_type, self.use_karras_sigmas, num_inference_steps, timesteps
+        )
         if timesteps is not None and self.use_karras_sigmas:
             raise ValueError("custom timesteps cannot be used with use_karras_sigmas=True (diffusers refuses too)")
-
-        alphas_cumprod = schedule.alphas_cumprod.detach().to("cpu", torch.float64).numpy().copy()
-        if schedule.zero_terminal_snr:
-            alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
-        with np.errstate(divide="ignore"):  # a_bar = 0 (trained betas at 1): refused below where used
-            table = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # sigma at each training timestep
         if timesteps is not None:
             ts = select_timesteps(schedule.config, None, timesteps)
             sigmas = table[ts]
@@ -151,14 +136,9 @@ class DPMSolverMultistep:
                 ts = (t_cont if schedule.config.beta_schedule == "squaredcos_cap_v2" else t_cont.round()).astype(
                     np.int64
                 )
-        if not np.isfinite(sigmas).all():
-            raise ValueError(
-                f"a_bar = 0 at timestep {ts[~np.isfinite(sigmas)][0]} of this run (infinite sigma): trained_betas "
-                "reach 1 before the last timestep"
-            )
+        check_finite_sigmas(ts, sigmas)
         check_steps_for_order(self.solver_order, len(ts), num_inference_steps)
-        final = 0.0 if self.final_sigmas_type == "zero" else table[0]
-        sigmas = np.concatenate([sigmas, [final]]).astype(np.float64)
+        sigmas = with_final_sigma(sigmas, self.final_sigmas_type, table)
         return self._plan_from_sigmas(ts, sigmas, device if device is not None else schedule.device)
 
     def step_orders(self, num_steps: int) -> tuple[int, ...]:
@@ -222,6 +202,61 @@ class DPMSolverMultistep:
 
 
 # ---------------------------------------------------------------- timesteps and sigmas (float64, host)
+def refuse_epsilon_at_zero_snr(schedule: Schedule, prediction_type: str) -> None:
+    """eps prediction cannot be turned into x0 at the last timestep of a zero-terminal-SNR schedule."""
+    if prediction_type == "epsilon" and schedule.zero_terminal_snr:
+        raise ValueError(
+            "prediction_type='epsilon' cannot sample a zero-terminal-SNR schedule (x0 = (x - sigma eps) / alpha "
+            "divides by alpha_T = 0): use prediction_type='v_prediction' or 'sample'"
+        )
+
+
+def sigma_table(schedule: Schedule) -> np.ndarray:
+    """(T,) float64 sigma = sqrt((1 - a_bar) / a_bar) at each training timestep, the last a_bar of a
+    zero-terminal-SNR schedule set to 2^-24 (as diffusers; sigma_T = 4096). A trained a_bar of 0
+    gives sigma = infinity, which ``check_finite_sigmas`` refuses where a run uses it."""
+    alphas_cumprod = schedule.alphas_cumprod.detach().to("cpu", torch.float64).numpy().copy()
+    if schedule.zero_terminal_snr:
+        alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+    with np.errstate(divide="ignore"):
+        return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def multistep_sigma_table(
+    schedule: Schedule,
+    prediction_type: str,
+    use_karras_sigmas: bool,
+    num_inference_steps: int | None,
+    timesteps: Sequence[int] | None,
+) -> np.ndarray:
+    """``sigma_table`` after the refusals DPM-Solver++ and UniPC make first, in their order."""
+    refuse_epsilon_at_zero_snr(schedule, prediction_type)
+    if use_karras_sigmas and schedule.zero_terminal_snr:
+        raise ValueError(
+            "use_karras_sigmas=True needs a finite largest sigma, and this schedule has a zero terminal SNR "
+            "(sigma_T = infinity): turn use_karras_sigmas or rescale_betas_zero_snr off"
+        )
+    if (num_inference_steps is None) == (timesteps is None):
+        raise ValueError("pass exactly one of num_inference_steps and timesteps")
+    return sigma_table(schedule)
+
+
+def check_finite_sigmas(ts: np.ndarray, sigmas: np.ndarray) -> None:
+    """Refuse a run through a trained a_bar of 0 (an infinite sigma)."""
+    if not np.isfinite(sigmas).all():
+        raise ValueError(
+            f"a_bar = 0 at timestep {ts[~np.isfinite(sigmas)][0]} of this run (infinite sigma): trained_betas "
+            "reach 1 before the last timestep"
+        )
+
+
+def with_final_sigma(sigmas: np.ndarray, final_sigmas_type: str, table: np.ndarray) -> np.ndarray:
+    """(S + 1,) float64: the run's sigmas and where the last step goes, 0 (``final_sigmas_type="zero"``)
+    or the table's smallest sigma ("sigma_min")."""
+    final = 0.0 if final_sigmas_type == "zero" else table[0]
+    return np.concatenate([sigmas, [final]]).astype(np.float64)
+
+
 def dpm_timesteps(
     sigma_table: np.ndarray, n: int, spacing: str, steps_offset: int = 0, lambda_min_clipped: float = -math.inf
 ) -> np.ndarray:

@@ -54,7 +54,15 @@ import torch
 from ..reference import compute_dtype
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
 from .base import NOISE, OUT, PlanBuilder, SolverPlan, X, options_from_config
-from .dpmsolver import ZERO_SNR_ALPHA_BAR, karras_sigmas, sigma_to_t, x0_conversion
+from .dpmsolver import (
+    check_finite_sigmas,
+    karras_sigmas,
+    refuse_epsilon_at_zero_snr,
+    sigma_table,
+    sigma_to_t,
+    with_final_sigma,
+    x0_conversion,
+)
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 TIMESTEP_TYPES = ("discrete", "continuous")
@@ -64,21 +72,6 @@ UNSUPPORTED_OPTIONS = {
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
 }
-
-
-def sigma_table(schedule: Schedule, prediction_type: str) -> np.ndarray:
-    """(T,) float64 sigma = sqrt((1 - a_bar) / a_bar) at each training timestep, the last a_bar of a
-    zero-terminal-SNR schedule set to 2^-24 (as diffusers; sigma_T = 4096)."""
-    if prediction_type == "epsilon" and schedule.zero_terminal_snr:
-        raise ValueError(
-            "prediction_type='epsilon' cannot sample a zero-terminal-SNR schedule (x0 = (x - sigma eps) / alpha "
-            "divides by alpha_T = 0): use prediction_type='v_prediction' or 'sample'"
-        )
-    alphas_cumprod = schedule.alphas_cumprod.detach().to("cpu", torch.float64).numpy().copy()
-    if schedule.zero_terminal_snr:
-        alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
-    with np.errstate(divide="ignore"):  # a_bar = 0 (trained betas at 1): refused where used
-        return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
 
 
 def euler_timesteps_and_sigmas(
@@ -107,7 +100,8 @@ def euler_timesteps_and_sigmas(
             "lies above a_bar_{T-1}, so sigma_max has two timesteps in the table and diffusers' fp32 lookup lands "
             "on either (995.3 for 999 seen); turn use_karras_sigmas or rescale_betas_zero_snr off"
         )
-    table = sigma_table(schedule, prediction_type)
+    refuse_epsilon_at_zero_snr(schedule, prediction_type)
+    table = sigma_table(schedule)
     T = len(table)
     config = dataclasses.replace(schedule.config, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
     if timesteps is None and timestep_spacing == "linspace":
@@ -119,11 +113,7 @@ def euler_timesteps_and_sigmas(
         ts = select_timesteps(config, num_inference_steps, timesteps).astype(np.float64)
     with np.errstate(invalid="ignore"):  # interpolating next to an infinite sigma
         sigmas = np.interp(ts, np.arange(T), table)
-    if not np.isfinite(sigmas).all():
-        raise ValueError(
-            f"a_bar = 0 at timestep {ts[~np.isfinite(sigmas)][0]} of this run (infinite sigma): trained_betas "
-            "reach 1 before the last timestep"
-        )
+    check_finite_sigmas(ts, sigmas)
     if use_karras_sigmas:
         low = sigmas[-1] if sigma_min is None else sigma_min
         high = sigmas[0] if sigma_max is None else sigma_max
@@ -219,10 +209,9 @@ class EulerDiscrete:
             self.sigma_min,
             self.sigma_max,
         )
-        final = 0.0 if self.final_sigmas_type == "zero" else sigma_table(schedule, self.prediction_type)[0]
         if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
             ts = (0.25 * np.log(sigmas)).astype(np.float32)
-        return ts, np.concatenate([sigmas, [final]])
+        return ts, with_final_sigma(sigmas, self.final_sigmas_type, sigma_table(schedule))
 
     def gammas(self, sigmas: np.ndarray) -> np.ndarray:
         """Each step's churn gamma (its sigma_hat = (1 + gamma) sigma), as diffusers' ``step``."""

@@ -46,7 +46,16 @@ import torch
 from ..reference import compute_dtype, dynamic_threshold
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
 from .base import D0, HIST, OUT, PlanBuilder, SolverPlan, X, X0Limit, check_steps_for_order, options_from_config
-from .dpmsolver import ZERO_SNR_ALPHA_BAR, dpm_timesteps, karras_sigmas, sigma_to_t, vp_coefficients, x0_conversion
+from .dpmsolver import (
+    check_finite_sigmas,
+    dpm_timesteps,
+    karras_sigmas,
+    multistep_sigma_table,
+    sigma_to_t,
+    vp_coefficients,
+    with_final_sigma,
+    x0_conversion,
+)
 
 SOLVER_TYPES = ("bh1", "bh2")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
@@ -135,26 +144,11 @@ class UniPCMultistep:
         self, schedule: Schedule, num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(S,) int64 timesteps and (S + 1,) float64 sigmas, as diffusers' ``set_timesteps``."""
-        if self.prediction_type == "epsilon" and schedule.zero_terminal_snr:
-            raise ValueError(
-                "prediction_type='epsilon' cannot sample a zero-terminal-SNR schedule (x0 = (x - sigma eps) / alpha "
-                "divides by alpha_T = 0): use prediction_type='v_prediction' or 'sample'"
-            )
-        if self.use_karras_sigmas and schedule.zero_terminal_snr:
-            raise ValueError(
-                "use_karras_sigmas=True needs a finite largest sigma, and this schedule has a zero terminal SNR "
-                "(sigma_T = infinity): turn use_karras_sigmas or rescale_betas_zero_snr off"
-            )
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps and timesteps")
-        if timesteps is not None and self.use_karras_sigmas:
+        table = multistep_sigma_table(
+            schedule, self.prediction_type, self.use_karras_sigmas, num_inference_steps, timesteps
+        )
+        if timesteps is not None and self.use_karras_sigmas:  # diffusers' UniPC takes no custom timesteps
             raise ValueError("custom timesteps cannot be used with use_karras_sigmas=True")
-
-        alphas_cumprod = schedule.alphas_cumprod.detach().to("cpu", torch.float64).numpy().copy()
-        if schedule.zero_terminal_snr:
-            alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
-        with np.errstate(divide="ignore"):  # a_bar = 0 (trained betas at 1): refused below where used
-            table = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # sigma at each training timestep
         if timesteps is not None:
             ts = select_timesteps(schedule.config, None, timesteps)
             sigmas = table[ts]
@@ -164,13 +158,8 @@ class UniPCMultistep:
         else:
             ts = dpm_timesteps(table, num_inference_steps, self.timestep_spacing, self.steps_offset)
             sigmas = table[ts]
-        if not np.isfinite(sigmas).all():
-            raise ValueError(
-                f"a_bar = 0 at timestep {ts[~np.isfinite(sigmas)][0]} of this run (infinite sigma): trained_betas "
-                "reach 1 before the last timestep"
-            )
-        final = 0.0 if self.final_sigmas_type == "zero" else table[0]
-        return ts, np.concatenate([sigmas, [final]]).astype(np.float64)
+        check_finite_sigmas(ts, sigmas)
+        return ts, with_final_sigma(sigmas, self.final_sigmas_type, table)
 
     def step_orders(self, num_steps: int) -> tuple[int, ...]:
         """The predictor's order at each step, as diffusers' ``step`` chooses it (warm-up from
