@@ -100,6 +100,15 @@ class X0Limit:
         return x0.clamp(-self.clip_range, self.clip_range)
 
 
+def check_dynamic_thresholding(ratio: float, max_value: float) -> None:
+    """Refuse the options of a dynamic threshold (diffusers' ``dynamic_thresholding_ratio``,
+    ``sample_max_value``) that ``X0Limit("dynamic", ...)`` cannot take."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio}")
+    if max_value <= 0:
+        raise ValueError(f"sample_max_value must be > 0, got {max_value}")
+
+
 @dataclass(frozen=True, eq=False)
 class SolverPlan:
     """One sampling run's model calls ("steps"), precomputed. S steps, R history slots, W writes.

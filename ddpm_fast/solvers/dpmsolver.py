@@ -33,7 +33,19 @@ import torch
 
 from ..reference import compute_dtype, dynamic_threshold
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
-from .base import D0, HIST, NOISE, OUT, PlanBuilder, SolverPlan, X, X0Limit, check_steps_for_order, options_from_config
+from .base import (
+    D0,
+    HIST,
+    NOISE,
+    OUT,
+    PlanBuilder,
+    SolverPlan,
+    X,
+    X0Limit,
+    check_dynamic_thresholding,
+    check_steps_for_order,
+    options_from_config,
+)
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -94,10 +106,7 @@ class DPMSolverMultistep:
         set_("timestep_spacing", normalize_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS))
         if self.variance_type not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {self.variance_type!r}; valid: None, learned, learned_range")
-        if not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
-        if self.sample_max_value <= 0:
-            raise ValueError(f"sample_max_value must be > 0, got {self.sample_max_value}")
+        check_dynamic_thresholding(self.dynamic_thresholding_ratio, self.sample_max_value)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DPMSolverMultistep:

@@ -146,6 +146,14 @@ def ve_x0(sigma: float, sigma_hat: float, prediction_type: str) -> tuple[float, 
     return 0.0, 1.0
 
 
+def euler_update(sigma: float, sigma_hat: float, sigma_to: float, prediction_type: str) -> tuple[float, float]:
+    """(A, B) of diffusers' Euler update x_ve_to = A x_hat + B out: from a sample x_hat at sigma_hat
+    (its model output computed at sigma) to sigma_to along d = (x_hat - x0) / sigma_hat."""
+    P, Q = ve_x0(sigma, sigma_hat, prediction_type)
+    dt = sigma_to - sigma_hat
+    return 1.0 + dt * (1.0 - P) / sigma_hat, -dt * Q / sigma_hat
+
+
 @dataclass(frozen=True)
 class EulerDiscrete:
     """The options of ``EulerDiscreteScheduler`` beyond the noise schedule, with diffusers' names
@@ -237,9 +245,7 @@ class EulerDiscrete:
             c, c_next = math.sqrt(sigma * sigma + 1.0), next_scale(sigmas, s)
             sigma_hat = sigma * (1.0 + gammas[s])
             e = self.s_noise * math.sqrt(sigma_hat * sigma_hat - sigma * sigma)  # x_hat = x_ve + e z
-            P, Q = ve_x0(sigma, sigma_hat, self.prediction_type)
-            dt = sigma_next - sigma_hat
-            A, B = 1.0 + dt * (1.0 - P) / sigma_hat, -dt * Q / sigma_hat  # x_ve_next = A x_hat + B out
+            A, B = euler_update(sigma, sigma_hat, sigma_next, self.prediction_type)  # x_ve_next = A x_hat + B out
             row = plan.row(s)
             row[X], row[OUT], row[NOISE] = A * c / c_next, B / c_next, A * e / c_next
             plan.to_d_x[s], plan.to_d_out[s] = x0_conversion(sigma, self.prediction_type)
@@ -306,9 +312,8 @@ class EulerAncestralDiscrete:
             sigma, sigma_next = sigmas[s], sigmas[s + 1]
             c, c_next = math.sqrt(sigma * sigma + 1.0), next_scale(sigmas, s)
             sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_next)
-            P, Q = ve_x0(sigma, sigma, self.prediction_type)
-            dt = sigma_down - sigma
-            A, B = 1.0 + dt * (1.0 - P) / sigma, -dt * Q / sigma  # x_ve_next = A x_ve + B out + sigma_up z
+            # x_ve_next = A x_ve + B out + sigma_up z
+            A, B = euler_update(sigma, sigma, sigma_down, self.prediction_type)
             row = plan.row(s)
             row[X], row[OUT], row[NOISE] = A * c / c_next, B / c_next, sigma_up / c_next
             plan.to_d_x[s], plan.to_d_out[s] = x0_conversion(sigma, self.prediction_type)

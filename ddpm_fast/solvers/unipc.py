@@ -45,7 +45,18 @@ import torch
 
 from ..reference import compute_dtype, dynamic_threshold
 from ..schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule, normalize_choice, select_timesteps
-from .base import D0, HIST, OUT, PlanBuilder, SolverPlan, X, X0Limit, check_steps_for_order, options_from_config
+from .base import (
+    D0,
+    HIST,
+    OUT,
+    PlanBuilder,
+    SolverPlan,
+    X,
+    X0Limit,
+    check_dynamic_thresholding,
+    check_steps_for_order,
+    options_from_config,
+)
 from .dpmsolver import (
     check_finite_sigmas,
     dpm_timesteps,
@@ -109,10 +120,7 @@ class UniPCMultistep:
         if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in disabled):
             raise ValueError(f"disable_corrector must be a list of step indices (ints), got {self.disable_corrector!r}")
         set_("disable_corrector", tuple(int(i) for i in disabled))
-        if not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
-        if self.sample_max_value <= 0:
-            raise ValueError(f"sample_max_value must be > 0, got {self.sample_max_value}")
+        check_dynamic_thresholding(self.dynamic_thresholding_ratio, self.sample_max_value)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> UniPCMultistep:
