@@ -183,13 +183,30 @@ def _save_pngs(images: torch.Tensor, indices: Sequence[int], directory: Path) ->
 
 
 # ---------------------------------------------------------------- the loop
-class _Progress:
-    """Flushes a task's shard file every ``flush_every_s`` seconds and after its last unit."""
+class _Resumable:
+    """A task's units of work, resumable: on construction the sums its shard file holds are loaded into
+    ``state`` (those units are skipped); the file is flushed every ``flush_every_s`` seconds and after
+    the last unit."""
 
-    def __init__(self, shard: ShardFile | None, state: dict, done: list[list[int]], flush_every_s: float) -> None:
-        self.shard, self.state, self.done, self.flush_every_s = shard, state, done, flush_every_s
+    def __init__(self, shard: ShardFile | None, state: dict, flush_every_s: float) -> None:
+        self.shard, self.state, self.flush_every_s = shard, state, flush_every_s
+        self.done: list[list[int]] = shard.load(state) if shard is not None else []
         self.last_flush = time.monotonic()
         self.pending = False
+
+    def run(self, units: list[tuple[int, int]], work: Callable[[int, int], None], show_bar: bool, desc: str) -> int:
+        """``work(lo, hi)`` for each of ``units`` not done yet; returns the number of items run now."""
+        todo = [(lo, hi) for lo, hi in units if not shards.covered(self.done, lo, hi)]
+        total = sum(hi - lo for lo, hi in units)
+        bar = _bar(show_bar, total, total - sum(hi - lo for lo, hi in todo), desc)
+        try:
+            for k, (lo, hi) in enumerate(todo):
+                work(lo, hi)
+                self.finished(lo, hi, last=k == len(todo) - 1)
+                bar.update(hi - lo)
+        finally:
+            bar.close()
+        return sum(hi - lo for lo, hi in todo)
 
     def finished(self, lo: int, hi: int, last: bool) -> None:
         self.done.append([lo, hi])
@@ -204,18 +221,6 @@ class _Progress:
         self.last_flush, self.pending = time.monotonic(), False
         if os.environ.get(KILL_AFTER_FLUSH_ENV) == "1":
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _run_units(
-    todo: list[tuple[int, int]],
-    work: Callable[[int, int], None],
-    progress: _Progress,
-    bar: Any,
-) -> None:
-    for k, (lo, hi) in enumerate(todo):
-        work(lo, hi)
-        progress.finished(lo, hi, last=k == len(todo) - 1)
-        bar.update(hi - lo)
 
 
 def _bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
@@ -250,11 +255,7 @@ def sample_statistics(
     there is one. Returns the accumulator of all the images."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     acc = FeatureAccumulator(net.feature_dim, net.num_logits, num_samples, is_splits=is_splits, device=device)
-    done = shard.load(acc.state) if shard is not None else []
-    mine = shards.my_units(num_samples, batch_size, rank, world_size)
-    todo = [(lo, hi) for lo, hi in mine if not shards.covered(done, lo, hi)]
-    total = sum(hi - lo for lo, hi in mine)
-    bar = _bar(progress and rank == 0, total, total - sum(hi - lo for lo, hi in todo), "eval")
+    resumable = _Resumable(shard, acc.state, flush_every_s)
 
     def work(lo: int, hi: int) -> None:
         idx = list(range(lo, hi))
@@ -274,11 +275,9 @@ def sample_statistics(
         feats, logits = net(images)
         acc.add(feats, logits if net.num_logits else None, torch.arange(lo, hi))
 
-    try:
-        _run_units(todo, work, _Progress(shard, acc.state, done, flush_every_s), bar)
-    finally:
-        bar.close()
-    sampled = {"n": torch.tensor(sum(hi - lo for lo, hi in todo), dtype=torch.int64, device=device)}
+    mine = shards.my_units(num_samples, batch_size, rank, world_size)
+    sampled_now = resumable.run(mine, work, progress and rank == 0, "eval")
+    sampled = {"n": torch.tensor(sampled_now, dtype=torch.int64, device=device)}
     shards.all_reduce_state(sampled, device)
     shards.all_reduce_state(acc.state, device)
     acc.sampled_now = int(sampled["n"])  # images sampled by this run (the rest came from shard files)
@@ -326,11 +325,7 @@ def _nll_terms(
     schedule = Schedule.from_config(scheduler_config, device=device)
     names = bpd_column_names(schedule.num_train_timesteps, t_stride)
     acc = TermAccumulator(len(names), device=device)
-    done = shard.load(acc.state) if shard is not None else []
-    mine = shards.my_units(num_images, batch_size, rank, world_size)
-    todo = [(lo, hi) for lo, hi in mine if not shards.covered(done, lo, hi)]
-    total = sum(hi - lo for lo, hi in mine)
-    bar = _bar(progress and rank == 0, total, total - sum(hi - lo for lo, hi in todo), "bits/dim")
+    resumable = _Resumable(shard, acc.state, flush_every_s)
     conditional = getattr(model, "null_class_label", None) is not None
 
     def work(lo: int, hi: int) -> None:
@@ -350,10 +345,8 @@ def _nll_terms(
         )
         acc.add(rows)
 
-    try:
-        _run_units(todo, work, _Progress(shard, acc.state, done, flush_every_s), bar)
-    finally:
-        bar.close()
+    mine = shards.my_units(num_images, batch_size, rank, world_size)
+    resumable.run(mine, work, progress and rank == 0, "bits/dim")
     shards.all_reduce_state(acc.state, device)
     return acc, names
 
@@ -405,6 +398,12 @@ def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return value
+
+
+def _open_shard(out: Path, task: str, rank: int, world_size: int, header: dict[str, Any]) -> ShardFile:
+    """Process ``rank``'s shard file of ``task`` under ``out``, after refusing another world size's files."""
+    shards.check_world_size(out, task, world_size)
+    return ShardFile(shards.shard_path(out, task, rank, world_size), header)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -568,8 +567,7 @@ def evaluate(
             "quantize": "8bit",
             **{k: settings[k] for k in settings if k not in ("checkpoint", "ref_stats", "save_images")},
         }
-        shards.check_world_size(out, "sample", dist_.world_size)
-        shard = ShardFile(shards.shard_path(out, "sample", dist_.rank, dist_.world_size), header)
+        shard = _open_shard(out, "sample", dist_.rank, dist_.world_size, header)
         t0 = time.perf_counter()
         acc = sample_statistics(
             model,
@@ -669,8 +667,7 @@ def _evaluate_nll(
         "world_size": dist_.world_size,
         "device": dist_.device.type,
     }
-    shards.check_world_size(out, "nll", dist_.world_size)
-    shard = ShardFile(shards.shard_path(out, "nll", dist_.rank, dist_.world_size), header)
+    shard = _open_shard(out, "nll", dist_.rank, dist_.world_size, header)
     acc, names = _nll_terms(
         model,
         scheduler_config,
