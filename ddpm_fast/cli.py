@@ -11,7 +11,48 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _error(message: object, code: int = 2) -> int:
+    """Print ``error: message`` to stderr; return the exit status (2: bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _options(args: argparse.Namespace, *drop: str) -> dict:
+    """The command's options: the parsed flags less argparse's own entries and ``drop``."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", *drop)}
+
+
+def _resolve_device(name: str) -> torch.device | str:
+    """'auto' -> CUDA when available, else the CPU; any other name as given."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _with_defaults(options: dict, defaults: dict, command: str) -> dict:
+    """``defaults`` overridden by ``options``; refuses an option ``defaults`` does not name."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {command} option(s): {', '.join(unknown)}")
+    return {**defaults, **options}
+
+
+def _write(make: Callable[[], Path]) -> int:
+    """Run a command that writes a file and say where, or print its error (exit status 2)."""
+    try:
+        path = make()
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        return _error(e)
+    print(f"wrote {path}")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -42,8 +83,7 @@ def _headline(args: argparse.Namespace) -> int:
             argv=args.argv,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     return code
 
 
@@ -51,12 +91,10 @@ def _bench(args: argparse.Namespace) -> int:
     given = [f"--{name.replace('_', '-')}" for name in HEADLINE_OPTIONS if getattr(args, name) is not None]
     if args.headline:
         if args.aot or args.pytest_args:
-            print("error: --headline takes no --aot and no pytest arguments", file=sys.stderr)
-            return 2
+            return _error("--headline takes no --aot and no pytest arguments")
         return _headline(args)
     if given:
-        print(f"error: {', '.join(given)}: only with --headline", file=sys.stderr)
-        return 2
+        return _error(f"{', '.join(given)}: only with --headline")
     if args.aot:
         from . import _aot
 
@@ -78,11 +116,9 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(options)
         result = train(config)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _error(e, code=1)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     if os.environ.get("RANK", "0") == "0":
         print(f"trained {result.step} steps; last checkpoint: {result.last_checkpoint}")
     return 0
@@ -117,13 +153,10 @@ def sample_grid(checkpoint: str, **options) -> Path:
     from .images import save_grid
     from .sampler import sample
 
-    unknown = sorted(set(options) - set(SAMPLE_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown sample option(s): {', '.join(unknown)}")
-    o = {**SAMPLE_DEFAULTS, **options}
+    o = _with_defaults(options, SAMPLE_DEFAULTS, "sample")
     if o["num_images"] < 1:
         raise ValueError(f"num_images must be >= 1, got {o['num_images']}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if o["device"] == "auto" else o["device"]
+    device = _resolve_device(o["device"])
     model, scheduler_config = load_for_sampling(checkpoint, device=device, ema=not o["raw_weights"])
     from .latent import checkpoint_autoencoder  # latent checkpoints: decode with the recorded autoencoder
 
@@ -176,15 +209,8 @@ def sample_grid(checkpoint: str, **options) -> Path:
 def _sample(args: argparse.Namespace) -> int:
     options = _merge_config(args, "sample")
     if "checkpoint" not in options:
-        print("error: sample needs --checkpoint (a run directory or a step_XXXXXXXX directory)", file=sys.stderr)
-        return 2
-    try:
-        path = sample_grid(**options)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+        return _error("sample needs --checkpoint (a run directory or a step_XXXXXXXX directory)")
+    return _write(lambda: sample_grid(**options))
 
 
 CASCADE_DEFAULTS = {
@@ -226,15 +252,12 @@ def sample_cascade_grid(checkpoints: list[str], **options) -> Path:
     from .checkpoint import load_for_sampling
     from .images import save_grid
 
-    unknown = sorted(set(options) - set(CASCADE_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown sample-cascade option(s): {', '.join(unknown)}")
-    o = {**CASCADE_DEFAULTS, **options}
+    o = _with_defaults(options, CASCADE_DEFAULTS, "sample-cascade")
     if not checkpoints:
         raise ValueError("sample-cascade needs --checkpoints BASE SR1 [SR2 ...]")
     if o["num_images"] < 1:
         raise ValueError(f"num_images must be >= 1, got {o['num_images']}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if o["device"] == "auto" else o["device"]
+    device = _resolve_device(o["device"])
     loaded = [load_for_sampling(path, device=device) for path in checkpoints]
     n_cls = next((m.null_class_label for m, _ in loaded if m.null_class_label is not None), None)
     labels = None
@@ -273,21 +296,14 @@ def sample_cascade_grid(checkpoints: list[str], **options) -> Path:
 
 
 def _sample_cascade(args: argparse.Namespace) -> int:
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "checkpoints")}
-    try:
-        path = sample_cascade_grid(args.checkpoints, **options)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+    options = _options(args, "checkpoints")
+    return _write(lambda: sample_cascade_grid(args.checkpoints, **options))
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    result = run_demo(**options)
+    result = run_demo(**_options(args))
     return 0 if result.passed else 1
 
 
@@ -296,17 +312,15 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
     from .fid_stats import StatsError
 
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "weights")}
+    options = _options(args, "weights")
     weights = ["ema", "raw"] if args.weights == "both" else [args.weights]
     if args.weights == "both" and options.get("out") is not None:
-        print("error: --weights both writes one directory per weights: leave --out unset", file=sys.stderr)
-        return 2
+        return _error("--weights both writes one directory per weights: leave --out unset")
     try:
         for w in weights:
             evaluate(weights=w, **options)
     except (ValueError, FileNotFoundError, ShardError, StatsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     return 0
 
 
@@ -327,8 +341,7 @@ def _fid_stats(args: argparse.Namespace) -> int:
         )
         path = save_stats(args.out, mu, sigma, num_images=info["num_images"])
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     print(f"wrote {path}: mu {tuple(mu.shape)}, sigma {tuple(sigma.shape)} from {info['num_images']} images")
     return 0
 
@@ -346,7 +359,7 @@ def _merge_config(args: argparse.Namespace, table: str) -> dict:
             raise SystemExit(f"error: cannot read config file {args.config}: {e}") from e
         data = data.get(table, data)
         options.update({k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)})
-    options.update({k: v for k, v in vars(args).items() if k not in ("func", "command", "config")})
+    options.update(_options(args, "config"))
     return options
 
 
