@@ -363,6 +363,18 @@ def _merge_config(args: argparse.Namespace, table: str) -> dict:
     return options
 
 
+def _add_progress_flag(parser: argparse.ArgumentParser, help_text: str = "progress bar (default: on)") -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=help_text)
+
+
+def _add_inception_weights_flag(parser: argparse.ArgumentParser) -> None:
+    from .inception import INCEPTION_ENV, INCEPTION_FILE
+
+    parser.add_argument(
+        "--inception-weights", default=None, help=f"pytorch-fid's {INCEPTION_FILE} (default: ${INCEPTION_ENV})"
+    )
+
+
 def _add_train_parser(sub) -> None:
     import dataclasses
     import typing
@@ -530,15 +542,12 @@ def _add_demo_parser(sub) -> None:
         f"(default: {d['threshold']})",
     )
     demo.add_argument("--seed", type=int, default=d["seed"], help=f"seed (default: {d['seed']})")
-    demo.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars (default: on)"
-    )
+    _add_progress_flag(demo, "show progress bars (default: on)")
     demo.set_defaults(func=_demo)
 
 
 def _add_eval_parser(sub) -> None:
     from .evaluation import METRICS
-    from .inception import INCEPTION_ENV, INCEPTION_FILE
     from .solvers.registry import SCHEDULER_NAMES
 
     ev = sub.add_parser(
@@ -567,11 +576,7 @@ def _add_eval_parser(sub) -> None:
         "split) (default: fid)",
     )
     ev.add_argument("--ref-stats", default=None, help="reference statistics npz (mu, sigma): ddpm-fast fid-stats")
-    ev.add_argument(
-        "--inception-weights",
-        default=None,
-        help=f"pytorch-fid's {INCEPTION_FILE} (default: ${INCEPTION_ENV})",
-    )
+    _add_inception_weights_flag(ev)
     ev.add_argument("--batch-size", type=int, default=256, help="images per sampling batch (default: 256)")
     ev.add_argument("--out", default=None, help="output directory (default: RUN/eval/<settings>)")
     ev.add_argument(
@@ -589,15 +594,11 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument(
         "--flush-every-s", type=float, default=60.0, help="seconds between shard flushes per process (default: 60)"
     )
-    ev.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (default: on)"
-    )
+    _add_progress_flag(ev)
     ev.set_defaults(func=_eval)
 
 
 def _add_fid_stats_parser(sub) -> None:
-    from .inception import INCEPTION_ENV, INCEPTION_FILE
-
     fs = sub.add_parser(
         "fid-stats",
         help="reference FID statistics (pytorch-fid's npz: mu, sigma) of a dataset or image folder",
@@ -614,15 +615,11 @@ def _add_fid_stats_parser(sub) -> None:
         default="fid",
         help="Inception pool3 (fid) or the built-in dataset's classifier features (default: fid)",
     )
-    fs.add_argument(
-        "--inception-weights", default=None, help=f"pytorch-fid's {INCEPTION_FILE} (default: ${INCEPTION_ENV})"
-    )
+    _add_inception_weights_flag(fs)
     fs.add_argument("--batch-size", type=int, default=100, help="images per batch (default: 100)")
     fs.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     fs.add_argument("--out", required=True, help="the npz to write")
-    fs.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (default: on)"
-    )
+    _add_progress_flag(fs)
     fs.set_defaults(func=_fid_stats)
 
 
