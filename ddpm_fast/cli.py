@@ -142,7 +142,20 @@ SAMPLE_DEFAULTS = {
     "autoencoder": None,
     "classifier": None,
     "classifier_scale": 1.0,
+    "dtype": "auto",
 }
+
+# --dtype: the model's autocast dtype in sample(); "auto" is sample()'s own choice (bf16 on CUDA
+# and on CPUs with bf16 units, else fp32)
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _model_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
 
 
 def sample_grid(checkpoint: str, **options) -> Path:
@@ -154,6 +167,7 @@ def sample_grid(checkpoint: str, **options) -> Path:
     from .sampler import sample
 
     o = _with_defaults(options, SAMPLE_DEFAULTS, "sample")
+    dtype = _model_dtype(o["dtype"])
     if o["num_images"] < 1:
         raise ValueError(f"num_images must be >= 1, got {o['num_images']}")
     device = _resolve_device(o["device"])
@@ -202,6 +216,7 @@ def sample_grid(checkpoint: str, **options) -> Path:
         decode=decoder,
         classifier=classifier,
         classifier_scale=o["classifier_scale"] if classifier is not None else None,
+        dtype=dtype,
     )
     return save_grid(images, o["out"], nrow=o["nrow"], scale=o["scale"])
 
@@ -449,6 +464,12 @@ def _add_sample_parser(sub) -> None:
     sample.add_argument("--scale", type=int, help="repeat each pixel this many times in the PNG (default: 1)")
     sample.add_argument("--noise", choices=("kernel", "torch"), help="in-kernel or torch noise (default: kernel)")
     sample.add_argument("--device", help="cpu, cuda or auto (default: auto)")
+    sample.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        help="the model's autocast dtype (default: auto, bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, "
+        "else float32; float32 gives the exact fp32 images)",
+    )
     sample.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     sample.add_argument(
         "--autoencoder",

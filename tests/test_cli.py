@@ -62,6 +62,23 @@ def test_sample_writes_a_png_grid(trained_run, tmp_path, capsys):
     assert (tmp_path / "b.png").is_file()
 
 
+def test_sample_dtype(trained_run, tmp_path, monkeypatch):
+    """--dtype picks the model's autocast dtype: float32 on a CPU that defaults to bf16 gives the fp32
+    grid (the suite's default), bfloat16 a different one, auto follows the CPU."""
+    args = ["sample", "--checkpoint", str(trained_run), "--num-images", "4", "--steps", "3", "--class-labels", "2"]
+
+    def grid(name, *extra):
+        out = tmp_path / f"{name}.png"
+        assert cli.main([*args, *extra, "--out", str(out)]) == 0
+        return out.read_bytes()
+
+    fp32 = grid("default")
+    bf16 = grid("bf16", "--dtype", "bfloat16")
+    monkeypatch.setenv("DDPM_FAST_CPU_BF16", "1")  # as on a CPU with bf16 units
+    assert grid("auto") == bf16 != fp32
+    assert grid("fp32", "--dtype", "float32") == fp32
+
+
 def test_sample_errors(trained_run, tmp_path, capsys):
     assert cli.main(["sample", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -69,6 +86,9 @@ def test_sample_errors(trained_run, tmp_path, capsys):
     assert "class labels must lie in [0, 9]" in capsys.readouterr().err
     assert cli.main(["sample", "--out", str(tmp_path / "x.png")]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+    assert cli.sample_grid(str(trained_run), num_images=1, steps=1, out=str(tmp_path / "d.png")).is_file()
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, got 'fp64'"):
+        cli.sample_grid(str(trained_run), dtype="fp64", out=str(tmp_path / "x.png"))
     # fewer steps than the multistep solver's order (2 by default): the message, no traceback, no grid
     out = tmp_path / "few.png"
     for name in ("dpmsolver++", "unipc"):
