@@ -56,8 +56,9 @@ def _write(make: Callable[[], Path]) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import run_checks
+    from .check import machine_summary, run_checks
 
+    print(machine_summary())
     print("ddpm_fast backends:")
     ok = run_checks(tolerance=args.tolerance)
     print("all backends match the reference" if ok else "MISMATCH against the reference")

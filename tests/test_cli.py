@@ -79,6 +79,14 @@ def test_sample_dtype(trained_run, tmp_path, monkeypatch):
     assert grid("fp32", "--dtype", "float32") == fp32
 
 
+def test_check_names_the_machine_and_passes(capsys):
+    """`ddpm-fast check` (CI's first step): a line on the CPU, then every backend against the reference."""
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cpu: ") and "bf16 units: " in out and "runs the model in fp32" in out  # the suite's 0
+    assert "all backends match the reference" in out
+
+
 def test_sample_errors(trained_run, tmp_path, capsys):
     assert cli.main(["sample", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
