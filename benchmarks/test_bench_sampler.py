@@ -127,14 +127,22 @@ def unet_fn(impl: str, preset: str, batch: int, kind: str, steps: int, dtype: to
     return run
 
 
+# CPUs with bf16 units (AMX, AVX512-BF16), where sample() autocasts to bf16 by default: the same
+# runs in bf16, diffusers' pipeline with its U-Net cast to bf16 (its usual half-precision setup).
+BF16_CPU_RUNS = [("cifar10", 8, "ddim", 10), ("tiny", 64, "ddim", 50)] if not ON_CUDA and cpu_has_bf16_units() else []
+BF16_CPU_IMPLS = ["diffusers", "ddpm_fast", "ddpm_fast-unet"]
+
+
 def _unet_cases():
-    for preset, batch, kind, steps in UNET_RUNS:
-        group = f"sampler-unet-{preset}-{kind}{steps}-b{batch}"
-        for impl in UNET_IMPLS:
+    runs = [(run, UNET_IMPLS, DTYPE, "") for run in UNET_RUNS]
+    runs += [(run, BF16_CPU_IMPLS, torch.bfloat16, "-bf16") for run in BF16_CPU_RUNS]
+    for (preset, batch, kind, steps), impls, dtype, suffix in runs:
+        group = f"sampler-unet-{preset}-{kind}{steps}-b{batch}{suffix}"
+        for impl in impls:
             if ON_CUDA and steps >= 1000 and impl == "ddpm_fast-torch-noise":
                 continue  # one timed run each at 1000 steps: keep the device time down
             yield pytest.param(
-                impl, preset, batch, kind, steps, id=f"{impl}-{preset}-b{batch}-{kind}{steps}",
+                impl, preset, batch, kind, steps, dtype, id=f"{impl}-{preset}-b{batch}-{kind}{steps}{suffix}",
                 marks=pytest.mark.benchmark(group=group),
             )  # fmt: skip
 
@@ -164,38 +172,16 @@ def _report(benchmark, group: str, impl: str, images: int) -> None:
         benchmark.extra_info["speedup_vs_diffusers"] = _DIFFUSERS_MEDIAN[group] / median
 
 
-@pytest.mark.parametrize(("impl", "preset", "batch", "kind", "steps"), list(_unet_cases()))
-def test_sample_unet(benchmark, roofline, impl, preset, batch, kind, steps):
-    fn = unet_fn(impl, preset, batch, kind, steps)
+@pytest.mark.parametrize(("impl", "preset", "batch", "kind", "steps", "dtype"), list(_unet_cases()))
+def test_sample_unet(benchmark, roofline, impl, preset, batch, kind, steps, dtype):
+    fn = unet_fn(impl, preset, batch, kind, steps, dtype)
     _timed(benchmark, roofline, fn, flops_per_image(preset) * batch * steps, rounds=1 if steps >= 1000 else 3)
     benchmark.extra_info.update(
-        batch=batch, steps=steps, model=preset, dtype=str(DTYPE), torch_threads=torch.get_num_threads()
+        batch=batch, steps=steps, model=preset, dtype=str(dtype), torch_threads=torch.get_num_threads()
     )
     if benchmark.stats is not None and not ON_CUDA:  # where the time goes: one profiled 3-step run
         benchmark.extra_info["time_split_3_steps"] = time_split(lambda: fn(3))
-    _report(benchmark, f"unet-{preset}-{kind}{steps}-b{batch}", impl, batch)
-
-
-# CPUs with bf16 units (AMX, AVX512-BF16), where sample() autocasts to bf16 by default: the same
-# runs in bf16, diffusers' pipeline with its U-Net cast to bf16 (its usual half-precision setup).
-BF16_CPU_RUNS = [("cifar10", 8, "ddim", 10), ("tiny", 64, "ddim", 50)]
-BF16_CPU_IMPLS = ["diffusers", "ddpm_fast", "ddpm_fast-unet"]
-
-
-@pytest.mark.skipif(ON_CUDA or not cpu_has_bf16_units(), reason="a CPU with bf16 units (AMX or AVX512-BF16)")
-@pytest.mark.parametrize(
-    ("impl", "preset", "batch", "kind", "steps"),
-    [(impl, *run) for run in BF16_CPU_RUNS for impl in BF16_CPU_IMPLS],
-    ids=[f"{impl}-{p}-b{b}-{k}{n}-bf16" for p, b, k, n in BF16_CPU_RUNS for impl in BF16_CPU_IMPLS],
-)
-def test_sample_unet_cpu_bf16(benchmark, roofline, impl, preset, batch, kind, steps):
-    benchmark.group = f"sampler-unet-{preset}-{kind}{steps}-b{batch}-bf16"
-    fn = unet_fn(impl, preset, batch, kind, steps, dtype=torch.bfloat16)
-    _timed(benchmark, roofline, fn, flops_per_image(preset) * batch * steps, rounds=3)
-    benchmark.extra_info.update(
-        batch=batch, steps=steps, model=preset, dtype="bfloat16", torch_threads=torch.get_num_threads()
-    )
-    _report(benchmark, f"unet-{preset}-{kind}{steps}-b{batch}-bf16", impl, batch)
+    _report(benchmark, f"unet-{preset}-{kind}{steps}-b{batch}-{dtype}", impl, batch)
 
 
 # ---------------------------------------------------------------- the loop alone

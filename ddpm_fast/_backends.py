@@ -189,17 +189,27 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return set()
 
 
+def bf16_units(cpuinfo: str) -> tuple[str, ...]:
+    """The BF16_CPU_FLAGS that /proc/cpuinfo's text lists (whole words of its flags line)."""
+    flags = cpu_flags(cpuinfo)
+    return tuple(flag for flag in BF16_CPU_FLAGS if flag in flags)
+
+
 @cache
-def cpu_has_bf16_units() -> bool:
-    """The CPU has bf16 matrix or dot-product units (BF16_CPU_FLAGS). There bf16 autocast pays:
-    the cifar10 U-Net forward at batch 8 ran 136 vs 331 ms (fp32) on a 2-core Xeon with AMX
-    (issue 21), 299 vs 522 ms on a 2-core AMD EPYC Zen 4 with AVX512-BF16
+def cpu_bf16_units() -> tuple[str, ...]:
+    """This CPU's bf16 matrix or dot-product units (BF16_CPU_FLAGS). There bf16 autocast pays: the
+    cifar10 U-Net forward at batch 8 ran 136 vs 331 ms (fp32) on a 2-core Xeon with AMX (issue 21),
+    299 vs 522 ms on a 2-core AMD EPYC Zen 4 with AVX512-BF16
     (benchmarks/results/cpu-2026-12-05b-unet-autocast.json), so sample() autocasts by default."""
     try:
-        flags = cpu_flags(Path("/proc/cpuinfo").read_text())
+        return bf16_units(Path("/proc/cpuinfo").read_text())
     except OSError:
-        return False
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
+        return ()
+
+
+def cpu_has_bf16_units() -> bool:
+    """The CPU has at least one of BF16_CPU_FLAGS' units."""
+    return bool(cpu_bf16_units())
 
 
 def cpu_bf16_autocast_default() -> bool:

@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from . import reference
-from ._backends import BF16_CPU_FLAGS, backends, cpu_bf16_autocast_default, cpu_flags, cpu_isas, use_cpu_isa
+from ._backends import backends, cpu_bf16_autocast_default, cpu_bf16_units, cpu_isas, use_cpu_isa
 from .ops import attention, group_norm_silu, posterior_step, q_sample
 from .schedule import Schedule, StepConfig
 
@@ -66,15 +66,9 @@ def _worst_error(name: str, device: torch.device) -> float:
 def machine_summary() -> str:
     """One line on the CPU: its model and cores, the vector-ISA builds of our kernels it runs, and its
     bf16 units, which decide sample()'s default model dtype on the CPU."""
-    from pathlib import Path
-
     from .headline.measure import cpu_cores, cpu_model
 
-    try:
-        flags = cpu_flags(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        flags = set()
-    units = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    units = cpu_bf16_units()
     dtype = "bf16" if cpu_bf16_autocast_default() else "fp32"
     return (
         f"cpu: {cpu_model()}, {cpu_cores()} cores; C++ kernel builds it runs: {', '.join(cpu_isas()) or 'none'}; "

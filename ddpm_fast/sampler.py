@@ -143,9 +143,8 @@ def sample(
         callback: ``callback(step, t, x_t)`` after every step with that chunk's new sample.
         dtype: the model's autocast dtype: default bfloat16 on CUDA and on CPUs with bf16 units
             (AMX or AVX512-BF16, where the U-Net runs 1.7-2.4x faster; DDPM_FAST_CPU_BF16=0 turns
-            that off), else none (fp32);
-            torch.float32 turns autocast off (diffusers' fp32 results). The sample and the step
-            math stay in fp32.
+            that off), else none (fp32); torch.float32 turns autocast off (diffusers' fp32
+            results). The sample and the step math stay in fp32.
         chunk_size: at most this many images per forward pass (2x that with guidance); default
             ~256 images of 32 x 32 pixels. Equivalence with diffusers holds within one chunk.
         compile: run the model through ``torch.compile``.

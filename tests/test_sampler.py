@@ -541,11 +541,11 @@ def test_default_dtype_follows_the_cpu(monkeypatch, unet):
 )  # fmt: skip
 def test_bf16_units_from_cpuinfo(flags, has):
     """The bf16 default follows /proc/cpuinfo's flags line: AMX or AVX512-BF16, whole words only."""
-    from ddpm_fast._backends import BF16_CPU_FLAGS, cpu_flags
+    from ddpm_fast._backends import bf16_units, cpu_flags
 
     cpuinfo = f"processor\t: 0\nmodel name\t: some CPU bf16 amx_bf16x\nflags\t\t: {flags}\nbugs\t\t: spectre\n"
-    assert any(flag in cpu_flags(cpuinfo) for flag in BF16_CPU_FLAGS) is has
-    assert cpu_flags("processor : 0\n") == set()
+    assert bool(bf16_units(cpuinfo)) is has
+    assert cpu_flags("processor : 0\n") == set() and bf16_units("processor : 0\n") == ()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
