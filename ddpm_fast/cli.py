@@ -144,6 +144,8 @@ SAMPLE_DEFAULTS = {
     "classifier": None,
     "classifier_scale": 1.0,
     "dtype": "auto",
+    "scheduler_option": (),  # --scheduler-option KEY=VALUE, repeated
+    "scheduler_options": None,  # a TOML table of the same
 }
 
 # --dtype: the model's autocast dtype in sample(); "auto" is sample()'s own choice (bf16 on CUDA
@@ -157,6 +159,32 @@ def _model_dtype(name: str):
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
+
+
+def _option_value(text: str):
+    """A --scheduler-option value as TOML reads it (3, 0.5, true, inf, [1, 2]), 'none' as None, else
+    the text itself (a bare word such as trailing)."""
+    import tomllib
+
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
+
+
+def scheduler_options(pairs, table) -> dict | None:
+    """The sampler options of --scheduler-option KEY=VALUE flags over a TOML ``scheduler_options`` table."""
+    if table is not None and not isinstance(table, dict):
+        raise ValueError(f"scheduler_options must be a table of option = value, got {table!r}")
+    options = dict(table or {})
+    for pair in [pairs] if isinstance(pairs, str) else pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--scheduler-option takes KEY=VALUE (e.g. solver_order=3), got {pair!r}")
+        options[key.strip().replace("-", "_")] = _option_value(value)
+    return options or None
 
 
 def sample_grid(checkpoint: str, **options) -> Path:
@@ -206,6 +234,7 @@ def sample_grid(checkpoint: str, **options) -> Path:
         num_inference_steps=o["steps"],
         scheduler=o["scheduler"],
         scheduler_config=scheduler_config,
+        scheduler_options=scheduler_options(o["scheduler_option"], o["scheduler_options"]),
         eta=o["eta"],
         guidance_scale=o["guidance_scale"],
         class_labels=labels,
@@ -328,11 +357,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
     from .fid_stats import StatsError
 
-    options = _options(args, "weights")
+    options = _options(args, "weights", "scheduler_option")
     weights = ["ema", "raw"] if args.weights == "both" else [args.weights]
     if args.weights == "both" and options.get("out") is not None:
         return _error("--weights both writes one directory per weights: leave --out unset")
     try:
+        options["scheduler_options"] = scheduler_options(args.scheduler_option or (), None)
         for w in weights:
             evaluate(weights=w, **options)
     except (ValueError, FileNotFoundError, ShardError, StatsError) as e:
@@ -374,7 +404,9 @@ def _merge_config(args: argparse.Namespace, table: str) -> dict:
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise SystemExit(f"error: cannot read config file {args.config}: {e}") from e
         data = data.get(table, data)
-        options.update({k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)})
+        # sub-tables are other commands' options, except the table of sampler options
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        options.update({k: v for k, v in data.items() if not isinstance(v, dict) or k == "scheduler_options"})
     options.update(_options(args, "config"))
     return options
 
@@ -447,6 +479,14 @@ def _add_sample_parser(sub) -> None:
         "heun; all T for ddpm and pc)",
     )
     sample.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="sampler (default: ddim)")
+    sample.add_argument(
+        "--scheduler-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a sampler option under diffusers' name, repeatable: e.g. solver_order=3, use_karras_sigmas=true "
+        "(dpmsolver++), timestep_spacing=trailing (ddim); in a --config file, a scheduler_options table. The "
+        "noise schedule is the checkpoint's and cannot be set here",
+    )
     sample.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like noise (default: 0)")
     sample.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: none)")
     sample.add_argument(
@@ -585,6 +625,13 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--num-samples", type=int, default=50_000, help="images to sample (default: 50000)")
     ev.add_argument(
         "--scheduler", choices=SCHEDULER_NAMES, default="dpmsolver++", help="sampler (default: dpmsolver++)"
+    )
+    ev.add_argument(
+        "--scheduler-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a sampler option under diffusers' name, repeatable (as in `ddpm-fast sample`); given options join "
+        "the settings and the default output directory's name",
     )
     ev.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
     ev.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")

@@ -21,7 +21,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,7 @@ def sample_images(
     device: torch.device | str | None = None,
     guidance_scale: float | None = None,
     eta: float = 0.0,
+    scheduler_options: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """The evaluation images with these indices, ``(len(indices), C, H, W)`` float32 in [-1, 1],
     quantised to 8 bits. Image i depends on (seed, i) only: its generator (on ``device``) is seeded
@@ -160,6 +161,7 @@ def sample_images(
         num_inference_steps=steps,
         scheduler=scheduler,
         scheduler_config=scheduler_config,
+        scheduler_options=scheduler_options,
         class_labels=labels,
         guidance_scale=guidance_scale,
         generator=generators,
@@ -241,6 +243,7 @@ def sample_statistics(
     batch_size: int = 256,
     guidance_scale: float | None = None,
     eta: float = 0.0,
+    scheduler_options: Mapping[str, Any] | None = None,
     is_splits: int = 10,
     device: torch.device | str | None = None,
     rank: int = 0,
@@ -269,6 +272,7 @@ def sample_statistics(
             device=device,
             guidance_scale=guidance_scale,
             eta=eta,
+            scheduler_options=scheduler_options,
         )
         if save_dir is not None:
             _save_pngs(images, idx, save_dir)
@@ -431,6 +435,7 @@ def evaluate(
     save_images: bool = False,
     guidance_scale: float | None = None,
     eta: float = 0.0,
+    scheduler_options: Mapping[str, Any] | None = None,
     is_splits: int = 10,
     dataset: str | None = None,
     nll: bool = False,
@@ -448,7 +453,8 @@ def evaluate(
         checkpoint: a run directory (follows ``checkpoints/latest``), a step directory or a diffusers
             pipeline folder.
         num_samples: images to sample (>= 2).
-        scheduler, steps, eta, guidance_scale: the sampler (``ddpm_fast.sample``'s names).
+        scheduler, steps, eta, guidance_scale, scheduler_options: the sampler (``ddpm_fast.sample``'s
+            names); options given join the settings (and the default ``out``'s name).
         metric: "fid" (Inception pool3 FID against ``ref_stats``, plus the Inception Score), "is" (the
             Inception Score alone) or "classifier_fid" (the built-in dataset's classifier: FID against
             ``ref_stats`` or, by default, the held-out split's statistics; plus the classifier's IS).
@@ -476,7 +482,7 @@ def evaluate(
     """
     from .checkpoint import load_for_sampling
     from .schedule import normalize_choice
-    from .solvers.registry import SCHEDULER_NAMES
+    from .solvers.registry import SCHEDULER_NAMES, resolve
     from .train import _Distributed
 
     start = time.perf_counter()
@@ -485,6 +491,9 @@ def evaluate(
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     scheduler = normalize_choice("scheduler", scheduler, SCHEDULER_NAMES)
+    if scheduler_options:
+        resolve(scheduler, None, options=scheduler_options)  # names and values, before any work
+        scheduler_options = dict(sorted(scheduler_options.items()))
     _check_int("num_samples", num_samples, 1 if metric == "is" else 2)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("is_splits", is_splits)):
         _check_int(name, value, 1)
@@ -550,8 +559,13 @@ def evaluate(
             "device": device_.type,
             "save_images": save_images,
         }
+        if scheduler_options:  # only when given: the settings of runs without them stay as they were
+            settings["scheduler_options"] = scheduler_options
         if out is None:
             tag = f"{metric}-{weights}-{scheduler}-{steps}-n{num_samples}-seed{seed}"
+            if scheduler_options:
+                digest = hashlib.sha256(json.dumps(scheduler_options, sort_keys=True).encode()).hexdigest()
+                tag += f"-opts{digest[:8]}"
             root = step_dir if not (step_dir.parent.name == "checkpoints") else step_dir.parent.parent
             out = root / "eval" / tag
         out = Path(out)
@@ -580,6 +594,7 @@ def evaluate(
             batch_size=batch_size,
             guidance_scale=guidance_scale,
             eta=eta,
+            scheduler_options=scheduler_options,
             is_splits=is_splits,
             device=device_,
             rank=dist_.rank,

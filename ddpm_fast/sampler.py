@@ -69,6 +69,7 @@ def sample(
     timesteps: Sequence[int] | None = None,
     scheduler: str | Any = "ddpm",
     scheduler_config: SchedulerConfig | Mapping[str, Any] | Schedule | None = None,
+    scheduler_options: Mapping[str, Any] | None = None,
     eta: float = 0.0,
     use_clipped_model_output: bool = False,
     guidance_scale: float | None = None,
@@ -113,6 +114,11 @@ def sample(
             solver's options under diffusers' names) or a ``Schedule``; default: diffusers'
             defaults (linear betas, T = 1000, epsilon). From a ``SchedulerConfig`` the few-step
             solvers take the schedule and the prediction / variance type only.
+        scheduler_options: the sampler's options under diffusers' names, over those of
+            ``scheduler`` / ``scheduler_config``: e.g. ``{"solver_order": 3, "use_karras_sigmas":
+            True}`` for "dpmsolver++", ``{"timestep_spacing": "trailing"}`` for DDIM. The noise
+            schedule and the prediction type are the model's and cannot be set here;
+            ``ddpm_fast.solvers.sampling_option_names(name)`` lists what can.
         eta, use_clipped_model_output: DDIM's options.
         guidance_scale: classifier-free guidance s (s = 1 or None: no unconditional pass). Needs
             ``class_labels`` and a null label (``model.null_class_label`` or ``null_class_label``);
@@ -174,7 +180,7 @@ def sample(
     device = _resolve_device(device, model, x_T, image)
 
     # Arguments -> a plan: the solver, its timesteps and coefficients, on the device before the loop.
-    name, solver, source = resolve(scheduler, scheduler_config, eta, use_clipped_model_output)
+    name, solver, source = resolve(scheduler, scheduler_config, eta, use_clipped_model_output, scheduler_options)
     schedule = source.to(device) if isinstance(source, Schedule) else Schedule.from_config(source, device=device)
     if timesteps is None and num_inference_steps is None:
         num_inference_steps = default_steps(name, solver, schedule)

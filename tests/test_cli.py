@@ -79,6 +79,45 @@ def test_sample_dtype(trained_run, tmp_path, monkeypatch):
     assert grid("fp32", "--dtype", "float32") == fp32
 
 
+def test_sample_scheduler_options(trained_run, tmp_path, capsys):
+    """--scheduler-option KEY=VALUE (repeatable) and a TOML scheduler_options table set the sampler's options."""
+    args = ["sample", "--checkpoint", str(trained_run), "--num-images", "4", "--steps", "4", "--class-labels", "2"]
+    args += ["--scheduler", "dpmsolver++"]
+
+    def grid(name, *extra):
+        out = tmp_path / f"{name}.png"
+        assert cli.main([*args, *extra, "--out", str(out)]) == 0
+        return out.read_bytes()
+
+    flags = grid("flags", "--scheduler-option", "solver_order=3", "--scheduler-option", "use_karras_sigmas=true")
+    toml = tmp_path / "options.toml"
+    toml.write_text("[sample]\nscheduler_options = { solver_order = 3, use_karras_sigmas = true }\n")
+    assert grid("toml", "--config", str(toml)) == flags != grid("default")
+    out = str(tmp_path / "bad.png")
+    assert cli.main([*args, "--scheduler-option", "beta_end=0.03", "--out", out]) == 2
+    assert "'beta_end' belongs to the noise schedule the model was trained with" in capsys.readouterr().err
+    assert cli.main([*args, "--scheduler-option", "solver_order", "--out", out]) == 2
+    assert "--scheduler-option takes KEY=VALUE (e.g. solver_order=3), got 'solver_order'" in capsys.readouterr().err
+
+
+def test_scheduler_option_values():
+    pairs = ["solver_order=3", "use-karras-sigmas=true", "s_noise=0.5", "timestep_spacing = trailing", "sigma_min=none"]
+    pairs += ["s_tmax=inf", "disable_corrector=[1, 2]"]
+    assert cli.scheduler_options(pairs, {"solver_order": 2, "lower_order_final": False}) == {
+        "solver_order": 3,  # the flag beats the table
+        "lower_order_final": False,
+        "use_karras_sigmas": True,
+        "s_noise": 0.5,
+        "timestep_spacing": "trailing",
+        "sigma_min": None,
+        "s_tmax": float("inf"),
+        "disable_corrector": [1, 2],
+    }
+    assert cli.scheduler_options((), None) is None
+    with pytest.raises(ValueError, match="scheduler_options must be a table"):
+        cli.scheduler_options((), "solver_order=3")
+
+
 def test_check_names_the_machine_and_passes(capsys):
     """`ddpm-fast check` (CI's first step): a line on the CPU, then every backend against the reference."""
     assert cli.main(["check"]) == 0

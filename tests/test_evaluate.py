@@ -384,6 +384,39 @@ def test_trainer_logs_the_in_training_fid(env, tmp_path):
 # ---------------------------------------------------------------- bad inputs
 
 
+def test_scheduler_options_join_the_settings(env, uninterrupted, tmp_path, capsys):
+    """Sampler options change the images, join the settings a resume checks and name the default
+    output directory; bad ones fail before any sampling, from the API and the command line."""
+    import shutil
+
+    model, config = ddpm_fast.load_for_sampling(env["run"])
+    options = {"use_karras_sigmas": True, "solver_order": 3}
+    plain = sample_images(model, config, range(3), steps=3)
+    assert not torch.equal(plain, sample_images(model, config, range(3), steps=3, scheduler_options=options))
+    result = ddpm_fast.evaluate(env["run"], scheduler_options=options, flush_every_s=0, **EVAL)
+    assert result["settings"]["scheduler_options"] == {"solver_order": 3, "use_karras_sigmas": True}
+    out = env["run"] / "eval" / "classifier_fid-ema-dpmsolver++-3-n12-seed0"
+    assert (out.parent / f"{out.name}-opts{result_digest(options)}" / "result.json").is_file()
+    assert result["classifier_fid"] != uninterrupted["classifier_fid"]
+    copy = tmp_path / "copy"  # the run without options: its shards are refused with them
+    shutil.copytree(env["tmp"] / "full", copy)
+    with pytest.raises(ShardError, match=r"scheduler_options: None in the file, \{'solver_order': 3"):
+        ddpm_fast.evaluate(env["run"], out=copy, scheduler_options=options, **EVAL)
+    with pytest.raises(ValueError, match="'beta_end' belongs to the noise schedule"):
+        ddpm_fast.evaluate(env["run"], out=tmp_path / "bad", scheduler_options={"beta_end": 0.1}, **EVAL)
+    assert not (tmp_path / "bad").exists()
+    args = ["eval", "--checkpoint", str(env["run"]), "--metric", "classifier_fid", "--out", str(tmp_path / "bad")]
+    assert cli.main([*args, "--scheduler-option", "solver_order=4"]) == 2
+    assert "solver_order must be 1, 2 or 3, got 4" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def result_digest(options) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(dict(sorted(options.items())), sort_keys=True).encode()).hexdigest()[:8]
+
+
 def test_bad_inputs_give_clear_errors(env, tmp_path, monkeypatch, capsys):
     run = env["run"]
     monkeypatch.delenv(INCEPTION_ENV, raising=False)

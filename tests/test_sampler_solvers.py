@@ -9,7 +9,8 @@
 - the captured loop (a fake CUDA graph on the CPU) equals the eager loop bit for bit, the
   multistep history reset per chunk; no host reads after the first step;
 - scheduler names and configs: our training config gives its schedule and prediction type only;
-  a diffusers config's solver options are honoured.
+  a diffusers config's solver options are honoured, and so are ``scheduler_options`` (over either),
+  which may not touch the noise schedule.
 """
 
 import contextlib
@@ -21,9 +22,9 @@ from host_reads import no_host_reads
 from test_sampler import LabelledToy, fake_graphs, gen, tiny_diffusers_unet, tiny_unet, toy
 from test_solvers import TABLE, TABLE_SIGMA_0
 
-from ddpm_fast import SchedulerConfig, sample
+from ddpm_fast import Schedule, SchedulerConfig, sample
 from ddpm_fast import sampler as ddpm_sampler
-from ddpm_fast.solvers import HeunDiscrete, PredictorCorrector, pc_step, resolve, run
+from ddpm_fast.solvers import HeunDiscrete, PredictorCorrector, pc_step, resolve, run, sampling_option_names
 from ddpm_fast.solvers.base import schedule_from_dict
 
 pytestmark = [
@@ -222,6 +223,55 @@ def test_configs_and_names():
         resolve("dpmsolver++", dict(algorithm_type="dpm3"))
     with pytest.raises(ValueError, match="eta"):
         resolve("euler", None, eta=1.0)
+
+
+# scheduler_options over our training config -> the same run as a diffusers-style config dict
+# holding the schedule and the same options (the path test_sample_equals_the_diffusers_loop covers)
+SCHEDULER_OPTION_CASES = {
+    "dpmsolver++": dict(solver_order=3, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"),
+    "unipc": dict(solver_type="bh1", final_sigmas_type="sigma_min"),
+    "euler": dict(use_karras_sigmas=True, timestep_spacing="trailing"),
+    "ddim": dict(timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False),
+    "ddpm": dict(variance_type="fixed_large", thresholding=True, dynamic_thresholding_ratio=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULER_OPTION_CASES))
+def test_scheduler_options_set_the_sampler(name):
+    options = SCHEDULER_OPTION_CASES[name]
+    trained = SchedulerConfig(num_train_timesteps=200, beta_schedule="squaredcos_cap_v2")
+    schedule_keys = dict(num_train_timesteps=200, beta_schedule="squaredcos_cap_v2")
+    kw = dict(shape=(2, 5, 7), batch_size=2, scheduler=name, num_inference_steps=6, progress=False)
+    run = lambda **more: sample(toy, generator=gen(0), **kw, **more)  # noqa: E731
+    ours = run(scheduler_config=trained, scheduler_options=options)
+    assert not torch.equal(ours, run(scheduler_config=trained))  # the options changed the run
+    assert torch.equal(ours, run(scheduler_config={**schedule_keys, **options}))
+    if name in ("ddpm", "ddim"):  # from a Schedule: the same table, the step and spacing options replaced
+        schedule = Schedule.from_config(trained)
+        assert torch.equal(ours, run(scheduler_config=schedule, scheduler_options=options))
+
+
+def test_scheduler_options_errors():
+    kw = dict(shape=(1, 4, 4), scheduler="dpmsolver++", num_inference_steps=4, progress=False)
+    with pytest.raises(ValueError, match="'beta_end' belongs to the noise schedule the model was trained with"):
+        sample(toy, scheduler_options=dict(beta_end=0.03), **kw)
+    with pytest.raises(ValueError, match="'prediction_type' belongs to the noise schedule"):
+        sample(toy, scheduler_options=dict(prediction_type="v_prediction"), **kw)
+    with pytest.raises(ValueError, match=r"dpmsolver\+\+ has no option 'eta'; its options: algorithm_type, "):
+        sample(toy, scheduler_options=dict(eta=1.0), **kw)
+    with pytest.raises(ValueError, match="ddim has no option 'solver_order'"):
+        sample(toy, **{**kw, "scheduler": "ddim"}, scheduler_options=dict(solver_order=2))
+    with pytest.raises(ValueError, match="solver_order must be 1, 2 or 3, got 5"):  # the solver checks values
+        sample(toy, scheduler_options=dict(solver_order=5), **kw)
+    with pytest.raises(ValueError, match="unknown timestep_spacing"):
+        sample(toy, **{**kw, "scheduler": "ddim"}, scheduler_options=dict(timestep_spacing="even"))
+    with pytest.raises(TypeError, match="scheduler_options must be a mapping"):
+        sample(toy, scheduler_options=["solver_order=3"], **kw)
+    # over a diffusers-style config, the options win; names list what each sampler takes
+    _, dpm, _ = resolve("dpmsolver++", dict(solver_order=2, lower_order_final=False), options=dict(solver_order=3))
+    assert dpm.solver_order == 3 and not dpm.lower_order_final
+    assert "use_karras_sigmas" in sampling_option_names("euler")
+    assert not set(sampling_option_names("ddpm")) & {"beta_schedule", "num_train_timesteps", "prediction_type"}
 
 
 def test_cli_takes_the_names():

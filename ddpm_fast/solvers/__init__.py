@@ -9,7 +9,7 @@ from .euler import EulerAncestralDiscrete, EulerDiscrete
 from .heun import HeunDiscrete
 from .pc import PredictorCorrector, pc_step
 from .posterior import PosteriorPlan, PosteriorSolver
-from .registry import DIFFUSERS_NAMES, SCHEDULER_NAMES, resolve
+from .registry import DIFFUSERS_NAMES, SCHEDULER_NAMES, resolve, sampling_option_names
 from .unipc import UniPCMultistep
 
 # diffusers scheduler class name -> our solver (the linear ones)
@@ -38,6 +38,7 @@ __all__ = [
     "X0Limit",
     "apply_step",
     "new_history",
+    "sampling_option_names",
     "pc_step",
     "resolve",
     "run",

@@ -50,10 +50,15 @@ def resolve(
     scheduler_config: SchedulerConfig | Mapping[str, Any] | Schedule | None,
     eta: float = 0.0,
     use_clipped_model_output: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[str, Any, SchedulerConfig | Schedule]:
     """(name, solver, schedule source) from a scheduler name plus config, or from a diffusers
     scheduler object (its config read, its state untouched). The schedule source is a
-    ``SchedulerConfig`` or the given ``Schedule``."""
+    ``SchedulerConfig`` or the given ``Schedule``. ``options`` (diffusers' names) override the
+    sampler's options from either, but never the noise schedule (``sampling_option_names``)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"scheduler_options must be a mapping of option names to values, got {type(options).__name__}")
+    options = dict(options or {})
     if isinstance(scheduler, str):
         name = normalize_choice("scheduler", scheduler.lower(), SCHEDULER_NAMES)
         config: Mapping[str, Any] | None
@@ -85,6 +90,8 @@ def resolve(
     if name in ("ddpm", "ddim"):
         if source is None:
             source = SchedulerConfig.from_dict(config)
+        if options:
+            source = _posterior_source_with(source, name, options)
         step_source = source.config if isinstance(source, Schedule) else source
         return name, PosteriorSolver.from_scheduler_config(name, step_source, eta, use_clipped_model_output), source
 
@@ -95,7 +102,46 @@ def resolve(
         source = schedule_from_dict(config).config
     if config is None:
         config = source.config.to_dict() if isinstance(source, Schedule) else source.to_dict()
-    return name, cls.from_config(solver_options(cls, config, quiet=ours)), source
+    merged = solver_options(cls, config, quiet=ours)
+    if options:
+        check_sampling_options(name, options)
+        merged = {**merged, **options}
+    return name, cls.from_config(merged), source
+
+
+def sampling_option_names(name: str) -> tuple[str, ...]:
+    """The options ``scheduler_options`` may set for the named sampler: its config's fields less the
+    noise schedule and the prediction type, which belong to the trained model (for DDPM and DDIM
+    the spacing, clipping, thresholding, variance type and ``set_alpha_to_one``)."""
+    cls = SchedulerConfig if name in ("ddpm", "ddim") else solver_class(name)
+    return tuple(sorted(f.name for f in dataclasses.fields(cls) if f.name not in SCHEDULE_KEYS))
+
+
+def check_sampling_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuses option names the named sampler lacks and the noise schedule's keys (values are the
+    solver's to check)."""
+    valid = sampling_option_names(name)
+    for key in options:
+        if key in SCHEDULE_KEYS:
+            raise ValueError(
+                f"scheduler_options: {key!r} belongs to the noise schedule the model was trained with (it comes "
+                "from scheduler_config or the checkpoint), not to the sampler"
+            )
+        if key not in valid:
+            raise ValueError(f"scheduler_options: {name} has no option {key!r}; its options: {', '.join(valid)}")
+
+
+def _posterior_source_with(
+    source: SchedulerConfig | Schedule, name: str, options: Mapping[str, Any]
+) -> SchedulerConfig | Schedule:
+    """DDPM / DDIM's schedule source with sampling options replaced (validated by SchedulerConfig)."""
+    check_sampling_options(name, options)
+    if isinstance(source, SchedulerConfig):
+        return dataclasses.replace(source, **options)
+    config = dataclasses.replace(source.config, **options)
+    # the coefficient table stays (the schedule keys are unchanged); DDIM's final a_bar follows set_alpha_to_one
+    final = 1.0 if config.set_alpha_to_one else float(source.alphas_cumprod[0])
+    return dataclasses.replace(source, config=config, final_alpha_cumprod=final)
 
 
 # What our own SchedulerConfig (a model's training config) says about the model; its sampling
