@@ -334,6 +334,8 @@ struct Rows {
 template <int W, bool kFused>
 struct RowsSimd {
   using Portable = Rows<float>;
+  // vectors per step of the activation loops (simd::silu_n): as many chains as registers allow
+  static constexpr int kActUnroll = W >= 16 ? 4 : 2;
   // float and bfloat16 tensors run these vector loops (bfloat16 widened on load, rounded once on
   // store: load_x / store_x); half and double ones the portable loops.
   template <typename X>
@@ -387,8 +389,22 @@ struct RowsSimd {
       Portable::apply(h, len, mean, a, b, silu, res, out);
     } else {
       auto run = [&](auto act, auto with_res) DDPM_LAMBDA_INLINE {
-        simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+        int64_t i0 = 0;
+        if constexpr (decltype(act)::value && W > 1) {  // U vectors at a time (silu_n), then the rest
+          constexpr int U = kActUnroll;
+          for (; i0 + U * W <= len; i0 += U * W) {
+            simd::Lanes<W> z[U];
+            DDPM_EACH(u) {
+              z[u] = simd::fma<W, kFused>(load_x<W>(h + i0 + u * W) - mean, simd::splat<W>(a), simd::splat<W>(b));
+            }
+            simd::silu_n<W, kFused, U>(z);
+            if constexpr (decltype(with_res)::value) DDPM_EACH(u) z[u] += load_x<W>(res + i0 + u * W);
+            DDPM_EACH(u) store_x<W>(out + i0 + u * W, z[u]);
+          }
+        }
+        simd::for_lanes<W>(len - i0, [&](auto w, int64_t j) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
+          const int64_t i = i0 + j;
           const simd::Lanes<V> z =
               simd::fma<V, kFused>(load_x<V>(h + i) - mean, simd::splat<V>(a), simd::splat<V>(b));
           simd::Lanes<V> y = decltype(act)::value ? simd::silu<V, kFused>(z) : z;
@@ -509,12 +525,12 @@ struct RowsSimd {
           for (int64_t p = 0; p < cnt; ++p) {
             const X* row = src + p * ss + c0;
             X* o = out + p * oss + c0;
-            for (int j = 0; j < kB; ++j) {
-              const simd::Lanes<W> z = simd::fma<W, kFused>(load_x<W>(row + j * W) + dd[j], aa[j], bb[j]);
-              simd::Lanes<W> y = decltype(act)::value ? simd::silu<W, kFused>(z) : z;
-              if constexpr (decltype(with_res)::value) y += load_x<W>(res + p * rss + c0 + j * W);
-              store_x<W>(o + j * W, y);
-            }
+            constexpr int U = kB;
+            simd::Lanes<W> y[kB];
+            DDPM_EACH(j) y[j] = simd::fma<W, kFused>(load_x<W>(row + j * W) + dd[j], aa[j], bb[j]);
+            if constexpr (decltype(act)::value) simd::silu_n<W, kFused, kB>(y);
+            if constexpr (decltype(with_res)::value) DDPM_EACH(j) y[j] += load_x<W>(res + p * rss + c0 + j * W);
+            DDPM_EACH(j) store_x<W>(o + j * W, y[j]);
           }
         }
       };
@@ -546,14 +562,15 @@ struct RowsSimd {
             bb[j] = simd::load<W>(B + c), sg[j] = simd::load<W>(acc_g + c), sgx[j] = simd::load<W>(acc_gx + c);
           }
           for (int64_t p = 0; p < cnt; ++p) {
-            for (int j = 0; j < kB; ++j) {
-              const int64_t c = c0 + j * W;
-              const simd::Lanes<W> xh = (load_x<W>(src + p * xs + c) + dd[j]) * rr[j];
-              const simd::Lanes<W> z = simd::fma<W, kFused>(xh, aa[j], bb[j]);
-              const simd::Lanes<W> gi = grad_act<W, decltype(act)::value>(z, load_x<W>(dy + p * dys + c));
-              simd::store<W>(g + p * C + c, gi);
-              sg[j] = sg[j] + gi;
-              sgx[j] = simd::fma<W, kFused>(gi, xh, sgx[j]);
+            constexpr int U = kB;
+            simd::Lanes<W> xh[kB], z[kB], gi[kB];
+            DDPM_EACH(j) xh[j] = (load_x<W>(src + p * xs + c0 + j * W) + dd[j]) * rr[j];
+            DDPM_EACH(j) z[j] = simd::fma<W, kFused>(xh[j], aa[j], bb[j]);
+            grad_act_n<W, decltype(act)::value, kB>(z, dy + p * dys + c0, gi);
+            DDPM_EACH(j) {
+              simd::store<W>(g + p * C + c0 + j * W, gi[j]);
+              sg[j] = sg[j] + gi[j];
+              sgx[j] = simd::fma<W, kFused>(gi[j], xh[j], sgx[j]);
             }
           }
           for (int j = 0; j < kB; ++j) {
@@ -674,17 +691,18 @@ struct RowsSimd {
   DDPM_INLINE static void grad_sums_impl(const Src* src, float add, float mean, float rstd, const X* dy, float* g,
                                          int64_t len, float a, float b, bool silu, double* sum_g, double* sum_gx) {
     auto run = [&](auto act) DDPM_LAMBDA_INLINE {
-      simd::sum32x2<W>(
+      simd::sum32x2<W, (W >= 16 ? 2 : 1)>(
           len, kSumChunk,
-          [&](auto w, int64_t i, auto* out_g, auto* out_gx) DDPM_LAMBDA_INLINE {
+          [&](auto w, int64_t i, auto& out_g, auto& out_gx) DDPM_LAMBDA_INLINE {
             constexpr int V = DDPM_W(w);
-            simd::Lanes<V> x = load_x<V>(src + i);
-            if constexpr (kFromX) x = (x - (mean - add)) * rstd;
-            const simd::Lanes<V> z = simd::fma<V, kFused>(x, simd::splat<V>(a), simd::splat<V>(b));
-            const simd::Lanes<V> gi = grad_act<V, decltype(act)::value>(z, load_x<V>(dy + i));
-            simd::store<V>(g + i, gi);
-            *out_g = gi;
-            *out_gx = gi * x;
+            constexpr int U = std::extent_v<std::remove_reference_t<decltype(out_g)>>;
+            simd::Lanes<V> x[U], z[U];
+            DDPM_EACH(u) x[u] = load_x<V>(src + i + u * V);
+            if constexpr (kFromX) DDPM_EACH(u) x[u] = (x[u] - (mean - add)) * rstd;
+            DDPM_EACH(u) z[u] = simd::fma<V, kFused>(x[u], simd::splat<V>(a), simd::splat<V>(b));
+            grad_act_n<V, decltype(act)::value, U>(z, dy + i, out_g);
+            DDPM_EACH(u) simd::store<V>(g + i + u * V, out_g[u]);
+            DDPM_EACH(u) out_gx[u] = out_g[u] * x[u];
           },
           sum_g, sum_gx);
     };
@@ -749,6 +767,20 @@ struct RowsSimd {
   }
 
  private:
+  // grad_act of U vectors at once (simd::sigmoid_n), the U vectors of dy from dy_row.
+  template <int V, bool kSilu, int U, typename X>
+  DDPM_INLINE static void grad_act_n(const simd::Lanes<V> (&z)[U], const X* dy_row, simd::Lanes<V> (&g)[U]) {
+    if constexpr (!kSilu) {
+      DDPM_EACH(u) g[u] = load_x<V>(dy_row + u * V);
+    } else {
+      simd::Lanes<V> sig[U];
+      simd::sigmoid_n<V, kFused, U>(z, sig);
+      DDPM_EACH(u) {
+        g[u] = load_x<V>(dy_row + u * V) * (sig[u] * simd::fma<V, kFused>(z[u], 1.0f - sig[u], simd::splat<V>(1.0f)));
+      }
+    }
+  }
+
   // g = dy act'(z): SiLU' = sig (1 + z (1 - sig)), or dy itself without the activation.
   template <int V, bool kSilu>
   DDPM_INLINE static simd::Lanes<V> grad_act(simd::Lanes<V> z, simd::Lanes<V> dy) {

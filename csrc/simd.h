@@ -189,6 +189,45 @@ DDPM_SIMD_INLINE Lanes<W> silu(Lanes<W> z) {
   return z / (1.0f + exp<W, kFused>(-z));
 }
 
+// exp, sigmoid and SiLU of U vectors at once, each step applied to all U before the next: exp's
+// ~20-operation dependency chain then runs U-wide in the scheduler's window (one vector at a time,
+// the chains of consecutive vectors barely overlapped: ~10% off the GroupNorm+SiLU loops on Zen 4).
+// Per element, the arithmetic of exp(), so the bits do not change. DDPM_EACH(u) is the unrolled loop
+// over the U vectors (U a constant in scope), for callers that work U vectors at a time too.
+#define DDPM_EACH(u) _Pragma("GCC unroll 8") for (int u = 0; u < U; ++u)
+template <int W, bool kFused, int U>
+DDPM_SIMD_INLINE void exp_n(Lanes<W> (&x)[U]) {
+  Lanes<W> t[U], k[U], r[U], p[U];
+  DDPM_EACH(u) x[u] = vmax<W>(splat<W>(-87.0f), vmin<W>(splat<W>(87.0f), x[u]));
+  DDPM_EACH(u) t[u] = fma<W, kFused>(x[u], splat<W>(1.44269504088896341f), splat<W>(12582912.0f));
+  DDPM_EACH(u) k[u] = t[u] - 12582912.0f;
+  DDPM_EACH(u) r[u] = fma<W, kFused>(k[u], splat<W>(-0.693359375f), x[u]);
+  DDPM_EACH(u) r[u] = fma<W, kFused>(k[u], splat<W>(2.12194440e-4f), r[u]);
+  DDPM_EACH(u) p[u] = fma<W, kFused>(splat<W>(kExpP[0]), r[u], splat<W>(kExpP[1]));
+  DDPM_EACH(u) p[u] = fma<W, kFused>(p[u], r[u], splat<W>(kExpP[2]));
+  DDPM_EACH(u) p[u] = fma<W, kFused>(p[u], r[u], splat<W>(kExpP[3]));
+  DDPM_EACH(u) p[u] = fma<W, kFused>(p[u], r[u], splat<W>(kExpP[4]));
+  DDPM_EACH(u) p[u] = fma<W, kFused>(p[u] * r[u], r[u], r[u]) + 1.0f;
+  DDPM_EACH(u) x[u] = p[u] * from_bits<W>((to_bits<W>(t[u]) + (127u - 0x4B400000u)) << 23);
+}
+
+// z[u] = SiLU(z[u]) = z / (1 + e^-z), as silu().
+template <int W, bool kFused, int U>
+DDPM_SIMD_INLINE void silu_n(Lanes<W> (&z)[U]) {
+  Lanes<W> e[U];
+  DDPM_EACH(u) e[u] = -z[u];
+  exp_n<W, kFused, U>(e);
+  DDPM_EACH(u) z[u] = z[u] / (1.0f + e[u]);
+}
+
+// s[u] = sigmoid(z[u]), as sigmoid().
+template <int W, bool kFused, int U>
+DDPM_SIMD_INLINE void sigmoid_n(const Lanes<W> (&z)[U], Lanes<W> (&s)[U]) {
+  DDPM_EACH(u) s[u] = -z[u];
+  exp_n<W, kFused, U>(s);
+  DDPM_EACH(u) s[u] = 1.0f / (1.0f + s[u]);
+}
+
 // body(Width<W>, i) for i = 0, W, 2W, ... then body(Width<1>, i) for the last n % W elements.
 template <int W, typename Body>
 DDPM_SIMD_INLINE void for_lanes(int64_t n, const Body& body) {
@@ -265,25 +304,34 @@ DDPM_SIMD_INLINE double sum32(int64_t n, int64_t chunk, const Value& value) {
   return total;
 }
 
-// Two sums in one pass: values(Width<w>, i, &a, &b) gives both addends of elements i ...
-template <int W, typename Values>
+// Two sums in one pass: values(Width<V>{}, i, a, b) fills the arrays a[U], b[U] of Lanes<V> with
+// both addends of the U V elements from i: U = B * 32 / W vectors (B blocks of 32) at once, so that
+// values can interleave their work (silu_n); the last n % 32 elements come one at a time (V = U =
+// 1) into a zero-padded block. The additions into the partials are in element order whatever B is.
+template <int W, int B, typename Values>
 DDPM_SIMD_INLINE void sum32x2(int64_t n, int64_t chunk, const Values& values, double* total_a, double* total_b) {
+  constexpr int K = Partials<W>::kVecs;
   double ta = 0, tb = 0;
   for (int64_t i0 = 0; i0 < n; i0 += chunk) {
     const int64_t end = i0 + chunk < n ? i0 + chunk : n;
     const int64_t full = i0 + ((end - i0) & ~(kSumLanes - 1));
     Partials<W> acc_a, acc_b;
-    for (int64_t i = i0; i < full; i += kSumLanes) {
-      for (int u = 0; u < acc_a.kVecs; ++u) {
-        Lanes<W> a, b;
-        values(Width<W>{}, i + u * W, &a, &b);
-        acc_a.add(u, a);
-        acc_b.add(u, b);
-      }
-    }
+    auto blocks = [&](int64_t i, auto count) __attribute__((always_inline)) {
+      constexpr int U = decltype(count)::value * K;
+      Lanes<W> a[U], b[U];
+      values(Width<W>{}, i, a, b);
+      for (int u = 0; u < U; ++u) acc_a.add(u % K, a[u]), acc_b.add(u % K, b[u]);
+    };
+    int64_t i = i0;
+    for (; i + B * kSumLanes <= full; i += B * kSumLanes) blocks(i, std::integral_constant<int, B>{});
+    for (; i < full; i += kSumLanes) blocks(i, std::integral_constant<int, 1>{});
     if (full < end) {
       alignas(64) float tail_a[kSumLanes] = {}, tail_b[kSumLanes] = {};
-      for (int64_t i = full; i < end; ++i) values(Width<1>{}, i, tail_a + (i - full), tail_b + (i - full));
+      for (int64_t j = full; j < end; ++j) {
+        Lanes<1> a[1], b[1];
+        values(Width<1>{}, j, a, b);
+        tail_a[j - full] = a[0], tail_b[j - full] = b[0];
+      }
       acc_a.add_padded(tail_a);
       acc_b.add_padded(tail_b);
     }
