@@ -160,39 +160,11 @@ constexpr float kExpP[5] = {1.3814596459269524e-3f, 8.3687175065279e-3f, 4.16683
 // hold k, so 2^k is built from them with integer adds and a shift, no conversion), e^r by kExpP.
 // x is clamped to [-87, 87] (e^-87 ~ 1.6e-38 stays normal), which moves SiLU and its derivative
 // by < 1e-36. NaN stays NaN.
-template <int W, bool kFused>
-DDPM_SIMD_INLINE Lanes<W> exp(Lanes<W> x) {
-  x = vmax<W>(splat<W>(-87.0f), vmin<W>(splat<W>(87.0f), x));  // NaN stays NaN
-  const Lanes<W> t = fma<W, kFused>(x, splat<W>(1.44269504088896341f), splat<W>(12582912.0f));
-  const Lanes<W> k = t - 12582912.0f;
-  Lanes<W> r = fma<W, kFused>(k, splat<W>(-0.693359375f), x);
-  r = fma<W, kFused>(k, splat<W>(2.12194440e-4f), r);
-  Lanes<W> p = splat<W>(kExpP[0]);
-  p = fma<W, kFused>(p, r, splat<W>(kExpP[1]));
-  p = fma<W, kFused>(p, r, splat<W>(kExpP[2]));
-  p = fma<W, kFused>(p, r, splat<W>(kExpP[3]));
-  p = fma<W, kFused>(p, r, splat<W>(kExpP[4]));
-  p = fma<W, kFused>(p * r, r, r) + 1.0f;
-  // t's bits are 0x4B400000 + k: (k + 127) << 23 is 2^k
-  const IntLanes<W> scale = (to_bits<W>(t) + (127u - 0x4B400000u)) << 23;
-  return p * from_bits<W>(scale);
-}
-
-template <int W, bool kFused>
-DDPM_SIMD_INLINE Lanes<W> sigmoid(Lanes<W> z) {
-  return 1.0f / (1.0f + exp<W, kFused>(-z));
-}
-
-// z sigmoid(z) as z / (1 + e^-z): one rounding fewer than the product, and one multiply.
-template <int W, bool kFused>
-DDPM_SIMD_INLINE Lanes<W> silu(Lanes<W> z) {
-  return z / (1.0f + exp<W, kFused>(-z));
-}
-
-// exp, sigmoid and SiLU of U vectors at once, each step applied to all U before the next: exp's
+//
+// exp, sigmoid and SiLU work on U vectors at once, each step applied to all U before the next: exp's
 // ~20-operation dependency chain then runs U-wide in the scheduler's window (one vector at a time,
 // the chains of consecutive vectors barely overlapped: ~10% off the GroupNorm+SiLU loops on Zen 4).
-// Per element, the arithmetic of exp(), so the bits do not change. DDPM_EACH(u) is the unrolled loop
+// An element's arithmetic does not depend on U, so neither do its bits. DDPM_EACH(u) is the unrolled loop
 // over the U vectors (U a constant in scope), for callers that work U vectors at a time too.
 #define DDPM_EACH(u) _Pragma("GCC unroll 8") for (int u = 0; u < U; ++u)
 template <int W, bool kFused, int U>
@@ -211,7 +183,7 @@ DDPM_SIMD_INLINE void exp_n(Lanes<W> (&x)[U]) {
   DDPM_EACH(u) x[u] = p[u] * from_bits<W>((to_bits<W>(t[u]) + (127u - 0x4B400000u)) << 23);
 }
 
-// z[u] = SiLU(z[u]) = z / (1 + e^-z), as silu().
+// z[u] = SiLU(z[u]) = z / (1 + e^-z): one rounding fewer than z sigmoid(z), and one multiply.
 template <int W, bool kFused, int U>
 DDPM_SIMD_INLINE void silu_n(Lanes<W> (&z)[U]) {
   Lanes<W> e[U];
@@ -220,12 +192,35 @@ DDPM_SIMD_INLINE void silu_n(Lanes<W> (&z)[U]) {
   DDPM_EACH(u) z[u] = z[u] / (1.0f + e[u]);
 }
 
-// s[u] = sigmoid(z[u]), as sigmoid().
+// s[u] = sigmoid(z[u]) = 1 / (1 + e^-z).
 template <int W, bool kFused, int U>
 DDPM_SIMD_INLINE void sigmoid_n(const Lanes<W> (&z)[U], Lanes<W> (&s)[U]) {
   DDPM_EACH(u) s[u] = -z[u];
   exp_n<W, kFused, U>(s);
   DDPM_EACH(u) s[u] = 1.0f / (1.0f + s[u]);
+}
+
+// One vector: the U = 1 forms.
+template <int W, bool kFused>
+DDPM_SIMD_INLINE Lanes<W> exp(Lanes<W> x) {
+  Lanes<W> v[1] = {x};
+  exp_n<W, kFused, 1>(v);
+  return v[0];
+}
+
+template <int W, bool kFused>
+DDPM_SIMD_INLINE Lanes<W> sigmoid(Lanes<W> z) {
+  const Lanes<W> v[1] = {z};
+  Lanes<W> s[1];
+  sigmoid_n<W, kFused, 1>(v, s);
+  return s[0];
+}
+
+template <int W, bool kFused>
+DDPM_SIMD_INLINE Lanes<W> silu(Lanes<W> z) {
+  Lanes<W> v[1] = {z};
+  silu_n<W, kFused, 1>(v);
+  return v[0];
 }
 
 // body(Width<W>, i) for i = 0, W, 2W, ... then body(Width<1>, i) for the last n % W elements.
