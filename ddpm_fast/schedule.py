@@ -142,6 +142,11 @@ def make_betas(config: SchedulerConfig) -> np.ndarray:
     return betas
 
 
+def final_alpha_cumprod(config: SchedulerConfig, first_alpha_cumprod: float) -> float:
+    """DDIM's a_bar before t = 0 (diffusers' final_alpha_cumprod): 1 with set_alpha_to_one, else a_bar_0."""
+    return 1.0 if config.set_alpha_to_one else first_alpha_cumprod
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """The frozen coefficient table of one noise schedule, on one device.
@@ -171,7 +176,7 @@ class Schedule:
             config = dataclasses.replace(config, **overrides)
         betas = make_betas(config)
         alphas_cumprod = np.cumprod(1.0 - betas)
-        final = 1.0 if config.set_alpha_to_one else float(alphas_cumprod[0])
+        final = final_alpha_cumprod(config, float(alphas_cumprod[0]))
         to = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
         return cls(config=config, betas=to(betas), alphas_cumprod=to(alphas_cumprod), final_alpha_cumprod=final)
 

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from ..schedule import Schedule, SchedulerConfig, normalize_choice
+from ..schedule import Schedule, SchedulerConfig, final_alpha_cumprod, normalize_choice
 from .base import SCHEDULE_KEYS, schedule_from_dict
 from .posterior import PosteriorSolver
 
@@ -140,7 +140,7 @@ def _posterior_source_with(
         return dataclasses.replace(source, **options)
     config = dataclasses.replace(source.config, **options)
     # the coefficient table stays (the schedule keys are unchanged); DDIM's final a_bar follows set_alpha_to_one
-    final = 1.0 if config.set_alpha_to_one else float(source.alphas_cumprod[0])
+    final = final_alpha_cumprod(config, float(source.alphas_cumprod[0]))
     return dataclasses.replace(source, config=config, final_alpha_cumprod=final)
 
 
