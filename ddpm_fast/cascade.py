@@ -121,6 +121,18 @@ def _schedule_of(scheduler: Any, scheduler_config: Any, device: torch.device) ->
     return source.to(device) if isinstance(source, Schedule) else Schedule.from_config(source, device=device)
 
 
+def _check_scheduler_options(scheduler: Any, scheduler_config: Any, options: Any, stage_name: str) -> None:
+    """Resolves the stage's sampler with its options as sample() will (names and values), naming the stage."""
+    from .solvers.registry import resolve
+
+    if options is None:
+        return
+    try:
+        resolve(scheduler, scheduler_config, options=options)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{stage_name}: {e}") from e
+
+
 def _labels(class_labels: Any, n: int, device: torch.device) -> torch.Tensor | None:
     if class_labels is None:
         return None
@@ -292,6 +304,7 @@ def sample_cascade(
     schedulers: str | Any | Sequence[Any] = "ddim",
     steps: int | None | Sequence[int | None] = None,
     scheduler_configs: Any = None,
+    scheduler_options: Mapping[str, Any] | None | Sequence[Mapping[str, Any] | None] = None,
     class_labels: torch.Tensor | Sequence[int] | int | None = None,
     guidance_scale: float | None | Sequence[float | None] = None,
     aug_level: int | None | Sequence[int | None] = None,
@@ -314,6 +327,9 @@ def sample_cascade(
             ``scheduler`` and ``num_inference_steps``; steps None = that scheduler's default).
         scheduler_configs: one per stage (or one for all): the stage's SchedulerConfig / diffusers config /
             Schedule; None = the checkpoint's (stages given as paths), else diffusers' defaults.
+        scheduler_options: sample()'s ``scheduler_options`` (sampler options under diffusers' names,
+            e.g. ``{"solver_order": 3}``), one mapping for every stage or a list with one per stage (None
+            entries: none). Every stage's options are checked against its sampler before any stage samples.
         class_labels: (N,) labels or one int, given to every class-conditional stage (one at least).
         guidance_scale: classifier-free guidance, one for all conditional stages or one per stage.
         aug_level: the fixed conditioning-augmentation level of each super-resolution stage (one value,
@@ -339,6 +355,7 @@ def sample_cascade(
     schedulers = _per_stage("schedulers", schedulers, k)
     steps = _per_stage("steps", steps, k)
     configs = _per_stage("scheduler_configs", scheduler_configs, k)
+    options = _per_stage("scheduler_options", scheduler_options, k)
     scales = _per_stage("guidance_scale", guidance_scale, k)
     levels = _per_stage("aug_level", aug_level, k - 1, "super-resolution stage")
     if device is not None:
@@ -365,6 +382,8 @@ def sample_cascade(
             raise ValueError(f"guidance_scale given for stage(s) {wrong}, which are not class-conditional")
 
     # every stage is checked before the first one samples
+    for i, (_, config) in enumerate(loaded):
+        _check_scheduler_options(schedulers[i], config, options[i], f"stage {i}")
     c, size = _config_value(base, "in_channels"), _config_value(base, "sample_size")
     low_shape = (int(c), int(size), int(size)) if c is not None and size is not None else None
     for i in range(1, k):
@@ -381,6 +400,7 @@ def sample_cascade(
             scheduler=schedulers[i],
             num_inference_steps=steps[i],
             scheduler_config=config,
+            scheduler_options=options[i],
             class_labels=stage_labels,
             guidance_scale=stage_scale,
             generator=generator,

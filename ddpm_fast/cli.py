@@ -187,6 +187,28 @@ def scheduler_options(pairs, table) -> dict | None:
     return options or None
 
 
+def stage_scheduler_options(pairs, stages: int) -> list[dict | None] | None:
+    """sample-cascade's --scheduler-option [STAGE:]KEY=VALUE flags, one dict per stage: the options
+    without a stage (every stage's) under those given for the stage (e.g. 1:solver_order=3)."""
+    shared: list[str] = []
+    own: dict[int, list[str]] = {}
+    for pair in [pairs] if isinstance(pairs, str) else pairs:
+        key, _, rest = str(pair).partition("=")
+        stage, sep, name = key.partition(":")
+        if not (sep and stage.strip().isdigit()):
+            shared.append(pair)
+            continue
+        if int(stage) >= stages:
+            raise ValueError(
+                f"--scheduler-option {pair!r} is for stage {int(stage)}, but the cascade has {stages} stages "
+                f"(0 to {stages - 1})"
+            )
+        own.setdefault(int(stage), []).append(f"{name}={rest}" if "=" in str(pair) else name)
+    if not shared and not own:
+        return None
+    return [scheduler_options([*shared, *own.get(i, [])], None) for i in range(stages)]
+
+
 def sample_grid(checkpoint: str, **options) -> Path:
     """Sample from a checkpoint's EMA weights into a PNG grid (the ``sample`` command's work)."""
     import torch
@@ -272,6 +294,7 @@ CASCADE_DEFAULTS = {
     "scale": 1,
     "device": "auto",
     "stage_grids": False,
+    "scheduler_option": (),  # --scheduler-option [STAGE:]KEY=VALUE, repeated
 }
 
 
@@ -323,6 +346,7 @@ def sample_cascade_grid(checkpoints: list[str], **options) -> Path:
         schedulers=_stage_list("schedulers", o["schedulers"], str),
         steps=_stage_list("steps", o["steps"], int),
         scheduler_configs=[c for _, c in loaded],
+        scheduler_options=stage_scheduler_options(o["scheduler_option"], len(loaded)),
         class_labels=labels,
         guidance_scale=o["guidance_scale"],
         aug_level=_stage_list("aug_level", o["aug_level"], int),
@@ -536,6 +560,14 @@ def _add_sample_cascade_parser(sub) -> None:
         "--schedulers", default=d["schedulers"], help="sampler per stage, e.g. ddim,dpmsolver++ (default: ddim)"
     )
     sc.add_argument("--steps", default=d["steps"], help="steps per stage, e.g. 50,20 (default: each sampler's)")
+    sc.add_argument(
+        "--scheduler-option",
+        action="append",
+        default=[],
+        metavar="[STAGE:]KEY=VALUE",
+        help="a sampler option under diffusers' name, repeatable, as in `ddpm-fast sample`: for every stage, or "
+        "with a stage number for that stage only (e.g. 1:solver_order=3; a stage's own value wins)",
+    )
     sc.add_argument(
         "--aug-level",
         default=d["aug_level"],

@@ -13,7 +13,7 @@ from test_unet import perturb_
 from ddpm_fast import SchedulerConfig, UNet, UNetConfig, sample, sample_cascade
 from ddpm_fast import checkpoint as ckpt
 from ddpm_fast.cascade import LowResConditioned
-from ddpm_fast.cli import main
+from ddpm_fast.cli import main, stage_scheduler_options
 from ddpm_fast.ops import q_sample
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.train import TrainConfig, train
@@ -303,6 +303,91 @@ def test_sample_cascade_from_checkpoints_and_the_cli(tmp_path):
     # UniPC's default order 2 takes 2 steps at least
     assert main([*args, "--steps", "1,2", "--schedulers", "ddim,unipc", "--aug-level", "10", "--stage-grids"]) == 0
     assert out.is_file() and (tmp_path / "grid-stage0.png").is_file()
+
+
+def test_sample_cascade_scheduler_options_per_stage(tmp_path):
+    """scheduler_options (one mapping for all stages, or one per stage) sample what the same options written
+    into each stage's scheduler config do, and change the images; the CLI's [STAGE:]KEY=VALUE flags give the
+    per-stage mappings."""
+    base, sr = _stages()
+    run = dict(batch_size=2, steps=[3, 3], class_labels=[1, 2], aug_level=40, return_all=True)
+
+    def cascade(schedulers, **options):
+        return sample_cascade(
+            [base, sr], schedulers=schedulers, generator=torch.Generator().manual_seed(5), **run, **options
+        )
+
+    trailing = {"timestep_spacing": "trailing"}
+    shared = cascade(["ddim", "ddim"], scheduler_configs=[None, SR_CONFIG], scheduler_options=trailing)
+    configs = [
+        SchedulerConfig(timestep_spacing="trailing"),
+        dataclasses.replace(SR_CONFIG, timestep_spacing="trailing"),
+    ]
+    assert all(map(torch.equal, shared, cascade(["ddim", "ddim"], scheduler_configs=configs)))
+    plain = cascade(["ddim", "ddim"], scheduler_configs=[None, SR_CONFIG])
+    assert not torch.equal(shared[0], plain[0]) and not torch.equal(shared[1], plain[1])
+
+    per_stage = [{"clip_sample": False}, {"solver_order": 1, "use_karras_sigmas": True}]
+    got = cascade(["ddim", "dpmsolver++"], scheduler_configs=[None, SR_CONFIG], scheduler_options=per_stage)
+    ddpm_only = ("clip_sample", "clip_sample_range", "set_alpha_to_one")  # keys DPM-Solver++ warns about
+    sr_dict = {k: v for k, v in SR_CONFIG.to_dict().items() if k not in ddpm_only}
+    sr_dict.update(solver_order=1, use_karras_sigmas=True)
+    want = cascade(["ddim", "dpmsolver++"], scheduler_configs=[SchedulerConfig(clip_sample=False), sr_dict])
+    assert all(map(torch.equal, got, want))
+    default = cascade(["ddim", "dpmsolver++"], scheduler_configs=[None, SR_CONFIG], scheduler_options=[None, None])
+    assert not torch.equal(got[1], default[1])
+
+    flags = ["timestep_spacing=trailing", "1:solver_order=1", "1:timestep_spacing=leading"]
+    assert stage_scheduler_options(flags, 2) == [trailing, {"timestep_spacing": "leading", "solver_order": 1}]
+    assert stage_scheduler_options(["0:clip_sample=false"], 3) == [{"clip_sample": False}, None, None]
+    assert stage_scheduler_options([], 2) is None
+    with pytest.raises(ValueError, match="for stage 2, but the cascade has 2 stages"):
+        stage_scheduler_options(["2:solver_order=1"], 2)
+    base_run = _checkpoint(tmp_path / "base", base, SchedulerConfig()).parent.parent
+    sr_run = _checkpoint(tmp_path / "sr", sr, SR_CONFIG).parent.parent
+    out = tmp_path / "grid.png"
+    args = ["sample-cascade", "--checkpoints", str(base_run), str(sr_run), "--out", str(out), "--num-images", "2"]
+    args += ["--schedulers", "ddim,dpmsolver++", "--steps", "1,1"]
+    assert main([*args, "--scheduler-option", "steps_offset=1", "--scheduler-option", "1:solver_order=1"]) == 0
+    assert out.is_file()
+
+
+def test_sample_cascade_checks_every_stages_options_first(tmp_path, capsys):
+    """A bad option name or value of any stage fails, naming the stage, before the base model runs."""
+    base, sr = _stages()
+    calls = []
+
+    def counted(x, t, class_labels=None):
+        calls.append(1)
+        return base(x, t, class_labels=class_labels)
+
+    counted.config, counted.null_class_label = base.config, base.null_class_label
+    run = dict(batch_size=1, steps=2, schedulers=["ddim", "dpmsolver++"], class_labels=0)
+    cases = [
+        (
+            [None, {"clip_sample": True}],
+            ValueError,
+            r"stage 1: scheduler_options: dpmsolver\+\+ has no option 'clip_sample'",
+        ),
+        ([None, {"solver_order": 7}], ValueError, "stage 1: .*solver_order"),
+        ([{"timestep_spacing": "sideways"}, None], ValueError, "stage 0: .*timestep_spacing"),
+        ([None, {"beta_schedule": "linear"}], ValueError, "stage 1: .*belongs to the noise schedule"),
+        ([None, 3], TypeError, "stage 1: scheduler_options must be a mapping"),
+        ([None, None, None], ValueError, "scheduler_options has 3 entries; the cascade has 2 stages"),
+    ]
+    for options, error, match in cases:
+        with pytest.raises(error, match=match):
+            sample_cascade([counted, sr], scheduler_options=options, **run)
+    assert not calls
+    base_run = _checkpoint(tmp_path / "base", base, SchedulerConfig()).parent.parent
+    sr_run = _checkpoint(tmp_path / "sr", sr, SR_CONFIG).parent.parent
+    out = tmp_path / "grid.png"
+    args = ["sample-cascade", "--checkpoints", str(base_run), str(sr_run), "--out", str(out)]
+    assert main([*args, "--scheduler-option", "1:solver_order=2"]) == 2
+    assert "stage 1: scheduler_options: ddim has no option 'solver_order'" in capsys.readouterr().err
+    assert main([*args, "--scheduler-option", "5:clip_sample=true"]) == 2
+    assert "for stage 5, but the cascade has 2 stages" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cascade_bad_inputs(tmp_path, capsys):
