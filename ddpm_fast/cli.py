@@ -114,6 +114,11 @@ def _train(args: argparse.Namespace) -> int:
 
     options = _merge_config(args, "train")
     try:
+        for prefix in ("sample", "eval"):  # --eval-scheduler-option KEY=VALUE flags over the config's table
+            flags = options.pop(f"{prefix}_scheduler_option", None)
+            if flags:
+                table = options.get(f"{prefix}_scheduler_options")
+                options[f"{prefix}_scheduler_options"] = scheduler_options(flags, table, f"--{prefix}-scheduler-option")
         config = TrainConfig.from_dict(options)
         result = train(config)
     except NonFiniteLossError as e:
@@ -174,15 +179,16 @@ def _option_value(text: str):
         return text.strip()
 
 
-def scheduler_options(pairs, table) -> dict | None:
+def scheduler_options(pairs, table, flag: str = "--scheduler-option") -> dict | None:
     """The sampler options of --scheduler-option KEY=VALUE flags over a TOML ``scheduler_options`` table."""
     if table is not None and not isinstance(table, dict):
-        raise ValueError(f"scheduler_options must be a table of option = value, got {table!r}")
+        name = flag.removeprefix("--").replace("-", "_") + "s"  # the TOML table's name
+        raise ValueError(f"{name} must be a table of option = value, got {table!r}")
     options = dict(table or {})
     for pair in [pairs] if isinstance(pairs, str) else pairs:
         key, sep, value = str(pair).partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--scheduler-option takes KEY=VALUE (e.g. solver_order=3), got {pair!r}")
+            raise ValueError(f"{flag} takes KEY=VALUE (e.g. solver_order=3), got {pair!r}")
         options[key.strip().replace("-", "_")] = _option_value(value)
     return options or None
 
@@ -430,7 +436,7 @@ def _merge_config(args: argparse.Namespace, table: str) -> dict:
         data = data.get(table, data)
         # sub-tables are other commands' options, except the table of sampler options
         data = {k.replace("-", "_"): v for k, v in data.items()}
-        options.update({k: v for k, v in data.items() if not isinstance(v, dict) or k == "scheduler_options"})
+        options.update({k: v for k, v in data.items() if not isinstance(v, dict) or k.endswith("scheduler_options")})
     options.update(_options(args, "config"))
     return options
 
@@ -472,6 +478,8 @@ def _add_train_parser(sub) -> None:
         hint = hints[f.name]
         if f.name == "resume":
             train.add_argument(flag, nargs="?", const="auto", help=help_text + "; bare --resume = 'auto'")
+        elif f.name.endswith("_scheduler_options"):  # a table: one KEY=VALUE flag per option
+            train.add_argument(flag.removesuffix("s"), action="append", metavar="KEY=VALUE", help=help_text)
         elif hint is bool:
             train.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif hint in (int, float, str):

@@ -798,6 +798,7 @@ class TrainingEval:
                 num_samples=config.eval_samples,
                 scheduler=config.eval_scheduler,
                 steps=config.eval_steps,
+                scheduler_options=getattr(config, "eval_scheduler_options", None),
                 seed=0,
                 batch_size=min(256, config.eval_samples),
                 device=self.device,
@@ -808,13 +809,17 @@ class TrainingEval:
             model.train(was_training)
         figures = fid_and_is(acc, self.ref)
         name = "classifier_fid" if self.metric == "classifier_fid" else "fid"
-        return {
+        record = {
             "step": step,
             name: figures["fid"],
             "eval_samples": acc.count,
             "eval_scheduler": f"{config.eval_scheduler}-{config.eval_steps}",
             "eval_seconds": time.perf_counter() - t0,
         }
+        options = getattr(config, "eval_scheduler_options", None)
+        if options:  # only when given: the records of runs without them stay as they were
+            record["eval_scheduler_options"] = dict(options)
+        return record
 
 
 def training_eval_metric(config: Any) -> str:

@@ -38,7 +38,7 @@ from . import reference, vlb
 from .ema import EMA
 from .ops import no_value_checks, q_sample, vlb_terms
 from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, Schedule, SchedulerConfig, normalize_choice
-from .solvers.registry import SCHEDULER_NAMES, min_steps
+from .solvers.registry import SCHEDULER_NAMES, resolve
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 NOISE_SOURCES = ("kernel", "torch")
@@ -147,6 +147,11 @@ class TrainConfig:
     sample_images: int = _opt(64, "images per sample grid (0: no grids)")
     sample_steps: int = _opt(50, "sampler steps for the grids")
     sample_scheduler: str = _opt("ddim", "sampler for the grids: " + ", ".join(SCHEDULER_NAMES))
+    sample_scheduler_options: dict | None = _opt(
+        None,
+        "the grids' sampler options under diffusers' names, as sample()'s scheduler_options (flag: "
+        "--sample-scheduler-option KEY=VALUE, repeatable; in a --config file, a table)",
+    )
     eval_every: int = _opt(
         0, "FID of the EMA weights every N steps with the fast sampler, logged to metrics.jsonl (0: off)"
     )
@@ -156,6 +161,11 @@ class TrainConfig:
     )
     eval_scheduler: str = _opt("dpmsolver++", "sampler of the in-training FID: " + ", ".join(SCHEDULER_NAMES))
     eval_steps: int = _opt(20, "sampler steps of the in-training FID")
+    eval_scheduler_options: dict | None = _opt(
+        None,
+        "the in-training FID's sampler options under diffusers' names, e.g. solver_order=3 (flag: "
+        "--eval-scheduler-option KEY=VALUE, repeatable; in a --config file, a table)",
+    )
     eval_inception_weights: str | None = _opt(None, "pytorch-fid's Inception weights file for the in-training FID")
     eval_ref_stats: str | None = _opt(
         None, "reference statistics npz of the in-training FID (default for classifier_fid: the held-out split)"
@@ -219,7 +229,17 @@ class TrainConfig:
             raise ValueError("eval_every must be >= 0, eval_samples >= 2 and eval_steps >= 1")
         for use, prefix in ((self.sample_images, "sample"), (self.eval_every, "eval")):
             name, steps = getattr(self, f"{prefix}_scheduler"), getattr(self, f"{prefix}_steps")
-            least = min_steps(name)
+            options = getattr(self, f"{prefix}_scheduler_options")
+            if options is not None and not isinstance(options, Mapping):
+                raise ValueError(f"{prefix}_scheduler_options must be a table of option = value, got {options!r}")
+            if not use and options is None:
+                continue
+            # the sampler built now, as the grids / evaluation will: a bad option fails before training
+            try:
+                _, solver, _ = resolve(name, self.scheduler_config(), options=options)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{prefix}_scheduler_options: {str(e).removeprefix('scheduler_options: ')}") from e
+            least = getattr(solver, "solver_order", 1)
             if use and steps < least:  # fail now, not after training up to the first grid
                 raise ValueError(
                     f"{prefix}_steps={steps} is fewer than {prefix}_scheduler {name}'s solver_order={least}: "
@@ -314,11 +334,13 @@ RESUMABLE_CHANGES = frozenset(
         "sample_images",
         "sample_steps",
         "sample_scheduler",
+        "sample_scheduler_options",
         "eval_every",
         "eval_samples",
         "eval_metric",
         "eval_scheduler",
         "eval_steps",
+        "eval_scheduler_options",
         "eval_inception_weights",
         "eval_ref_stats",
         "log_every",
@@ -906,6 +928,7 @@ class Trainer:
             num_inference_steps=config.sample_steps,
             scheduler=config.sample_scheduler,
             scheduler_config=self.scheduler_config,
+            scheduler_options=config.sample_scheduler_options,
             class_labels=labels,
             generator=generator,
             output_type="tensor",
@@ -942,6 +965,7 @@ class Trainer:
             scheduler=config.sample_scheduler,
             num_inference_steps=config.sample_steps,
             scheduler_config=self.scheduler_config,
+            scheduler_options=config.sample_scheduler_options,
             class_labels=None if labels is None else labels[:k],
             generator=generator,
             progress=False,

@@ -20,6 +20,8 @@ def test_train_help_explains_every_option(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        if f.name.endswith("_scheduler_options"):  # a table, given as repeated KEY=VALUE flags
+            flag = flag.removesuffix("s") + " KEY=VALUE"
         assert flag in text, flag
         assert " ".join(f.metadata["help"].split())[:40] in text, f.name
     assert "--config" in text
@@ -144,6 +146,41 @@ def test_sample_errors(trained_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "num_inference_steps=1 is fewer than solver_order=2" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_train_scheduler_option_flags_over_the_toml_table(tmp_path, capsys):
+    """--sample-scheduler-option / --eval-scheduler-option KEY=VALUE flags add to (and override) the
+    config file's tables; the run's saved config holds the merged options; bad ones fail before training."""
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        "[train]\nsteps = 1\n[train.sample_scheduler_options]\nuse_karras_sigmas = false\nsolver_order = 2\n"
+    )
+    run = tmp_path / "run"
+    args = ["train", "--config", str(toml), *TRAIN_FLAGS, *QUIET, "--sample-scheduler", "dpmsolver++"]
+    flags = [
+        "--sample-scheduler-option",
+        "use_karras_sigmas=true",
+        "--sample-scheduler-option",
+        "lower_order_final=false",
+    ]
+    assert cli.main([*args, *flags, "--out", str(run)]) == 0
+    saved = json.loads((run / "checkpoints" / "step_00000001" / "train_config.json").read_text())
+    assert saved["sample_scheduler_options"] == {
+        "use_karras_sigmas": True,
+        "solver_order": 2,
+        "lower_order_final": False,
+    }
+    assert saved["eval_scheduler_options"] is None
+    capsys.readouterr()
+    bad = [
+        (["--sample-scheduler-option", "karras"], "--sample-scheduler-option takes KEY=VALUE"),
+        (["--sample-scheduler-option", "clip_sample=true"], "sample_scheduler_options: dpmsolver++ has no option"),
+        (["--eval-scheduler-option", "solver_order=9"], "eval_scheduler_options: "),
+    ]
+    for extra, message in bad:
+        assert cli.main([*args, *extra, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_train_errors(tmp_path, capsys):

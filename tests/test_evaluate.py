@@ -7,6 +7,7 @@ at 8x8 (cached once per module); the Inception network only with random weights 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -379,6 +380,35 @@ def test_trainer_logs_the_in_training_fid(env, tmp_path):
         TrainConfig(dataset="folder", data_dir=str(tmp_path), eval_every=10)
     with pytest.raises(ValueError, match="eval-ref-stats"):
         TrainConfig(eval_every=10, eval_inception_weights="w.pth")
+
+
+def test_in_training_fid_takes_scheduler_options(env, tmp_path):
+    """--eval-scheduler-option: the logged FID is the one of the sampler with those options (recomputed
+    on the run's final EMA weights), not the plain sampler's, and the record names the options."""
+    import shutil
+
+    from ddpm_fast.evaluation import TrainingEval
+    from ddpm_fast.train import TrainConfig, _Distributed, train
+
+    run = tmp_path / "run"
+    shutil.copytree(env["cache"], run / "eval_cache")
+    options = {"solver_order": 1, "use_karras_sigmas": True}
+    config = TrainConfig(dataset="digits", image_size=8, preset="tiny", batch_size=8, steps=2, warmup_steps=1,
+                         sample_images=0, progress=False, device="cpu", out=str(run), checkpoint_every=0,
+                         log_every=10, eval_every=2, eval_samples=8, eval_steps=2,
+                         eval_scheduler_options=options)  # fmt: skip
+    train(config)
+    record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["step"] == 2 and record["eval_scheduler_options"] == options
+    model, scheduler_config = ddpm_fast.load_for_sampling(run)
+
+    def fid(cfg):
+        return TrainingEval(cfg, run, torch.device("cpu"), (1, 8, 8), _Distributed("cpu"))(model, scheduler_config, 2)
+
+    again = fid(config)
+    assert again["classifier_fid"] == record["classifier_fid"]
+    plain = fid(dataclasses.replace(config, eval_scheduler_options=None))
+    assert plain["classifier_fid"] != record["classifier_fid"] and "eval_scheduler_options" not in plain
 
 
 # ---------------------------------------------------------------- bad inputs

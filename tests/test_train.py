@@ -205,11 +205,57 @@ def test_sample_grid_is_written(tmp_path):
             "sample_steps=1 is fewer than sample_scheduler unipc's solver_order=2: ask for sample_steps >= 2",
         ),
         ({"eval_every": 5, "eval_steps": 1}, ValueError, "eval_steps=1 is fewer than eval_scheduler dpmsolver"),
+        (
+            {
+                "sample_images": 4,
+                "sample_scheduler": "dpmsolver++",
+                "sample_steps": 2,
+                "sample_scheduler_options": {"solver_order": 3},
+            },
+            ValueError,
+            "sample_steps=2 is fewer than sample_scheduler dpmsolver\\+\\+'s solver_order=3",
+        ),  # fmt: skip
+        (
+            {"eval_every": 5, "eval_scheduler_options": {"clip_sample": True}},
+            ValueError,
+            "eval_scheduler_options: dpmsolver\\+\\+ has no option 'clip_sample'",
+        ),
+        ({"sample_scheduler_options": {"timestep_spacing": "sideways"}}, ValueError, "sample_scheduler_options: "),
+        ({"eval_scheduler_options": {"beta_end": 0.03}}, ValueError, "belongs to the noise schedule"),
+        ({"sample_scheduler_options": ["solver_order=3"]}, ValueError, "must be a table of option = value"),
     ],
 )
 def test_bad_options(tmp_path, options, error, match):
     with pytest.raises(error, match=match):
         Trainer(config(tmp_path, "run", **{"steps": 1, **options}))
+
+
+def test_sample_grid_takes_scheduler_options(tmp_path):
+    """--sample-scheduler-option: the run's grid is sample()'s with those options on the EMA weights (and
+    differs from the plain sampler's); a lower solver_order lowers the fewest steps allowed."""
+    from ddpm_fast import load_for_sampling, sample
+    from ddpm_fast.images import save_grid
+
+    options = {"use_karras_sigmas": True}
+    cfg = config(tmp_path, "run", steps=1, sample_images=4, sample_scheduler="dpmsolver++", sample_steps=3,
+                 sample_scheduler_options=options)  # fmt: skip
+    train(cfg)
+    grid = tmp_path / "run" / "samples" / "step_00000001.png"
+    model, scheduler_config = load_for_sampling(tmp_path / "run")
+
+    def grid_bytes(name, **kw):
+        generator = torch.Generator().manual_seed(cfg.seed)
+        images = sample(model, batch_size=4, num_inference_steps=3, scheduler="dpmsolver++",
+                        scheduler_config=scheduler_config, generator=generator, **kw)  # fmt: skip
+        return save_grid(images, tmp_path / name, scale=2).read_bytes()
+
+    assert grid.read_bytes() == grid_bytes("want.png", scheduler_options=options)
+    assert grid.read_bytes() != grid_bytes("plain.png")
+    # 1 step is too few for DPM-Solver++'s default order 2, enough with solver_order=1
+    one_step = dict(sample_images=4, sample_scheduler="dpmsolver++", sample_steps=1)
+    with pytest.raises(ValueError, match="sample_steps=1 is fewer than"):
+        config(tmp_path, "run2", **one_step)
+    config(tmp_path, "run2", **one_step, sample_scheduler_options={"solver_order": 1})
 
 
 def test_bad_image_folders(tmp_path):
