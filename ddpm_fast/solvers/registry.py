@@ -157,14 +157,6 @@ def default_steps(name: str, solver: Any, schedule: Schedule) -> int:
     return min(DEFAULT_STEPS[name], schedule.config.num_train_timesteps)
 
 
-def min_steps(name: str) -> int:
-    """The fewest steps the named sampler takes with a training config's options: a multistep
-    solver's default ``solver_order`` (its plan refuses fewer steps), else 1."""
-    if name in ("ddpm", "ddim"):
-        return 1
-    return getattr(solver_class(name)(), "solver_order", 1)
-
-
 def step_fn_for(solver: Any, plan: Any):
     """The step function of a plan with non-linear (Langevin) steps, else None."""
     if getattr(plan, "langevin_snr", None) is not None and any(plan.langevin_snr):
