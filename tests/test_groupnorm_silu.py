@@ -279,7 +279,7 @@ def test_channels_last(backend):
 CPP_CHANNELS_LAST = {
     "batch1-32x32": ((1, 128, 32, 32), 32, torch.float32),
     "C12-G3-odd": ((3, 12, 5, 7), 3, torch.float32),
-    # register blocks of 64 (sums) and 32 (SiLU passes) channels at 16 lanes, then a tail
+    # at 16 lanes: register blocks of 64 channels (sums) and steps of 4 vectors (SiLU rows), then a tail
     "C96-G3-blocks-and-tail": ((2, 96, 6, 5), 3, torch.float32),
     "C200-G8-blocks-and-tail": ((1, 200, 3, 5), 8, torch.float32),
     "1x1": ((2, 64, 1, 1), 32, torch.float32),
@@ -349,7 +349,8 @@ def test_cpp_avx512_and_avx2_builds_give_the_same_bits(dtype):
     NCHW and channels_last, rows that end off both widths. Runs where the CPU has AVX-512."""
     if "cpp" not in FAST_BACKENDS or "avx512" not in cpu_isas():
         pytest.skip("needs the cpp backend on a CPU with AVX-512")
-    for shape, groups, cl in [((2, 64, 9, 11), 8, False), ((2, 48, 5, 7), 4, True), ((1, 40, 3, 3), 5, True)]:
+    cases = [((2, 64, 9, 11), 8, False), ((2, 48, 5, 7), 4, True), ((1, 40, 3, 3), 5, True), ((2, 80, 3, 5), 8, True)]
+    for shape, groups, cl in cases:
         t = make_inputs(shape, dtype, seed=21, channels_last=cl)
         results = {}
         for isa in ("avx512", "avx2"):
