@@ -28,6 +28,9 @@
 namespace ddpm_fast {
 namespace {
 
+// NCHW rows of at most this many positions run a group as one block (forward_kernel).
+constexpr int64_t kBlockRows = 32;
+
 // Elements per partial sum (then added in double): bounds the rounding of long float sums.
 constexpr int64_t kSumChunk = 2048;
 
@@ -74,11 +77,13 @@ DDPM_INLINE void prefetch_row(const X* row, int64_t len) {
   for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset);
 }
 
-// ---- the channels_last passes with an activation, over cnt pixels of C contiguous channels: the
-// row functions of R (apply_ch, grad_ch, dx_ch) pixel by pixel, so that the rows stream (register-
-// blocked columns of channels measured 5-10% slower, waiting on strided misses).
+// ---- a row function of R over many rows in one call (so that the ISA builds loop inside their
+// target code: one call per row cost more than a short row's arithmetic). The channels_last passes
+// with an activation run pixel by pixel (apply_ch, grad_ch, dx_ch), so that the rows stream (register-
+// blocked columns of channels measured 5-10% slower, waiting on strided misses); the NCHW backward
+// runs a group's channels (norm_grad_sums, norm_grad_x).
 template <typename R, typename F>
-struct PixelPasses {
+struct RowLoops {
   // next (or null): the same pixels of the next image (stride ss), asked into cache row by row as
   // this image's are computed, so that its first pass does not wait on L3 / DRAM (the NCHW kernel
   // prefetches the next group's rows likewise).
@@ -105,12 +110,30 @@ struct PixelPasses {
                                 const F* A, const F* m1, const F* m2, X* out, int64_t os, F* acc) {
     for (int64_t p = 0; p < cnt; ++p) R::dx_ch(src + p * xs, g + p * C, C, d, r, A, m1, m2, out + p * os, acc);
   }
+
+  // The NCHW backward's passes over a group's cpg rows of S: row c of x at src + c xs, of dy at
+  // dy + c dys, of dx at out + c os; its g and x_hat (portable rows) at g + c S, xh + c S.
+  template <typename X>
+  DDPM_INLINE static void norm_grad_sums_rows(const X* src, int64_t xs, const X* dy, int64_t dys, int64_t S,
+                                              int64_t cpg, const F* add, F mean, F rstd, F* xh, F* g, const F* a,
+                                              const F* b, bool silu, double* sum_g, double* sum_gx) {
+    for (int64_t c = 0; c < cpg; ++c)
+      R::norm_grad_sums(src + c * xs, S, add[c], mean, rstd, xh + c * S, dy + c * dys, g + c * S, a[c], b[c], silu,
+                        sum_g + c, sum_gx + c);
+  }
+  template <typename X, typename O>
+  DDPM_INLINE static void norm_grad_x_rows(const X* src, int64_t xs, const F* add, F mean, F rstd, const F* xh,
+                                           const F* g, int64_t S, int64_t cpg, const F* a, F m1, F m2, O* out,
+                                           int64_t os, double* totals) {
+    for (int64_t c = 0; c < cpg; ++c)
+      totals[c] = R::norm_grad_x(src + c * xs, add[c], mean, rstd, xh + c * S, g + c * S, S, a[c], m1, m2, out + c * os);
+  }
 };
 
 // ---- the hot loops over one contiguous row (F = float or double; X = the tensors' dtype, or F
 // for a row of the group buffer). Long sums add per-chunk partials in double.
 template <typename F>
-struct Rows : PixelPasses<Rows<F>, F> {
+struct Rows : RowLoops<Rows<F>, F> {
   // sum of F(src).
   template <typename X>
   DDPM_INLINE static double sum(const X* src, int64_t len) {
@@ -136,6 +159,23 @@ struct Rows : PixelPasses<Rows<F>, F> {
       for (int64_t i = i0; i < end; ++i) {
         const F d = static_cast<F>(h[i]) - mean;
         s += d * d;
+      }
+      total += s;
+    }
+    return total;
+  }
+
+  // sum of (F(src) + d)^2 with a shift per element (a group's rows at once: d = bias_nc - mean).
+  template <typename X>
+  DDPM_INLINE static double sq_dev_ch(const X* src, int64_t len, const F* d) {
+    double total = 0;
+    for (int64_t i0 = 0; i0 < len; i0 += kSumChunk) {
+      const int64_t end = std::min(len, i0 + kSumChunk);
+      F s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = i0; i < end; ++i) {
+        const F v = static_cast<F>(src[i]) + d[i];
+        s += v * v;
       }
       total += s;
     }
@@ -351,7 +391,7 @@ struct Rows : PixelPasses<Rows<F>, F> {
 #define DDPM_LAMBDA_INLINE __attribute__((always_inline))
 
 template <int W, bool kFused>
-struct RowsSimd : PixelPasses<RowsSimd<W, kFused>, float> {
+struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
   using Portable = Rows<float>;
   // vectors per step of the activation loops (simd::silu_n): as many chains as registers allow
   static constexpr int kActUnroll = W >= 16 ? 4 : 2;
@@ -400,6 +440,19 @@ struct RowsSimd : PixelPasses<RowsSimd<W, kFused>, float> {
       });
     }
   }
+  template <typename X>
+  DDPM_INLINE static double sq_dev_ch(const X* src, int64_t len, const float* d) {
+    if constexpr (!kFloat<X>) {
+      return Portable::sq_dev_ch(src, len, d);
+    } else {
+      return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
+        constexpr int V = DDPM_W(w);
+        const simd::Lanes<V> v = load_x<V>(src + i) + simd::load<V>(d + i);
+        return v * v;
+      });
+    }
+  }
+
 
   template <typename H, typename X>
   DDPM_INLINE static void apply(const H* h, int64_t len, float mean, float a, float b, bool silu, const X* res,
@@ -477,7 +530,7 @@ struct RowsSimd : PixelPasses<RowsSimd<W, kFused>, float> {
   // block of kSumBlock vectors of channels keeps its sums in registers while the loop walks the
   // block's column through the pixels (per pixel, they were loaded and stored for every element);
   // the channels after the last full block run per pixel, in the same order, so the bits are the
-  // same. (The passes with an activation run per pixel: PixelPasses.)
+  // same. (The passes with an activation run per pixel: RowLoops.)
   static constexpr int kSumBlock = 4;  // vectors of channels per block in the sums
 
   // v[j] = the per-channel values p[c0 + j W ..] of a block; store_block writes them back.
@@ -772,6 +825,15 @@ struct RowsSimd : PixelPasses<RowsSimd<W, kFused>, float> {
     ATTR static double sq_dev(const H* h, int64_t len, float mean) {                                         \
       return Impl::sq_dev(h, len, mean);                                                                     \
     }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static double sq_dev_ch(const X* src, int64_t len, const float* d) {                                \
+      return Impl::sq_dev_ch(src, len, d);                                                                   \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static void apply_ch(const X* src, int64_t len, const float* d, const float* a, const float* b,     \
+                              bool silu, const X* res, X* out) {                                             \
+      Impl::apply_ch(src, len, d, a, b, silu, res, out);                                                     \
+    }                                                                                                        \
     template <typename H, typename X>                                                                        \
     ATTR static void apply(const H* h, int64_t len, float mean, float a, float b, bool silu, const X* res,   \
                            X* out) {                                                                         \
@@ -828,6 +890,19 @@ struct RowsSimd : PixelPasses<RowsSimd<W, kFused>, float> {
                                     const X* dy, float* g, float a, float b, bool silu, double* sum_g,       \
                                     double* sum_gx) {                                                        \
       Impl::norm_grad_sums(src, len, add, mean, rstd, xh, dy, g, a, b, silu, sum_g, sum_gx);                 \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static void norm_grad_sums_rows(const X* src, int64_t xs, const X* dy, int64_t dys, int64_t S,      \
+                                         int64_t cpg, const float* add, float mean, float rstd, float* xh,   \
+                                         float* g, const float* a, const float* b, bool silu, double* sum_g, \
+                                         double* sum_gx) {                                                   \
+      Impl::norm_grad_sums_rows(src, xs, dy, dys, S, cpg, add, mean, rstd, xh, g, a, b, silu, sum_g, sum_gx); \
+    }                                                                                                        \
+    template <typename X, typename O>                                                                        \
+    ATTR static void norm_grad_x_rows(const X* src, int64_t xs, const float* add, float mean, float rstd,    \
+                                      const float* xh, const float* g, int64_t S, int64_t cpg, const float* a, \
+                                      float m1, float m2, O* out, int64_t os, double* totals) {              \
+      Impl::norm_grad_x_rows(src, xs, add, mean, rstd, xh, g, S, cpg, a, m1, m2, out, os, totals);           \
     }                                                                                                        \
     template <typename X, typename O>                                                                        \
     ATTR static double norm_grad_x(const X* src, float add, float mean, float rstd, const float* xh,         \
@@ -890,15 +965,23 @@ void forward_kernel(const GroupNormArgs& a) {
   const bool in_rows = a.x.ss == 1;                                // NCHW: read rows in place
   const bool out_rows = a.y.ss == 1 && (!res || a.res.ss == 1);  // ... and write them
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1));
+  // Short rows (NCHW below 8x8): a group's rows are one contiguous block of x, y and the
+  // residual, and each pass takes the block in one call, with per-element coefficients, where one
+  // call per row cost more than the row's arithmetic.
+  const bool block = in_rows && out_rows && S <= kBlockRows && a.x.sc == S && a.y.sc == S && (!res || a.res.sc == S);
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
     std::vector<F> buf(in_rows && out_rows ? 0 : M);
+    std::vector<F> shift(block ? M : 0), ca(block ? M : 0), cb(block ? M : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / a.G, c0 = (ng % a.G) * cpg;
       const F* bias_nc = a.bias_nc ? static_cast<const F*>(a.bias_nc) + n * a.C + c0 : nullptr;
       auto add = [&](int64_t c) { return bias_nc ? bias_nc[c] : F(0); };
       auto x_row = [&](int64_t c) { return x + a.x.at(n, c0 + c, 0); };
       double total = 0;
-      if (in_rows) {
+      if (block) {
+        total = R::sum(x_row(0), M);
+        for (int64_t c = 0; c < cpg; ++c) total += static_cast<double>(S) * add(c);
+      } else if (in_rows) {
         for (int64_t c = 0; c < cpg; ++c) total += R::sum(x_row(c), S) + static_cast<double>(S) * add(c);
       } else {
         gather<X, F>(a.x, x, n, c0, cpg, S, bias_nc, buf.data());
@@ -906,7 +989,10 @@ void forward_kernel(const GroupNormArgs& a) {
       }
       const F mean = static_cast<F>(total / static_cast<double>(M));
       double sq = 0;
-      if (in_rows) {
+      if (block) {
+        for (int64_t c = 0; c < cpg; ++c) std::fill_n(shift.data() + c * S, S, add(c) - mean);
+        sq = R::sq_dev_ch(x_row(0), M, shift.data());
+      } else if (in_rows) {
         for (int64_t c = 0; c < cpg; ++c) sq += R::sq_dev(x_row(c), S, mean - add(c));
       } else {
         sq = R::sq_dev(buf.data(), M, mean);
@@ -916,6 +1002,18 @@ void forward_kernel(const GroupNormArgs& a) {
       // The statistics of the next group wait on memory, the SiLU of this one on arithmetic: start
       // loading the next group's rows now, one row ahead of each row written.
       const X* next = in_rows && ng + 1 < end ? x + a.x.at((ng + 1) / a.G, ((ng + 1) % a.G) * cpg, 0) : nullptr;
+      if (block) {  // the whole group at once, its coefficients per element (shift, ca, cb)
+        for (int64_t c = 0; c < cpg; ++c) {
+          const int64_t cc = c0 + c, nc = n * a.C + cc;
+          const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
+          std::fill_n(ca.data() + c * S, S, rstd * param<F>(a.w, cc, F(1)) * s1);
+          std::fill_n(cb.data() + c * S, S, param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0)));
+        }
+        if (next) prefetch_row(next, M);
+        R::apply_ch(x_row(0), M, shift.data(), ca.data(), cb.data(), a.silu, res ? res + a.res.at(n, c0, 0) : nullptr,
+                    y + a.y.at(n, c0, 0));
+        continue;
+      }
       for (int64_t c = 0; c < cpg; ++c) {
         const int64_t cc = c0 + c, nc = n * a.C + cc;
         const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
@@ -1088,7 +1186,8 @@ void backward_kernel(const GroupNormArgs& a) {
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(M, 1));
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
     std::vector<F> xh(M), g(M);
-    std::vector<F> coef(cpg);
+    std::vector<F> coef(cpg), shift(cpg), add(cpg);  // per channel: d n / d x_hat, the affine's shift, bias_nc
+    std::vector<double> sums_g(cpg), sums_gx(cpg);   // per channel: sums of g and g x_hat, then of dx
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / a.G, c0 = (ng % a.G) * cpg;
       const F mean = mean_in[ng], rstd = rstd_in[ng];
@@ -1105,44 +1204,52 @@ void backward_kernel(const GroupNormArgs& a) {
         R::load_normalize(xh.data(), M, F(0), mean, rstd, xh.data());
       }
       if (!dy_rows) gather<X, F>(a.dy, dy, n, c0, cpg, S, static_cast<const F*>(nullptr), g.data());
-      double m1 = 0, m2 = 0;
       for (int64_t c = 0; c < cpg; ++c) {
         const int64_t cc = c0 + c, nc = n * a.C + cc;
         const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
-        const F w = param<F>(a.w, cc, F(1));
-        const F cb = param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
+        coef[c] = param<F>(a.w, cc, F(1)) * s1;  // d n / d x_hat
+        shift[c] = param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
+        add[c] = bias_nc ? bias_nc[c] : F(0);
+      }
+      if (fused)
+        R::norm_grad_sums_rows(x + a.x.at(n, c0, 0), a.x.sc, dy + a.dy.at(n, c0, 0), a.dy.sc, S, cpg, add.data(),
+                               mean, rstd, xh.data(), g.data(), coef.data(), shift.data(), a.silu, sums_g.data(),
+                               sums_gx.data());
+      double m1 = 0, m2 = 0;
+      for (int64_t c = 0; c < cpg; ++c) {
+        const int64_t cc = c0 + c, nc = n * a.C + cc;
         F* g_row = g.data() + c * S;
-        double sg, sgx;
+        double sg = sums_g[c], sgx = sums_gx[c];
         if (fused) {
-          R::norm_grad_sums(x + a.x.at(n, cc, 0), S, bias_nc ? bias_nc[c] : F(0), mean, rstd, xh.data() + c * S,
-                            dy + a.dy.at(n, cc, 0), g_row, w * s1, cb, a.silu, &sg, &sgx);
+          // summed above
         } else if (dy_rows) {
-          R::grad_sums(xh.data() + c * S, dy + a.dy.at(n, cc, 0), g_row, S, w * s1, cb, a.silu, &sg, &sgx);
+          R::grad_sums(xh.data() + c * S, dy + a.dy.at(n, cc, 0), g_row, S, coef[c], shift[c], a.silu, &sg, &sgx);
         } else {
-          R::grad_sums(xh.data() + c * S, static_cast<const F*>(g_row), g_row, S, w * s1, cb, a.silu, &sg, &sgx);
+          R::grad_sums(xh.data() + c * S, static_cast<const F*>(g_row), g_row, S, coef[c], shift[c], a.silu, &sg,
+                       &sgx);
         }
         sum_g[nc] = static_cast<F>(sg), sum_gx[nc] = static_cast<F>(sgx);
-        coef[c] = w * s1;  // d n / d x_hat
         m1 += coef[c] * sg, m2 += coef[c] * sgx;
       }
       const F mean_g = static_cast<F>(m1 / static_cast<double>(M));
       const F mean_gx = static_cast<F>(m2 / static_cast<double>(M));
-      for (int64_t c = 0; c < cpg; ++c) {
-        const F* xh_row = xh.data() + c * S;
-        F* g_row = g.data() + c * S;
-        X* dx_row = dx + a.dx.at(n, c0 + c, 0);
-        double total;
-        if (fused) {
-          const X* x_row = x + a.x.at(n, c0 + c, 0);
-          const F add = bias_nc ? bias_nc[c] : F(0);
-          total = dx_rows ? R::norm_grad_x(x_row, add, mean, rstd, xh_row, g_row, S, coef[c], mean_g, mean_gx, dx_row)
-                          : R::norm_grad_x(x_row, add, mean, rstd, xh_row, g_row, S, coef[c], mean_g, mean_gx, g_row);
-        } else {
-          total = dx_rows ? R::grad_x(xh_row, g_row, S, rstd, coef[c], mean_g, mean_gx, dx_row)
-                          : R::grad_x(xh_row, g_row, S, rstd, coef[c], mean_g, mean_gx, g_row);
+      if (fused && dx_rows) {
+        R::norm_grad_x_rows(x + a.x.at(n, c0, 0), a.x.sc, add.data(), mean, rstd, xh.data(), g.data(), S, cpg,
+                            coef.data(), mean_g, mean_gx, dx + a.dx.at(n, c0, 0), a.dx.sc, sums_g.data());
+      } else if (fused) {  // dx through g, scattered below
+        R::norm_grad_x_rows(x + a.x.at(n, c0, 0), a.x.sc, add.data(), mean, rstd, xh.data(), g.data(), S, cpg,
+                            coef.data(), mean_g, mean_gx, g.data(), S, sums_g.data());
+      } else {
+        for (int64_t c = 0; c < cpg; ++c) {
+          const F* xh_row = xh.data() + c * S;
+          F* g_row = g.data() + c * S;
+          X* dx_row = dx + a.dx.at(n, c0 + c, 0);
+          sums_g[c] = dx_rows ? R::grad_x(xh_row, g_row, S, rstd, coef[c], mean_g, mean_gx, dx_row)
+                              : R::grad_x(xh_row, g_row, S, rstd, coef[c], mean_g, mean_gx, g_row);
         }
-        if (dbias_nc) dbias_nc[n * a.C + c0 + c] = static_cast<F>(total);
       }
+      if (dbias_nc)
+        for (int64_t c = 0; c < cpg; ++c) dbias_nc[n * a.C + c0 + c] = static_cast<F>(sums_g[c]);
       if (!dx_rows) scatter<X, F>(a.dx, dx, View3{}, static_cast<const X*>(nullptr), n, c0, cpg, S, g.data());
     }
   });

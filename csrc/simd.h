@@ -277,8 +277,8 @@ struct Partials {
 
 // Sum over i < n of value(Width<w>, i), the values of elements i .. i + w - 1 (value may also
 // store them), in Partials<W>, added in double every `chunk` elements (a multiple of 32) to bound
-// the rounding of long float sums. The last n % 32 elements go through value(Width<1>, i) into a
-// zero-padded block.
+// the rounding of long float sums. The last n % 32 elements go into a zero-padded block, whole
+// vectors first (value(Width<W>, i)), then one at a time (value(Width<1>, i)): the same values.
 template <int W, typename Value>
 DDPM_SIMD_INLINE double sum32(int64_t n, int64_t chunk, const Value& value) {
   double total = 0;
@@ -289,9 +289,11 @@ DDPM_SIMD_INLINE double sum32(int64_t n, int64_t chunk, const Value& value) {
     for (int64_t i = i0; i < full; i += kSumLanes) {
       for (int u = 0; u < acc.kVecs; ++u) acc.add(u, value(Width<W>{}, i + u * W));
     }
-    if (full < end) {
+    if (full < end) {  // whole vectors, then single elements, into the padded block
       alignas(64) float tail[kSumLanes] = {};
-      for (int64_t i = full; i < end; ++i) tail[i - full] = value(Width<1>{}, i);
+      int64_t i = full;
+      for (; i + W <= end; i += W) store<W>(tail + (i - full), value(Width<W>{}, i));
+      for (; i < end; ++i) tail[i - full] = value(Width<1>{}, i);
       acc.add_padded(tail);
     }
     total += acc.reduce();
@@ -301,8 +303,9 @@ DDPM_SIMD_INLINE double sum32(int64_t n, int64_t chunk, const Value& value) {
 
 // Two sums in one pass: values(Width<V>{}, i, a, b) fills the arrays a[U], b[U] of Lanes<V> with
 // both addends of the U V elements from i: U = B * 32 / W vectors (B blocks of 32) at once, so that
-// values can interleave their work (silu_n); the last n % 32 elements come one at a time (V = U =
-// 1) into a zero-padded block. The additions into the partials are in element order whatever B is.
+// values can interleave their work (silu_n); the last n % 32 elements come into zero-padded blocks,
+// a vector (U = 1) and then an element (V = U = 1) at a time. The additions into the partials are in
+// element order whatever B is.
 template <int W, int B, typename Values>
 DDPM_SIMD_INLINE void sum32x2(int64_t n, int64_t chunk, const Values& values, double* total_a, double* total_b) {
   constexpr int K = Partials<W>::kVecs;
@@ -320,9 +323,15 @@ DDPM_SIMD_INLINE void sum32x2(int64_t n, int64_t chunk, const Values& values, do
     int64_t i = i0;
     for (; i + B * kSumLanes <= full; i += B * kSumLanes) blocks(i, std::integral_constant<int, B>{});
     for (; i < full; i += kSumLanes) blocks(i, std::integral_constant<int, 1>{});
-    if (full < end) {
+    if (full < end) {  // whole vectors, then single elements, into the padded blocks
       alignas(64) float tail_a[kSumLanes] = {}, tail_b[kSumLanes] = {};
-      for (int64_t j = full; j < end; ++j) {
+      int64_t j = full;
+      for (; j + W <= end; j += W) {
+        Lanes<W> a[1], b[1];
+        values(Width<W>{}, j, a, b);
+        store<W>(tail_a + (j - full), a[0]), store<W>(tail_b + (j - full), b[0]);
+      }
+      for (; j < end; ++j) {
         Lanes<1> a[1], b[1];
         values(Width<1>{}, j, a, b);
         tail_a[j - full] = a[0], tail_b[j - full] = b[0];

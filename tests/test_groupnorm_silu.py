@@ -226,6 +226,21 @@ def test_unet_shapes_cpp(shape):
     check_against_reference("cpp", make_inputs(shape, seed=7), 32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("extras", [EXTRAS, ()], ids=["all", "plain"])
+def test_cpp_short_rows_run_a_group_at_once(dtype, extras):
+    """NCHW rows of at most 32 positions (4x4 and below): the forward takes a group's rows as one block
+    with per-element coefficients (csrc/group_norm_silu_cpu.cpp, kBlockRows); every dtype and fold,
+    rows off the vector widths, and an x whose positions are not contiguous (copied to NCHW first)."""
+    if "cpp" not in FAST_BACKENDS:
+        pytest.skip("cpp backend not built")
+    for shape, groups in [((2, 64, 4, 5), 8), ((3, 48, 2, 3), 16), ((1, 32, 4, 8), 4)]:
+        t = make_inputs(shape, dtype, seed=23, extras=extras)
+        check_against_reference("cpp", t, groups)
+        t["x"] = t["x"].transpose(2, 3).contiguous().transpose(2, 3)  # positions not contiguous
+        check_against_reference("cpp", t, groups)
+
+
 # (shape, groups): odd channel counts, 1x1, batch 1, non-square, 3-D and 2-D inputs.
 ODD_SHAPES = {
     "C96-G3": ((2, 96, 5, 5), 3),
@@ -350,6 +365,7 @@ def test_cpp_avx512_and_avx2_builds_give_the_same_bits(dtype):
     if "cpp" not in FAST_BACKENDS or "avx512" not in cpu_isas():
         pytest.skip("needs the cpp backend on a CPU with AVX-512")
     cases = [((2, 64, 9, 11), 8, False), ((2, 48, 5, 7), 4, True), ((1, 40, 3, 3), 5, True), ((2, 80, 3, 5), 8, True)]
+    cases.append(((2, 64, 4, 5), 8, False))  # NCHW short rows: a group as one block
     for shape, groups, cl in cases:
         t = make_inputs(shape, dtype, seed=21, channels_last=cl)
         results = {}
