@@ -15,6 +15,7 @@ g = dL/dn and g x_hat, from which dweight, dbias (sums over n), dscale and dshif
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import torch
@@ -264,7 +265,10 @@ def group_norm_silu(
         y shaped like x, in x's dtype and memory format.
     """
     _check_inputs(x, num_groups, weight, bias, eps, bias_nc, scale_nc, shift_nc, silu, residual)
-    name = choose("group_norm_silu", backend, x.device, dtype=x.dtype)
+    tensors = (x, weight, bias, bias_nc, scale_nc, shift_nc, residual)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    nchw_rows = math.prod(x.shape[2:]) if x.dim() > 2 and x.is_contiguous() else 0  # positions per channel
+    name = choose("group_norm_silu", backend, x.device, dtype=x.dtype, needs_grad=needs_grad, nchw_rows=nchw_rows)
     if name == "reference":
         return reference.group_norm_silu(
             x,
@@ -278,7 +282,6 @@ def group_norm_silu(
             silu=silu,
             residual=residual,
         )
-    tensors = (x, weight, bias, bias_nc, scale_nc, shift_nc, residual)
     if name == "cpp" and eager_autograd_ok(*tensors):
         # eager C++: the op records a C++ autograd node (csrc/group_norm_silu_autograd.cpp)
         return _cpp_autograd_op()(*tensors, num_groups, float(eps), silu)
