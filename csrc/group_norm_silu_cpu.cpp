@@ -134,52 +134,42 @@ struct RowLoops {
 // for a row of the group buffer). Long sums add per-chunk partials in double.
 template <typename F>
 struct Rows : RowLoops<Rows<F>, F> {
-  // sum of F(src).
-  template <typename X>
-  DDPM_INLINE static double sum(const X* src, int64_t len) {
+  // sum over i < len of term(i): in F within each chunk of kSumChunk elements, then in double.
+  template <typename Term>
+  DDPM_INLINE static double chunked_sum(int64_t len, const Term& term) {
     double total = 0;
     for (int64_t i0 = 0; i0 < len; i0 += kSumChunk) {
       const int64_t end = std::min(len, i0 + kSumChunk);
       F s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = i0; i < end; ++i) s += static_cast<F>(src[i]);
+      for (int64_t i = i0; i < end; ++i) s += term(i);
       total += s;
     }
     return total;
+  }
+
+  // sum of F(src).
+  template <typename X>
+  DDPM_INLINE static double sum(const X* src, int64_t len) {
+    return chunked_sum(len, [&](int64_t i) { return static_cast<F>(src[i]); });
   }
 
   // sum of (h - mean)^2 (the second pass of the two-pass variance); h a row of x or of the buffer.
   template <typename H>
   DDPM_INLINE static double sq_dev(const H* h, int64_t len, F mean) {
-    double total = 0;
-    for (int64_t i0 = 0; i0 < len; i0 += kSumChunk) {
-      const int64_t end = std::min(len, i0 + kSumChunk);
-      F s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = i0; i < end; ++i) {
-        const F d = static_cast<F>(h[i]) - mean;
-        s += d * d;
-      }
-      total += s;
-    }
-    return total;
+    return chunked_sum(len, [&](int64_t i) {
+      const F d = static_cast<F>(h[i]) - mean;
+      return d * d;
+    });
   }
 
   // sum of (F(src) + d)^2 with a shift per element (a group's rows at once: d = bias_nc - mean).
   template <typename X>
   DDPM_INLINE static double sq_dev_ch(const X* src, int64_t len, const F* d) {
-    double total = 0;
-    for (int64_t i0 = 0; i0 < len; i0 += kSumChunk) {
-      const int64_t end = std::min(len, i0 + kSumChunk);
-      F s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = i0; i < end; ++i) {
-        const F v = static_cast<F>(src[i]) + d[i];
-        s += v * v;
-      }
-      total += s;
-    }
-    return total;
+    return chunked_sum(len, [&](int64_t i) {
+      const F v = static_cast<F>(src[i]) + d[i];
+      return v * v;
+    });
   }
 
   // out = act((h - mean) a + b) (+ res), rounded once to X; act = SiLU or identity. out may be h.
@@ -367,19 +357,11 @@ struct Rows : RowLoops<Rows<F>, F> {
   // The second pass: out = X(dx), dx = rstd (a g - m1 - xh m2); returns sum dx. out may be g.
   template <typename X>
   DDPM_INLINE static double grad_x(const F* xh, const F* g, int64_t len, F rstd, F a, F m1, F m2, X* out) {
-    double total = 0;
-    for (int64_t i0 = 0; i0 < len; i0 += kSumChunk) {
-      const int64_t end = std::min(len, i0 + kSumChunk);
-      F s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = i0; i < end; ++i) {
-        const F d = rstd * (a * g[i] - m1 - xh[i] * m2);
-        out[i] = static_cast<X>(d);
-        s += d;
-      }
-      total += s;
-    }
-    return total;
+    return chunked_sum(len, [&](int64_t i) {
+      const F d = rstd * (a * g[i] - m1 - xh[i] * m2);
+      out[i] = static_cast<X>(d);
+      return d;
+    });
   }
 };
 
