@@ -1152,6 +1152,51 @@ bool channels_contiguous(const GroupNormArgs& a) {
 }
 
 // ---- backward: one (n, group) per task
+// backward_kernel's short rows for group ng: add, coef, shift per channel (bias_nc, d n / d x_hat,
+// the affine's shift); g and e_* scratch of M elements.
+template <typename X, typename F, typename R>
+void backward_block(const GroupNormArgs& a, int64_t ng, const F* add, const F* coef, const F* shift, F* g, F* e_d,
+                    F* e_r, F* e_a, F* e_b, F* e_m1, F* e_m2, F* e_g, F* e_gx) {
+  const int64_t cpg = a.C / a.G, S = a.S, M = cpg * S, n = ng / a.G, c0 = (ng % a.G) * cpg;
+  const F mean = static_cast<const F*>(a.mean)[ng], rstd = static_cast<const F*>(a.rstd)[ng];
+  const X* x = static_cast<const X*>(a.x.ptr) + a.x.at(n, c0, 0);
+  const X* dy = static_cast<const X*>(a.dy.ptr) + a.dy.at(n, c0, 0);
+  X* dx = static_cast<X*>(a.dx.ptr) + a.dx.at(n, c0, 0);
+  for (int64_t c = 0; c < cpg; ++c) {
+    std::fill_n(e_d + c * S, S, add[c] - mean);
+    std::fill_n(e_a + c * S, S, coef[c]);
+    std::fill_n(e_b + c * S, S, shift[c]);
+  }
+  // a row's sum in double, 4 partials side by side (one chain of dependent additions per row was
+  // the block's slowest part)
+  auto row_sum = [S](const F* v) {
+    double t[4] = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= S; j += 4)
+      for (int k = 0; k < 4; ++k) t[k] += static_cast<double>(v[j + k]);
+    for (; j < S; ++j) t[0] += static_cast<double>(v[j]);
+    return (t[0] + t[1]) + (t[2] + t[3]);
+  };
+  std::fill_n(e_r, M, rstd);
+  std::fill_n(e_g, M, F(0));
+  std::fill_n(e_gx, M, F(0));
+  R::grad_ch(x, dy, M, e_d, e_r, e_a, e_b, a.silu, g, e_g, e_gx);  // e_g, e_gx: g and g x_hat
+  double m1 = 0, m2 = 0;
+  for (int64_t c = 0; c < cpg; ++c) {
+    const double sg = row_sum(e_g + c * S), sgx = row_sum(e_gx + c * S);
+    const int64_t nc = n * a.C + c0 + c;
+    static_cast<F*>(a.sum_g)[nc] = static_cast<F>(sg), static_cast<F*>(a.sum_g_xhat)[nc] = static_cast<F>(sgx);
+    m1 += coef[c] * sg, m2 += coef[c] * sgx;
+  }
+  std::fill_n(e_m1, M, static_cast<F>(m1 / static_cast<double>(M)));
+  std::fill_n(e_m2, M, static_cast<F>(m2 / static_cast<double>(M)));
+  F* dbias_nc = static_cast<F*>(a.dbias_nc);
+  if (dbias_nc) std::fill_n(e_g, M, F(0));
+  R::dx_ch(x, g, M, e_d, e_r, e_a, e_m1, e_m2, dx, dbias_nc ? e_g : nullptr);
+  if (dbias_nc)
+    for (int64_t c = 0; c < cpg; ++c) dbias_nc[n * a.C + c0 + c] = static_cast<F>(row_sum(e_g + c * S));
+}
+
 template <typename X, typename F, typename R>
 void backward_kernel(const GroupNormArgs& a) {
   const int64_t cpg = a.C / a.G, S = a.S, M = cpg * S;
@@ -1166,10 +1211,17 @@ void backward_kernel(const GroupNormArgs& a) {
   const bool x_rows = a.x.ss == 1, dy_rows = a.dy.ss == 1, dx_rows = a.dx.ss == 1;
   const bool fused = x_rows && dy_rows;  // NCHW x and dy: normalise inside the gradient sums
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(M, 1));
+  // Short rows (as forward_kernel's): a group's rows are one block of x, dy and dx, each pass one
+  // call over it with per-element coefficients, and the per-channel sums plain loops in double
+  // (a 32-lane reduction per row of 16 cost more than the row).
+  const bool block = fused && dx_rows && S <= kBlockRows && a.x.sc == S && a.dy.sc == S && a.dx.sc == S;
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
     std::vector<F> xh(M), g(M);
     std::vector<F> coef(cpg), shift(cpg), add(cpg);  // per channel: d n / d x_hat, the affine's shift, bias_nc
     std::vector<double> sums_g(cpg), sums_gx(cpg);   // per channel: sums of g and g x_hat, then of dx
+    // block: per element, bias_nc - mean, rstd, coef, shift, then m1, m2; and g's and g x_hat's
+    std::vector<F> e_d(block ? M : 0), e_r(block ? M : 0), e_a(block ? M : 0), e_b(block ? M : 0);
+    std::vector<F> e_m1(block ? M : 0), e_m2(block ? M : 0), e_g(block ? M : 0), e_gx(block ? M : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / a.G, c0 = (ng % a.G) * cpg;
       const F mean = mean_in[ng], rstd = rstd_in[ng];
@@ -1192,6 +1244,11 @@ void backward_kernel(const GroupNormArgs& a) {
         coef[c] = param<F>(a.w, cc, F(1)) * s1;  // d n / d x_hat
         shift[c] = param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
         add[c] = bias_nc ? bias_nc[c] : F(0);
+      }
+      if (block) {
+        backward_block<X, F, R>(a, ng, add.data(), coef.data(), shift.data(), g.data(), e_d.data(), e_r.data(),
+                                e_a.data(), e_b.data(), e_m1.data(), e_m2.data(), e_g.data(), e_gx.data());
+        continue;
       }
       if (fused)
         R::norm_grad_sums_rows(x + a.x.at(n, c0, 0), a.x.sc, dy + a.dy.at(n, c0, 0), a.dy.sc, S, cpg, add.data(),
