@@ -248,8 +248,9 @@ SDPA_MAX_HEAD_DIM = 256
 # always (benchmarks/results/cpu-2026-12-04-attention.json: SDPA's CPU kernel loses there).
 CPU_PLAIN_HEAD_DIM = 256
 # On CPU, group_norm_silu over NCHW rows of at most this many positions (the U-Net's 4x4 level)
-# takes the reference when gradients are needed: the C++ backward reduces each short row on its own
-# and lost to eager (64x256x4x4 fwd+bwd 0.66x: benchmarks/results/cpu-2026-12-05e-groupnorm.json).
+# takes the reference when gradients are needed: the C++ fwd+bwd lost to eager there (64x256x4x4
+# 0.66x / 0.85x: benchmarks/results/cpu-2026-12-05e/f-groupnorm.json; ~0.85x ad hoc after the
+# backward took short rows a group at once, and at 1x1 and 3x3 rows too; 2x2 and 2x3 won).
 CPU_GN_SHORT_ROWS = 16
 
 
