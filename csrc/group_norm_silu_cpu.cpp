@@ -868,12 +868,6 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
       Impl::grad_sums(xh, dy, g, len, a, b, silu, sum_g, sum_gx);                                            \
     }                                                                                                        \
     template <typename X>                                                                                    \
-    ATTR static void norm_grad_sums(const X* src, int64_t len, float add, float mean, float rstd, float* xh, \
-                                    const X* dy, float* g, float a, float b, bool silu, double* sum_g,       \
-                                    double* sum_gx) {                                                        \
-      Impl::norm_grad_sums(src, len, add, mean, rstd, xh, dy, g, a, b, silu, sum_g, sum_gx);                 \
-    }                                                                                                        \
-    template <typename X>                                                                                    \
     ATTR static void norm_grad_sums_rows(const X* src, int64_t xs, const X* dy, int64_t dys, int64_t S,      \
                                          int64_t cpg, const float* add, float mean, float rstd, float* xh,   \
                                          float* g, const float* a, const float* b, bool silu, double* sum_g, \
@@ -885,11 +879,6 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
                                       const float* xh, const float* g, int64_t S, int64_t cpg, const float* a, \
                                       float m1, float m2, O* out, int64_t os, double* totals) {              \
       Impl::norm_grad_x_rows(src, xs, add, mean, rstd, xh, g, S, cpg, a, m1, m2, out, os, totals);           \
-    }                                                                                                        \
-    template <typename X, typename O>                                                                        \
-    ATTR static double norm_grad_x(const X* src, float add, float mean, float rstd, const float* xh,         \
-                                   const float* g, int64_t len, float a, float m1, float m2, O* out) {       \
-      return Impl::norm_grad_x(src, add, mean, rstd, xh, g, len, a, m1, m2, out);                            \
     }                                                                                                        \
     template <typename X>                                                                                    \
     ATTR static double grad_x(const float* xh, const float* g, int64_t len, float rstd, float a, float m1,   \
