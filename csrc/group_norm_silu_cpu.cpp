@@ -28,8 +28,11 @@
 namespace ddpm_fast {
 namespace {
 
-// NCHW rows of at most this many positions run a group as one block (forward_kernel).
-constexpr int64_t kBlockRows = 32;
+// NCHW rows of at most this many positions run a group as one block (forward_kernel, backward_kernel):
+// shorter than one unrolled step of the AVX-512 activation loops (4 x 16), a row of its own would
+// run them one vector at a time (each exp chain waiting on the last) and pay a call and a tail per
+// row. From 8x8 up the rows' own loops measured faster (their coefficients are scalars).
+constexpr int64_t kBlockRows = 63;
 
 // Elements per partial sum (then added in double): bounds the rounding of long float sums.
 constexpr int64_t kSumChunk = 2048;
@@ -127,6 +130,59 @@ struct RowLoops {
                                            int64_t os, double* totals) {
     for (int64_t c = 0; c < cpg; ++c)
       totals[c] = R::norm_grad_x(src + c * xs, add[c], mean, rstd, xh + c * S, g + c * S, S, a[c], m1, m2, out + c * os);
+  }
+
+  // ---- the NCHW backward of a group of short rows (S <= kBlockRows) as one block of M = cpg S
+  // contiguous elements of x, dy and dx (backward_kernel's block path): one call per pass over the
+  // block with coefficients per element (one call per row cost more than a short row's arithmetic),
+  // all of it inside the ISA build. Channel c's values fill e[c S .. c S + S).
+  template <typename Value>
+  DDPM_INLINE static void fill_rows(F* e, int64_t S, int64_t cpg, const Value& value) {
+    for (int64_t c = 0; c < cpg; ++c) {
+      const F v = value(c);
+      for (int64_t i = 0; i < S; ++i) e[c * S + i] = v;
+    }
+  }
+
+  // A short row's sum in double, 4 partials side by side (one chain of dependent additions per row
+  // was the block's slowest part).
+  DDPM_INLINE static double row_sum(const F* v, int64_t S) {
+    typedef double D4 __attribute__((vector_size(32)));
+    typedef F F4 __attribute__((vector_size(4 * sizeof(F))));
+    D4 t = {0, 0, 0, 0};  // t[k]: the elements 4 j + k (GCC vectors: one 4-wide addition per step)
+    int64_t j = 0;
+    for (; j + 4 <= S; j += 4) {
+      F4 f;
+      std::memcpy(&f, v + j, sizeof(f));
+      t += __builtin_convertvector(f, D4);
+    }
+    for (; j < S; ++j) t[0] += static_cast<double>(v[j]);
+    return (t[0] + t[1]) + (t[2] + t[3]);
+  }
+
+  // Backward: g = dy act'(z) and its row sums (sum_g, sum_gx: of g and g x_hat), then dx and, when
+  // dbias is given, its row sums (d bias_nc). Per channel: add (bias_nc), A = dn/dx_hat, B (the
+  // affine's shift). Scratch e_d, e_a, e_b, g, gx of M.
+  template <typename X>
+  DDPM_INLINE static void backward_block(const X* x, const X* dy, X* dx, int64_t S, int64_t cpg, const F* add,
+                                         const F* A, const F* B, F mean, F rstd, bool silu, F* e_d, F* e_a, F* e_b,
+                                         F* g, F* gx, F* sum_g, F* sum_gx, F* dbias) {
+    const int64_t M = cpg * S;
+    fill_rows(e_d, S, cpg, [&](int64_t c) { return add[c] - mean; });
+    fill_rows(e_a, S, cpg, [&](int64_t c) { return A[c]; });
+    fill_rows(e_b, S, cpg, [&](int64_t c) { return B[c]; });
+    R::template grad_elems<false>(x, dy, M, e_d, rstd, e_a, e_b, silu, g, static_cast<F*>(nullptr), gx);
+    double m1 = 0, m2 = 0;
+    for (int64_t c = 0; c < cpg; ++c) {
+      const double sg = row_sum(g + c * S, S), sgx = row_sum(gx + c * S, S);
+      sum_g[c] = static_cast<F>(sg), sum_gx[c] = static_cast<F>(sgx);
+      m1 += A[c] * sg, m2 += A[c] * sgx;
+    }
+    const F mean_g = static_cast<F>(m1 / static_cast<double>(M));
+    const F mean_gx = static_cast<F>(m2 / static_cast<double>(M));
+    R::template dx_elems<false>(x, g, M, e_d, rstd, e_a, mean_g, mean_gx, dx, dbias ? gx : nullptr);
+    if (dbias)
+      for (int64_t c = 0; c < cpg; ++c) dbias[c] = static_cast<F>(row_sum(gx + c * S, S));
   }
 };
 
@@ -249,55 +305,72 @@ struct Rows : RowLoops<Rows<F>, F> {
     }
   }
 
-  // ---- the backward of one channels-contiguous pixel, vectorised along C; per-channel d = bias_nc -
-  // mean, r = rstd, A = dn/dx_hat, B (as in apply_ch). First pass: x_hat = (x + d) r,
-  // g = dy act'(x_hat A + B), stored; acc_g += g, acc_gx += g x_hat.
-  template <typename X>
-  DDPM_INLINE static void grad_ch(const X* src, const X* dy, int64_t len, const F* d, const F* r, const F* A,
-                                  const F* B, bool silu, F* g, F* acc_g, F* acc_gx) {
+  // A coefficient per element, or one for the whole call (Coef = const F* or F).
+  DDPM_INLINE static F coef(const F* p, int64_t i) { return p[i]; }
+  DDPM_INLINE static F coef(F s, int64_t) { return s; }
+
+  // ---- the backward's passes over len elements with coefficients per element: d = bias_nc - mean,
+  // A = dn/dx_hat, B (as in apply_ch); r = rstd (per element, or one: Coef). First pass: x_hat =
+  // (x + d) r, g = dy act'(x_hat A + B), stored. kAccumulate (a channels-contiguous pixel, vectorised
+  // along C): acc_g += g, acc_gx += g x_hat; else (a group's short rows): acc_gx = g x_hat, stored.
+  template <bool kAccumulate, typename X, typename Coef>
+  DDPM_INLINE static void grad_elems(const X* src, const X* dy, int64_t len, const F* d, Coef r, const F* A,
+                                     const F* B, bool silu, F* g, F* acc_g, F* acc_gx) {
     if (silu) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F xh = (static_cast<F>(src[i]) + d[i]) * r[i];
+        const F xh = (static_cast<F>(src[i]) + d[i]) * coef(r, i);
         const F z = xh * A[i] + B[i];
         const F sig = sigmoid(z);
         const F gi = static_cast<F>(dy[i]) * sig * (F(1) + z * (F(1) - sig));
         g[i] = gi;
-        acc_g[i] += gi;
-        acc_gx[i] += gi * xh;
+        if constexpr (kAccumulate) acc_g[i] += gi, acc_gx[i] += gi * xh;
+        else acc_gx[i] = gi * xh;
       }
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F xh = (static_cast<F>(src[i]) + d[i]) * r[i];
+        const F xh = (static_cast<F>(src[i]) + d[i]) * coef(r, i);
         const F gi = static_cast<F>(dy[i]);
         g[i] = gi;
-        acc_g[i] += gi;
-        acc_gx[i] += gi * xh;
+        if constexpr (kAccumulate) acc_g[i] += gi, acc_gx[i] += gi * xh;
+        else acc_gx[i] = gi * xh;
       }
     }
   }
+  template <typename X>
+  DDPM_INLINE static void grad_ch(const X* src, const X* dy, int64_t len, const F* d, const F* r, const F* A,
+                                  const F* B, bool silu, F* g, F* acc_g, F* acc_gx) {
+    grad_elems<true>(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);
+  }
 
   // Second pass: out = X(dx), dx = r (A g - m1 - x_hat m2) (m1, m2: the group's means of A g and
-  // A g x_hat); acc += dx when acc is given (d bias_nc).
-  template <typename X>
-  DDPM_INLINE static void dx_ch(const X* src, const F* g, int64_t len, const F* d, const F* r, const F* A,
-                                const F* m1, const F* m2, X* out, F* acc) {
+  // A g x_hat; r, m1, m2 per element or one: Coef); when acc is given (d bias_nc), acc += dx
+  // (kAccumulate) or acc = dx.
+  template <bool kAccumulate, typename X, typename Coef>
+  DDPM_INLINE static void dx_elems(const X* src, const F* g, int64_t len, const F* d, Coef r, const F* A, Coef m1,
+                                   Coef m2, X* out, F* acc) {
     if (acc) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F xh = (static_cast<F>(src[i]) + d[i]) * r[i];
-        const F dx = r[i] * (A[i] * g[i] - m1[i] - xh * m2[i]);
+        const F xh = (static_cast<F>(src[i]) + d[i]) * coef(r, i);
+        const F dx = coef(r, i) * (A[i] * g[i] - coef(m1, i) - xh * coef(m2, i));
         out[i] = static_cast<X>(dx);
-        acc[i] += dx;
+        if constexpr (kAccumulate) acc[i] += dx;
+        else acc[i] = dx;
       }
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F xh = (static_cast<F>(src[i]) + d[i]) * r[i];
-        out[i] = static_cast<X>(r[i] * (A[i] * g[i] - m1[i] - xh * m2[i]));
+        const F xh = (static_cast<F>(src[i]) + d[i]) * coef(r, i);
+        out[i] = static_cast<X>(coef(r, i) * (A[i] * g[i] - coef(m1, i) - xh * coef(m2, i)));
       }
     }
+  }
+  template <typename X>
+  DDPM_INLINE static void dx_ch(const X* src, const F* g, int64_t len, const F* d, const F* r, const F* A,
+                                const F* m1, const F* m2, X* out, F* acc) {
+    dx_elems<true>(src, g, len, d, r, A, m1, m2, out, acc);
   }
 
   // xh = (F(src) - (mean - add)) rstd (the forward's centring: one subtraction per element).
@@ -588,15 +661,35 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
     }
   }
 
-  // The backward's first pass over one channels-contiguous pixel: x_hat = (x + d) r,
-  // g = dy act'(x_hat A + B), stored; acc_g += g, acc_gx += g x_hat. kActUnroll vectors at a time
-  // (grad_act_n), as grad_sums.
-  template <typename X>
-  DDPM_INLINE static void grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,
-                                  const float* A, const float* B, bool silu, float* g, float* acc_g, float* acc_gx) {
+  // A coefficient per element, or one for the whole call (Coef = const float* or float).
+  template <int V>
+  DDPM_INLINE static simd::Lanes<V> coef(const float* p, int64_t i) {
+    return simd::load<V>(p + i);
+  }
+  template <int V>
+  DDPM_INLINE static simd::Lanes<V> coef(float s, int64_t) {
+    return simd::splat<V>(s);
+  }
+
+  // The backward's first pass (Portable::grad_elems): x_hat = (x + d) r, g = dy act'(x_hat A + B),
+  // stored; kAccumulate: acc_g += g, acc_gx += g x_hat; else acc_gx = g x_hat. kActUnroll vectors at
+  // a time (grad_act_n), as grad_sums.
+  template <bool kAccumulate, typename X, typename Coef>
+  DDPM_INLINE static void grad_elems(const X* src, const X* dy, int64_t len, const float* d, Coef r, const float* A,
+                                     const float* B, bool silu, float* g, float* acc_g, float* acc_gx) {
     if constexpr (!kFloat<X>) {
-      Portable::grad_ch(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);
+      Portable::grad_elems<kAccumulate>(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);
     } else {
+      auto out = [&](auto w, int64_t i, auto gi, auto xh) DDPM_LAMBDA_INLINE {
+        constexpr int V = DDPM_W(w);
+        simd::store<V>(g + i, gi);
+        if constexpr (kAccumulate) {
+          simd::store<V>(acc_g + i, simd::load<V>(acc_g + i) + gi);
+          simd::store<V>(acc_gx + i, simd::fma<V, kFused>(gi, xh, simd::load<V>(acc_gx + i)));
+        } else {
+          simd::store<V>(acc_gx + i, gi * xh);
+        }
+      };
       auto run = [&](auto act) DDPM_LAMBDA_INLINE {
         int64_t i0 = 0;
         if constexpr (W > 1) {
@@ -605,51 +698,56 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
             simd::Lanes<W> xh[U], z[U], gi[U];
             DDPM_EACH(u) {
               const int64_t i = i0 + u * W;
-              xh[u] = (load_x<W>(src + i) + simd::load<W>(d + i)) * simd::load<W>(r + i);
+              xh[u] = (load_x<W>(src + i) + simd::load<W>(d + i)) * coef<W>(r, i);
               z[u] = simd::fma<W, kFused>(xh[u], simd::load<W>(A + i), simd::load<W>(B + i));
             }
             grad_act_n<W, decltype(act)::value, U>(z, dy + i0, gi);
-            DDPM_EACH(u) {
-              const int64_t i = i0 + u * W;
-              simd::store<W>(g + i, gi[u]);
-              simd::store<W>(acc_g + i, simd::load<W>(acc_g + i) + gi[u]);
-              simd::store<W>(acc_gx + i, simd::fma<W, kFused>(gi[u], xh[u], simd::load<W>(acc_gx + i)));
-            }
+            DDPM_EACH(u) out(simd::Width<W>{}, i0 + u * W, gi[u], xh[u]);
           }
         }
         simd::for_lanes<W>(len - i0, [&](auto w, int64_t j) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
           const int64_t i = i0 + j;
-          const simd::Lanes<V> xh = (load_x<V>(src + i) + simd::load<V>(d + i)) * simd::load<V>(r + i);
+          const simd::Lanes<V> xh = (load_x<V>(src + i) + simd::load<V>(d + i)) * coef<V>(r, i);
           const simd::Lanes<V> z = simd::fma<V, kFused>(xh, simd::load<V>(A + i), simd::load<V>(B + i));
-          const simd::Lanes<V> gi = grad_act<V, decltype(act)::value>(z, load_x<V>(dy + i));
-          simd::store<V>(g + i, gi);
-          simd::store<V>(acc_g + i, simd::load<V>(acc_g + i) + gi);
-          simd::store<V>(acc_gx + i, simd::fma<V, kFused>(gi, xh, simd::load<V>(acc_gx + i)));
+          out(w, i, grad_act<V, decltype(act)::value>(z, load_x<V>(dy + i)), xh);
         });
       };
       if (silu) run(std::true_type{});
       else run(std::false_type{});
     }
   }
-
-  // The second pass: out = dx = r (A g - m1 - x_hat m2); acc += dx when acc is given (d bias_nc).
   template <typename X>
-  DDPM_INLINE static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,
-                                const float* A, const float* m1, const float* m2, X* out, float* acc) {
+  DDPM_INLINE static void grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,
+                                  const float* A, const float* B, bool silu, float* g, float* acc_g, float* acc_gx) {
+    grad_elems<true>(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);
+  }
+
+  // The second pass (Portable::dx_elems): out = dx = r (A g - m1 - x_hat m2); when acc is given
+  // (d bias_nc), acc += dx (kAccumulate) or acc = dx.
+  template <bool kAccumulate, typename X, typename Coef>
+  DDPM_INLINE static void dx_elems(const X* src, const float* g, int64_t len, const float* d, Coef r, const float* A,
+                                   Coef m1, Coef m2, X* out, float* acc) {
     if constexpr (!kFloat<X>) {
-      Portable::dx_ch(src, g, len, d, r, A, m1, m2, out, acc);
+      Portable::dx_elems<kAccumulate>(src, g, len, d, r, A, m1, m2, out, acc);
     } else {
       simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
-        const simd::Lanes<V> rr = simd::load<V>(r + i);
+        const simd::Lanes<V> rr = coef<V>(r, i);
         const simd::Lanes<V> xh = (load_x<V>(src + i) + simd::load<V>(d + i)) * rr;
-        const simd::Lanes<V> dx = rr * dx_inner<V>(simd::load<V>(A + i), simd::load<V>(g + i), simd::load<V>(m1 + i),
-                                                  xh, simd::load<V>(m2 + i));
+        const simd::Lanes<V> dx =
+            rr * dx_inner<V>(simd::load<V>(A + i), simd::load<V>(g + i), coef<V>(m1, i), xh, coef<V>(m2, i));
         store_x<V>(out + i, dx);
-        if (acc) simd::store<V>(acc + i, simd::load<V>(acc + i) + dx);
+        if (!acc) return;
+        if constexpr (kAccumulate) simd::store<V>(acc + i, simd::load<V>(acc + i) + dx);
+        else simd::store<V>(acc + i, dx);
       });
     }
+  }
+  template <typename X>
+  DDPM_INLINE static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,
+                                const float* A, const float* m1, const float* m2, X* out, float* acc) {
+    dx_elems<true>(src, g, len, d, r, A, m1, m2, out, acc);
   }
 
   template <typename X>
@@ -879,6 +977,14 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
                                       const float* xh, const float* g, int64_t S, int64_t cpg, const float* a, \
                                       float m1, float m2, O* out, int64_t os, double* totals) {              \
       Impl::norm_grad_x_rows(src, xs, add, mean, rstd, xh, g, S, cpg, a, m1, m2, out, os, totals);           \
+    }                                                                                                        \
+    template <typename X>                                                                                    \
+    ATTR static void backward_block(const X* x, const X* dy, X* dx, int64_t S, int64_t cpg, const float* add, \
+                                    const float* A, const float* B, float mean, float rstd, bool silu,       \
+                                    float* e_d, float* e_a, float* e_b, float* g, float* gx, float* sum_g,   \
+                                    float* sum_gx, float* dbias) {                                           \
+      Impl::backward_block(x, dy, dx, S, cpg, add, A, B, mean, rstd, silu, e_d, e_a, e_b, g, gx, sum_g, sum_gx, \
+                           dbias);                                                                           \
     }                                                                                                        \
     template <typename X>                                                                                    \
     ATTR static double grad_x(const float* xh, const float* g, int64_t len, float rstd, float a, float m1,   \
@@ -1141,51 +1247,6 @@ bool channels_contiguous(const GroupNormArgs& a) {
 }
 
 // ---- backward: one (n, group) per task
-// backward_kernel's short rows for group ng: add, coef, shift per channel (bias_nc, d n / d x_hat,
-// the affine's shift); g and e_* scratch of M elements.
-template <typename X, typename F, typename R>
-void backward_block(const GroupNormArgs& a, int64_t ng, const F* add, const F* coef, const F* shift, F* g, F* e_d,
-                    F* e_r, F* e_a, F* e_b, F* e_m1, F* e_m2, F* e_g, F* e_gx) {
-  const int64_t cpg = a.C / a.G, S = a.S, M = cpg * S, n = ng / a.G, c0 = (ng % a.G) * cpg;
-  const F mean = static_cast<const F*>(a.mean)[ng], rstd = static_cast<const F*>(a.rstd)[ng];
-  const X* x = static_cast<const X*>(a.x.ptr) + a.x.at(n, c0, 0);
-  const X* dy = static_cast<const X*>(a.dy.ptr) + a.dy.at(n, c0, 0);
-  X* dx = static_cast<X*>(a.dx.ptr) + a.dx.at(n, c0, 0);
-  for (int64_t c = 0; c < cpg; ++c) {
-    std::fill_n(e_d + c * S, S, add[c] - mean);
-    std::fill_n(e_a + c * S, S, coef[c]);
-    std::fill_n(e_b + c * S, S, shift[c]);
-  }
-  // a row's sum in double, 4 partials side by side (one chain of dependent additions per row was
-  // the block's slowest part)
-  auto row_sum = [S](const F* v) {
-    double t[4] = {0, 0, 0, 0};
-    int64_t j = 0;
-    for (; j + 4 <= S; j += 4)
-      for (int k = 0; k < 4; ++k) t[k] += static_cast<double>(v[j + k]);
-    for (; j < S; ++j) t[0] += static_cast<double>(v[j]);
-    return (t[0] + t[1]) + (t[2] + t[3]);
-  };
-  std::fill_n(e_r, M, rstd);
-  std::fill_n(e_g, M, F(0));
-  std::fill_n(e_gx, M, F(0));
-  R::grad_ch(x, dy, M, e_d, e_r, e_a, e_b, a.silu, g, e_g, e_gx);  // e_g, e_gx: g and g x_hat
-  double m1 = 0, m2 = 0;
-  for (int64_t c = 0; c < cpg; ++c) {
-    const double sg = row_sum(e_g + c * S), sgx = row_sum(e_gx + c * S);
-    const int64_t nc = n * a.C + c0 + c;
-    static_cast<F*>(a.sum_g)[nc] = static_cast<F>(sg), static_cast<F*>(a.sum_g_xhat)[nc] = static_cast<F>(sgx);
-    m1 += coef[c] * sg, m2 += coef[c] * sgx;
-  }
-  std::fill_n(e_m1, M, static_cast<F>(m1 / static_cast<double>(M)));
-  std::fill_n(e_m2, M, static_cast<F>(m2 / static_cast<double>(M)));
-  F* dbias_nc = static_cast<F*>(a.dbias_nc);
-  if (dbias_nc) std::fill_n(e_g, M, F(0));
-  R::dx_ch(x, g, M, e_d, e_r, e_a, e_m1, e_m2, dx, dbias_nc ? e_g : nullptr);
-  if (dbias_nc)
-    for (int64_t c = 0; c < cpg; ++c) dbias_nc[n * a.C + c0 + c] = static_cast<F>(row_sum(e_g + c * S));
-}
-
 template <typename X, typename F, typename R>
 void backward_kernel(const GroupNormArgs& a) {
   const int64_t cpg = a.C / a.G, S = a.S, M = cpg * S;
@@ -1208,9 +1269,8 @@ void backward_kernel(const GroupNormArgs& a) {
     std::vector<F> xh(M), g(M);
     std::vector<F> coef(cpg), shift(cpg), add(cpg);  // per channel: d n / d x_hat, the affine's shift, bias_nc
     std::vector<double> sums_g(cpg), sums_gx(cpg);   // per channel: sums of g and g x_hat, then of dx
-    // block: per element, bias_nc - mean, rstd, coef, shift, then m1, m2; and g's and g x_hat's
-    std::vector<F> e_d(block ? M : 0), e_r(block ? M : 0), e_a(block ? M : 0), e_b(block ? M : 0);
-    std::vector<F> e_m1(block ? M : 0), e_m2(block ? M : 0), e_g(block ? M : 0), e_gx(block ? M : 0);
+    // block: per element, bias_nc - mean, coef, shift; and g x_hat (then dx)
+    std::vector<F> e_d(block ? M : 0), e_a(block ? M : 0), e_b(block ? M : 0), e_gx(block ? M : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / a.G, c0 = (ng % a.G) * cpg;
       const F mean = mean_in[ng], rstd = rstd_in[ng];
@@ -1235,8 +1295,10 @@ void backward_kernel(const GroupNormArgs& a) {
         add[c] = bias_nc ? bias_nc[c] : F(0);
       }
       if (block) {
-        backward_block<X, F, R>(a, ng, add.data(), coef.data(), shift.data(), g.data(), e_d.data(), e_r.data(),
-                                e_a.data(), e_b.data(), e_m1.data(), e_m2.data(), e_g.data(), e_gx.data());
+        const int64_t nc0 = n * a.C + c0;
+        R::backward_block(x + a.x.at(n, c0, 0), dy + a.dy.at(n, c0, 0), dx + a.dx.at(n, c0, 0), S, cpg, add.data(),
+                          coef.data(), shift.data(), mean, rstd, a.silu, e_d.data(), e_a.data(), e_b.data(), g.data(),
+                          e_gx.data(), sum_g + nc0, sum_gx + nc0, dbias_nc ? dbias_nc + nc0 : nullptr);
         continue;
       }
       if (fused)

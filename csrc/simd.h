@@ -223,12 +223,30 @@ DDPM_SIMD_INLINE Lanes<W> silu(Lanes<W> z) {
   return v[0];
 }
 
-// body(Width<W>, i) for i = 0, W, 2W, ... then body(Width<1>, i) for the last n % W elements.
+// The last elements i .. n - 1 (fewer than 2 V): at most one vector of V lanes, of V / 2, ... of 4,
+// then body(Width<1>, i) one at a time.
+template <int V, typename Body>
+DDPM_SIMD_INLINE void for_tail(int64_t n, int64_t i, const Body& body) {
+  if constexpr (V >= 4) {
+    if (i + V <= n) {
+      body(Width<V>{}, i);
+      i += V;
+    }
+    for_tail<V / 2>(n, i, body);
+  } else {
+    for (; i < n; ++i) body(Width<1>{}, i);
+  }
+}
+
+// body(Width<W>, i) for i = 0, W, 2W, ... then the last n % W elements in narrower vectors (W / 2,
+// ..., 4 lanes) and one at a time: a row's tail of up to 15 elements takes at most 3 scalar steps
+// (each a whole exp in the SiLU loops) rather than 15. An element's arithmetic does not depend on
+// the width (above), so neither do its bits.
 template <int W, typename Body>
 DDPM_SIMD_INLINE void for_lanes(int64_t n, const Body& body) {
   int64_t i = 0;
   for (; i + W <= n; i += W) body(Width<W>{}, i);
-  for (; i < n; ++i) body(Width<1>{}, i);
+  for_tail<W / 2>(n, i, body);
 }
 
 // Partial sums per reduction: 32 lanes, so that two sums at once fit AVX2's 16 registers
@@ -278,7 +296,8 @@ struct Partials {
 // Sum over i < n of value(Width<w>, i), the values of elements i .. i + w - 1 (value may also
 // store them), in Partials<W>, added in double every `chunk` elements (a multiple of 32) to bound
 // the rounding of long float sums. The last n % 32 elements go into a zero-padded block, whole
-// vectors first (value(Width<W>, i)), then one at a time (value(Width<1>, i)): the same values.
+// vectors first (value(Width<W>, i)), then narrower ones and single elements (for_lanes): the
+// same values.
 template <int W, typename Value>
 DDPM_SIMD_INLINE double sum32(int64_t n, int64_t chunk, const Value& value) {
   double total = 0;
@@ -289,11 +308,11 @@ DDPM_SIMD_INLINE double sum32(int64_t n, int64_t chunk, const Value& value) {
     for (int64_t i = i0; i < full; i += kSumLanes) {
       for (int u = 0; u < acc.kVecs; ++u) acc.add(u, value(Width<W>{}, i + u * W));
     }
-    if (full < end) {  // whole vectors, then single elements, into the padded block
+    if (full < end) {  // whole vectors, narrower ones, then single elements, into the padded block
       alignas(64) float tail[kSumLanes] = {};
-      int64_t i = full;
-      for (; i + W <= end; i += W) store<W>(tail + (i - full), value(Width<W>{}, i));
-      for (; i < end; ++i) tail[i - full] = value(Width<1>{}, i);
+      for_lanes<W>(end - full, [&](auto w, int64_t j) __attribute__((always_inline)) {
+        store<decltype(w)::value>(tail + j, value(w, full + j));
+      });
       acc.add_padded(tail);
     }
     total += acc.reduce();
@@ -304,7 +323,7 @@ DDPM_SIMD_INLINE double sum32(int64_t n, int64_t chunk, const Value& value) {
 // Two sums in one pass: values(Width<V>{}, i, a, b) fills the arrays a[U], b[U] of Lanes<V> with
 // both addends of the U V elements from i: U = B * 32 / W vectors (B blocks of 32) at once, so that
 // values can interleave their work (silu_n); the last n % 32 elements come into zero-padded blocks,
-// a vector (U = 1) and then an element (V = U = 1) at a time. The additions into the partials are in
+// a vector (U = 1) at a time, narrower ones, then elements (V = U = 1: for_lanes). The additions into the partials are in
 // element order whatever B is.
 template <int W, int B, typename Values>
 DDPM_SIMD_INLINE void sum32x2(int64_t n, int64_t chunk, const Values& values, double* total_a, double* total_b) {
@@ -323,19 +342,14 @@ DDPM_SIMD_INLINE void sum32x2(int64_t n, int64_t chunk, const Values& values, do
     int64_t i = i0;
     for (; i + B * kSumLanes <= full; i += B * kSumLanes) blocks(i, std::integral_constant<int, B>{});
     for (; i < full; i += kSumLanes) blocks(i, std::integral_constant<int, 1>{});
-    if (full < end) {  // whole vectors, then single elements, into the padded blocks
+    if (full < end) {  // whole vectors, narrower ones, then single elements, into the padded blocks
       alignas(64) float tail_a[kSumLanes] = {}, tail_b[kSumLanes] = {};
-      int64_t j = full;
-      for (; j + W <= end; j += W) {
-        Lanes<W> a[1], b[1];
-        values(Width<W>{}, j, a, b);
-        store<W>(tail_a + (j - full), a[0]), store<W>(tail_b + (j - full), b[0]);
-      }
-      for (; j < end; ++j) {
-        Lanes<1> a[1], b[1];
-        values(Width<1>{}, j, a, b);
-        tail_a[j - full] = a[0], tail_b[j - full] = b[0];
-      }
+      for_lanes<W>(end - full, [&](auto w, int64_t j) __attribute__((always_inline)) {
+        constexpr int V = decltype(w)::value;
+        Lanes<V> a[1], b[1];
+        values(w, full + j, a, b);
+        store<V>(tail_a + j, a[0]), store<V>(tail_b + j, b[0]);
+      });
       acc_a.add_padded(tail_a);
       acc_b.add_padded(tail_b);
     }

@@ -229,12 +229,13 @@ def test_unet_shapes_cpp(shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("extras", [EXTRAS, ()], ids=["all", "plain"])
 def test_cpp_short_rows_run_a_group_at_once(dtype, extras):
-    """NCHW rows of at most 32 positions (4x4 and below): the forward takes a group's rows as one block
-    with per-element coefficients (csrc/group_norm_silu_cpu.cpp, kBlockRows); every dtype and fold,
-    rows off the vector widths, and an x whose positions are not contiguous (copied to NCHW first)."""
+    """NCHW rows of at most 63 positions (7x7 and below): the forward and the backward take a group's
+    rows as one block with per-element coefficients (csrc/group_norm_silu_cpu.cpp, kBlockRows); every
+    dtype and fold, rows off the vector widths, blocks from 2 to 10 vectors of 16 (and not a whole
+    one), and an x whose positions are not contiguous (copied to NCHW first)."""
     if "cpp" not in FAST_BACKENDS:
         pytest.skip("cpp backend not built")
-    for shape, groups in [((2, 64, 4, 5), 8), ((3, 48, 2, 3), 16), ((1, 32, 4, 8), 4)]:
+    for shape, groups in [((2, 64, 4, 5), 8), ((3, 48, 2, 3), 16), ((1, 32, 4, 8), 4), ((2, 32, 7, 7), 8)]:
         t = make_inputs(shape, dtype, seed=23, extras=extras)
         check_against_reference("cpp", t, groups)
         t["x"] = t["x"].transpose(2, 3).contiguous().transpose(2, 3)  # positions not contiguous
@@ -366,6 +367,8 @@ def test_cpp_avx512_and_avx2_builds_give_the_same_bits(dtype):
         pytest.skip("needs the cpp backend on a CPU with AVX-512")
     cases = [((2, 64, 9, 11), 8, False), ((2, 48, 5, 7), 4, True), ((1, 40, 3, 3), 5, True), ((2, 80, 3, 5), 8, True)]
     cases.append(((2, 64, 4, 5), 8, False))  # NCHW short rows: a group as one block
+    cases.append(((2, 32, 6, 7), 4, False))  # ... of 8 rows of 42
+    cases.append(((1, 32, 7, 11), 8, False))  # rows of 77: 64 + 8 + 4 + 1 (the tail's narrower vectors)
     for shape, groups, cl in cases:
         t = make_inputs(shape, dtype, seed=21, channels_last=cl)
         results = {}
@@ -407,11 +410,11 @@ def test_cpp_bf16_rows_are_the_fp32_rows_rounded_once(isa, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cpp_vector_and_tail_lanes_agree(isa, channels_last, dtype):
-    """Inside a row, elements go through the vector loop (16, 8 or 4 lanes) or the scalar tail; both
-    must do the same arithmetic (and, for bfloat16, the same widening and rounding). A row of 47
-    elements (2 x 16 + 15) repeating with period 16, and coefficients equal along it (one group, no
-    affine), gives y and dx repeating with period 16, bit for bit: any lane whose arithmetic differs
-    from the tail's shows as a mismatch."""
+    """Inside a row, elements go through the vector loop (16, 8 or 4 lanes), the tail's narrower
+    vectors (8, 4 lanes) or its scalar steps; all must do the same arithmetic (and, for bfloat16, the
+    same widening and rounding). A row of 47 elements (2 x 16 + 8 + 4 + 3) repeating with period 16,
+    and coefficients equal along it (one group, no affine), gives y and dx repeating with period 16,
+    bit for bit: any lane whose arithmetic differs from the tail's shows as a mismatch."""
     if "cpp" not in FAST_BACKENDS:
         pytest.skip("cpp backend not built")
     g = torch.Generator().manual_seed(5)
