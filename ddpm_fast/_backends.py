@@ -247,11 +247,6 @@ SDPA_MAX_HEAD_DIM = 256
 # On CPU, heads this wide take the plain reference when gradients are needed, and wider ones
 # always (benchmarks/results/cpu-2026-12-04-attention.json: SDPA's CPU kernel loses there).
 CPU_PLAIN_HEAD_DIM = 256
-# On CPU, group_norm_silu over NCHW rows of at most this many positions (the U-Net's 4x4 level)
-# takes the reference when gradients are needed: the C++ fwd+bwd lost to eager there (64x256x4x4
-# 0.66x / 0.85x: benchmarks/results/cpu-2026-12-05e/f-groupnorm.json; ~0.85x ad hoc after the
-# backward took short rows a group at once, and at 1x1 and 3x3 rows too; 2x2 and 2x3 won).
-CPU_GN_SHORT_ROWS = 16
 
 
 @torch.compiler.assume_constant_result
@@ -279,12 +274,10 @@ def choose(
     head_dim: int = 0,
     needs_grad: bool = False,
     launch_bound: bool = True,
-    nchw_rows: int = 0,
 ) -> str:
     """The backend that runs ``op`` on ``device``: ``requested`` when it can (else a clear error),
     or by default the fastest measured for this call's size (``numel``), ``dtype``, attention's
-    ``head_dim``, group_norm_silu's row length in an NCHW input (``nchw_rows``: positions per
-    channel, 0 for other layouts) and whether gradients are needed. ``launch_bound=False`` where launches cost
+    ``head_dim`` and whether gradients are needed. ``launch_bound=False`` where launches cost
     nothing (a replayed CUDA graph): then the size does not matter, the kernel's speed does."""
     valid = OP_BACKENDS[op]
     if requested is not None and requested not in valid:
@@ -306,8 +299,6 @@ def choose(
         return "cuda" if device.type == "cuda" and "cuda" in valid and _cuda_cpp_available() else "reference"
     if op == "group_norm_silu" and name == "cuda":
         return "reference"  # Triton missing on CUDA: no CUDA C++ kernel to fall back to
-    if op == "group_norm_silu" and name == "cpp" and needs_grad and 0 < nchw_rows <= CPU_GN_SHORT_ROWS:
-        return "reference"
     small = launch_bound and numel < ELEMENTWISE_CUDA_CPP_BELOW
     if name == "triton" and device.type == "cuda" and small and "cuda" in valid:
         return "cuda" if _cuda_cpp_available() else name

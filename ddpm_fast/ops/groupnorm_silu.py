@@ -15,7 +15,6 @@ g = dL/dn and g x_hat, from which dweight, dbias (sums over n), dscale and dshif
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 
 import torch
@@ -266,13 +265,7 @@ def group_norm_silu(
     """
     _check_inputs(x, num_groups, weight, bias, eps, bias_nc, scale_nc, shift_nc, silu, residual)
     tensors = (x, weight, bias, bias_nc, scale_nc, shift_nc, residual)
-    shape_class = {}  # what the CPU default depends on (_backends.CPU_GN_SHORT_ROWS); other calls skip it
-    if backend is None and x.device.type == "cpu":
-        shape_class = dict(
-            nchw_rows=math.prod(x.shape[2:]) if x.dim() > 2 and x.is_contiguous() else 0,  # positions per channel
-            needs_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors),
-        )
-    name = choose("group_norm_silu", backend, x.device, dtype=x.dtype, **shape_class)
+    name = choose("group_norm_silu", backend, x.device, dtype=x.dtype)
     if name == "reference":
         return reference.group_norm_silu(
             x,
