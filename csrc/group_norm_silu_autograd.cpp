@@ -99,8 +99,10 @@ std::array<Tensor, 6> kernel_backward(const Tensor& grad_y, const Tensor& x, con
   const int64_t n = x.size(0), c = x.size(1);
   Tensor grad_x = output_like(x);
   const auto stat_opts = mean.options();
-  Tensor sum_g = at::zeros({n, c}, stat_opts), sum_gx = at::zeros({n, c}, stat_opts);
-  Tensor grad_bnc = bias_nc.has_value() ? at::zeros({n, c}, stat_opts) : Tensor();
+  // the kernel writes every (n, c) of its sums; with no positions it does not run, and they are 0
+  const auto alloc = [&] { return x.numel() ? at::empty({n, c}, stat_opts) : at::zeros({n, c}, stat_opts); };
+  Tensor sum_g = alloc(), sum_gx = alloc();
+  Tensor grad_bnc = bias_nc.has_value() ? alloc() : Tensor();
   if (x.numel()) {
     const Tensor dy = kernel_input(grad_y.scalar_type() == x.scalar_type() ? grad_y : grad_y.to(x.scalar_type()));
     call_backward(dy, x, w, b, bnc, sc, sh, mean, rstd, groups, silu, grad_x, sum_g, sum_gx, present(grad_bnc));
@@ -110,10 +112,12 @@ std::array<Tensor, 6> kernel_backward(const Tensor& grad_y, const Tensor& x, con
   // n = (x_hat w + b)(1 + scale) + shift: per (n, c), dL/dw = (1 + scale) sum g x_hat, dL/db =
   // (1 + scale) sum g, dL/dscale = w sum g x_hat + b sum g, dL/dshift = sum g.
   const Tensor s1 = sc.has_value() ? 1 + *sc : Tensor();
+  // the sum over n; one image's row as it is (a sum of one term: the same value, without an op)
+  const auto sum_n = [n, c](const Tensor& t) { return n == 1 ? t.view({c}) : t.sum(0); };
   std::array<Tensor, 6> grads;
   grads[0] = grad_x;
-  if (weight.has_value()) grads[1] = (s1.defined() ? s1 * sum_gx : sum_gx).sum(0).to(weight->scalar_type());
-  if (bias.has_value()) grads[2] = (s1.defined() ? s1 * sum_g : sum_g).sum(0).to(bias->scalar_type());
+  if (weight.has_value()) grads[1] = sum_n(s1.defined() ? s1 * sum_gx : sum_gx).to(weight->scalar_type());
+  if (bias.has_value()) grads[2] = sum_n(s1.defined() ? s1 * sum_g : sum_g).to(bias->scalar_type());
   if (bias_nc.has_value()) grads[3] = grad_bnc.to(bias_nc->scalar_type());
   if (scale_nc.has_value()) {
     Tensor u = w.has_value() ? *w * sum_gx : sum_gx;
