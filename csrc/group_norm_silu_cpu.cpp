@@ -1029,6 +1029,21 @@ DDPM_INLINE F param(const void* p, int64_t i, F absent) {
   return p ? static_cast<const F*>(p)[i] : absent;
 }
 
+// Channel cc of image n after the normalisation, folded into one multiply-add: the pre-activation
+// is x_hat A + B with A = w (1 + scale_nc) and B = b (1 + scale_nc) + shift_nc. The forward passes
+// its rstd for rstd A, its coefficient on x - mean (rstd w first; rstd = 1 leaves A's bits as they
+// are, as the backward needs).
+template <typename F>
+struct ChannelAffine {
+  F a, b;
+};
+template <typename F>
+DDPM_INLINE ChannelAffine<F> channel_affine(const GroupNormArgs& args, int64_t n, int64_t cc, F rstd) {
+  const int64_t nc = n * args.C + cc;
+  const F s1 = F(1) + param<F>(args.scale_nc, nc, F(0));
+  return {rstd * param<F>(args.w, cc, F(1)) * s1, param<F>(args.b, cc, F(0)) * s1 + param<F>(args.shift_nc, nc, F(0))};
+}
+
 // ---- forward: one (n, group) per task. NCHW x is read in place (a channel's bias_nc folds into
 // its shift: mean - bias_nc); other layouts are gathered into buf first.
 template <typename X, typename F, typename R>
@@ -1081,10 +1096,9 @@ void forward_kernel(const GroupNormArgs& a) {
       const X* next = in_rows && ng + 1 < end ? x + a.x.at((ng + 1) / a.G, ((ng + 1) % a.G) * cpg, 0) : nullptr;
       if (block) {  // the whole group at once, its coefficients per element (shift, ca, cb)
         for (int64_t c = 0; c < cpg; ++c) {
-          const int64_t cc = c0 + c, nc = n * a.C + cc;
-          const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
-          std::fill_n(ca.data() + c * S, S, rstd * param<F>(a.w, cc, F(1)) * s1);
-          std::fill_n(cb.data() + c * S, S, param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0)));
+          const ChannelAffine<F> af = channel_affine(a, n, c0 + c, rstd);
+          std::fill_n(ca.data() + c * S, S, af.a);
+          std::fill_n(cb.data() + c * S, S, af.b);
         }
         if (next) prefetch_row(next, M);
         R::apply_ch(x_row(0), M, shift.data(), ca.data(), cb.data(), a.silu, res ? res + a.res.at(n, c0, 0) : nullptr,
@@ -1092,10 +1106,9 @@ void forward_kernel(const GroupNormArgs& a) {
         continue;
       }
       for (int64_t c = 0; c < cpg; ++c) {
-        const int64_t cc = c0 + c, nc = n * a.C + cc;
-        const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
-        const F ca = rstd * param<F>(a.w, cc, F(1)) * s1;
-        const F cb = param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
+        const int64_t cc = c0 + c;
+        const ChannelAffine<F> af = channel_affine(a, n, cc, rstd);
+        const F ca = af.a, cb = af.b;
         if (next) prefetch_row(next + c * a.x.sc, S);
         F* row = buf.data() + c * S;
         const X* res_row = res && out_rows ? res + a.res.at(n, cc, 0) : nullptr;
@@ -1231,10 +1244,8 @@ void forward_cl_kernel(const GroupNormArgs& a) {
       const F rstd = F(1) / std::sqrt(var + static_cast<F>(a.eps));
       rstd_out[n * G + g] = rstd;
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-        const int64_t nc = n * C + c;
-        const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
-        ca[nc] = rstd * param<F>(a.w, c, F(1)) * s1;
-        cb[nc] = param<F>(a.b, c, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
+        const ChannelAffine<F> af = channel_affine(a, n, c, rstd);
+        ca[n * C + c] = af.a, cb[n * C + c] = af.b;
       }
     }
   };
@@ -1288,10 +1299,8 @@ void backward_kernel(const GroupNormArgs& a) {
       }
       if (!dy_rows) gather<X, F>(a.dy, dy, n, c0, cpg, S, static_cast<const F*>(nullptr), g.data());
       for (int64_t c = 0; c < cpg; ++c) {
-        const int64_t cc = c0 + c, nc = n * a.C + cc;
-        const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
-        coef[c] = param<F>(a.w, cc, F(1)) * s1;  // d n / d x_hat
-        shift[c] = param<F>(a.b, cc, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
+        const ChannelAffine<F> af = channel_affine(a, n, c0 + c, F(1));
+        coef[c] = af.a, shift[c] = af.b;  // d n / d x_hat, the affine's shift
         add[c] = bias_nc ? bias_nc[c] : F(0);
       }
       if (block) {
@@ -1370,11 +1379,10 @@ void backward_cl_kernel(const GroupNormArgs& a) {
     const int64_t n = ng / G, c0 = (ng % G) * cpg;
     for (int64_t c = c0; c < c0 + cpg; ++c) {
       const int64_t nc = n * C + c;
-      const F s1 = F(1) + param<F>(a.scale_nc, nc, F(0));
+      const ChannelAffine<F> af = channel_affine(a, n, c, F(1));
       d[nc] = param<F>(a.bias_nc, nc, F(0)) - mean_in[ng];
       r[nc] = rstd_in[ng];
-      A[nc] = param<F>(a.w, c, F(1)) * s1;
-      B[nc] = param<F>(a.b, c, F(0)) * s1 + param<F>(a.shift_nc, nc, F(0));
+      A[nc] = af.a, B[nc] = af.b;
     }
   }
   std::vector<double> part_g(N * K * C), part_gx(N * K * C);  // pass 1 reuses part_g for dx
