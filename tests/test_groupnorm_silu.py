@@ -5,6 +5,7 @@ torch.compile and input checks."""
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -755,8 +756,11 @@ def test_bad_inputs():
         op(x, 4, torch.randn(8, device="meta"))
     with pytest.raises(ValueError, match="device"):
         op(x, 4, bias_nc=nc.to("meta"))
-    with pytest.raises(ValueError, match="eps"):
-        op(x, 4, eps=-1.0)
+    for eps in (-1.0, float("nan"), True, "1e-5", None):
+        with pytest.raises(ValueError, match="eps"):
+            op(x, 4, eps=eps)
+    op(x, 4, eps=1)  # an int, and a numpy float, are numbers
+    op(x, 4, eps=np.float32(1e-5))
     with pytest.raises(TypeError, match="silu"):
         op(x, 4, silu=1)
     with pytest.raises(ValueError, match="unknown backend"):

@@ -202,7 +202,7 @@ def _check_tensor(t: object, name: str, shape: tuple[int, ...], x: torch.Tensor)
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device}, expected {x.device} (x's device)")
-    if tuple(t.shape) != shape:
+    if t.shape != shape:  # (torch.Size is a tuple)
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
@@ -213,7 +213,8 @@ def _check_inputs(x, num_groups, weight, bias, eps, bias_nc, scale_nc, shift_nc,
     n, c = x.shape[:2]
     if num_groups <= 0 or c % num_groups:
         raise ValueError(f"x has {c} channels, which num_groups={num_groups} does not divide")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+    # (a float first: the check of numbers.Real, an ABC, costs more than the rest of the line)
+    if (type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real))) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     if not isinstance(silu, bool):
         raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
