@@ -328,14 +328,21 @@ def test_channels_last_x_nchw_residual_cpp():
     check_against_reference("cpp", t, 4)
 
 
-def test_cpp_channels_last_independent_of_threads():
-    """The channels_last kernels' chunking and reduction order depend on the shape only: one thread
-    (one image per task) and two (positions split across the threads) give the same bits, forward
-    and backward."""
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [((1, 64, 16, 16), True), ((1, 256, 8, 8), False), ((1, 512, 4, 4), False)],
+    ids=["channels_last", "nchw-rows", "nchw-short-rows"],
+)
+def test_cpp_independent_of_threads(shape, channels_last):
+    """The kernels' tasks and reduction order depend on the shape only: one thread and two give the
+    same bits, forward and backward. channels_last: one image per task, or its positions split
+    across the threads; NCHW (rows, and short rows a group at once): a batch-1 call of 16K or 8K
+    elements splits its groups across the threads (kTaskElems)."""
     if "cpp" not in FAST_BACKENDS:
         pytest.skip("cpp backend not built")
-    t = make_inputs((1, 64, 16, 16), seed=17, channels_last=True)
-    gy = grad_output((1, 64, 16, 16), torch.float32, "cpu").contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    t = make_inputs(shape, seed=17, channels_last=channels_last)
+    gy = grad_output(shape, torch.float32, "cpu").contiguous(memory_format=layout)
     fast = lambda u: apply(group_norm_silu, u, 32, backend="cpp")  # noqa: E731
     threads = torch.get_num_threads()
     try:
@@ -346,7 +353,7 @@ def test_cpp_channels_last_independent_of_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(y1, y2)
-    assert g1["x"].is_contiguous(memory_format=torch.channels_last)
+    assert g1["x"].is_contiguous(memory_format=layout)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
 
