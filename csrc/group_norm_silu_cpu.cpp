@@ -1278,9 +1278,9 @@ void backward_kernel(const GroupNormArgs& a) {
   const bool x_rows = a.x.ss == 1, dy_rows = a.dy.ss == 1, dx_rows = a.dx.ss == 1;
   const bool fused = x_rows && dy_rows;  // NCHW x and dy: normalise inside the gradient sums
   const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(M, 1));
-  // Short rows (as forward_kernel's): a group's rows are one block of x, dy and dx, each pass one
-  // call over it with per-element coefficients, and the per-channel sums plain loops in double
-  // (a 32-lane reduction per row of 16 cost more than the row).
+  // Short rows (as forward_kernel's): a group's rows are one block of x, dy and dx, the whole group
+  // one call into the ISA build (RowLoops::backward_block), its per-channel sums 4-wide loops in
+  // double (a 32-lane reduction per row of 16 cost more than the row).
   const bool block = fused && dx_rows && S <= kBlockRows && a.x.sc == S && a.dy.sc == S && a.dx.sc == S;
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
     std::vector<F> xh(M), g(M);
