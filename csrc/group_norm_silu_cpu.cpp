@@ -88,7 +88,7 @@ DDPM_INLINE void prefetch_row(const X* row, int64_t len) {
 
 // ---- a row function of R over many rows in one call (so that the ISA builds loop inside their
 // target code: one call per row cost more than a short row's arithmetic). The channels_last passes
-// with an activation run pixel by pixel (apply_ch, grad_ch, dx_ch), so that the rows stream (register-
+// with an activation run pixel by pixel (apply_ch, grad_elems, dx_elems), so that the rows stream (register-
 // blocked columns of channels measured 5-10% slower, waiting on strided misses); the NCHW backward
 // runs a group's channels (norm_grad_sums, norm_grad_x).
 template <typename R, typename F>
@@ -112,12 +112,13 @@ struct RowLoops {
                                   const F* d, const F* r, const F* A, const F* B, bool silu, F* g, F* acc_g,
                                   F* acc_gx) {
     for (int64_t p = 0; p < cnt; ++p)
-      R::grad_ch(src + p * xs, dy + p * dys, C, d, r, A, B, silu, g + p * C, acc_g, acc_gx);
+      R::template grad_elems<true>(src + p * xs, dy + p * dys, C, d, r, A, B, silu, g + p * C, acc_g, acc_gx);
   }
   template <typename X>
   DDPM_INLINE static void px_dx(const X* src, int64_t xs, const F* g, int64_t cnt, int64_t C, const F* d, const F* r,
                                 const F* A, const F* m1, const F* m2, X* out, int64_t os, F* acc) {
-    for (int64_t p = 0; p < cnt; ++p) R::dx_ch(src + p * xs, g + p * C, C, d, r, A, m1, m2, out + p * os, acc);
+    for (int64_t p = 0; p < cnt; ++p)
+      R::template dx_elems<true>(src + p * xs, g + p * C, C, d, r, A, m1, m2, out + p * os, acc);
   }
 
   // The NCHW backward's passes over a group's cpg rows of S: row c of x at src + c xs, of dy at
@@ -344,11 +345,6 @@ struct Rows : RowLoops<Rows<F>, F> {
       }
     }
   }
-  template <typename X>
-  DDPM_INLINE static void grad_ch(const X* src, const X* dy, int64_t len, const F* d, const F* r, const F* A,
-                                  const F* B, bool silu, F* g, F* acc_g, F* acc_gx) {
-    grad_elems<true>(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);
-  }
 
   // Second pass: out = X(dx), dx = r (A g - m1 - x_hat m2) (m1, m2: the group's means of A g and
   // A g x_hat; r, m1, m2 per element or one: Coef); when acc is given (d bias_nc), acc += dx
@@ -372,11 +368,6 @@ struct Rows : RowLoops<Rows<F>, F> {
         out[i] = static_cast<X>(coef(r, i) * (A[i] * g[i] - coef(m1, i) - xh * coef(m2, i)));
       }
     }
-  }
-  template <typename X>
-  DDPM_INLINE static void dx_ch(const X* src, const F* g, int64_t len, const F* d, const F* r, const F* A,
-                                const F* m1, const F* m2, X* out, F* acc) {
-    dx_elems<true>(src, g, len, d, r, A, m1, m2, out, acc);
   }
 
   // xh = (F(src) - (mean - add)) rstd (the forward's centring: one subtraction per element).
@@ -723,11 +714,6 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
       else run(std::false_type{});
     }
   }
-  template <typename X>
-  DDPM_INLINE static void grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,
-                                  const float* A, const float* B, bool silu, float* g, float* acc_g, float* acc_gx) {
-    grad_elems<true>(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);
-  }
 
   // The second pass (Portable::dx_elems): out = dx = r (A g - m1 - x_hat m2); when acc is given
   // (d bias_nc), acc += dx (kAccumulate) or acc = dx.
@@ -749,11 +735,6 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
         else simd::store<V>(acc + i, dx);
       });
     }
-  }
-  template <typename X>
-  DDPM_INLINE static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,
-                                const float* A, const float* m1, const float* m2, X* out, float* acc) {
-    dx_elems<true>(src, g, len, d, r, A, m1, m2, out, acc);
   }
 
   template <typename X>
@@ -938,17 +919,6 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
                               const float* b, bool silu, const X* res, int64_t rss, X* out, int64_t oss,    \
                               const X* next) {                                                               \
       Impl::px_apply(src, ss, cnt, C, d, a, b, silu, res, rss, out, oss, next);                              \
-    }                                                                                                        \
-    template <typename X>                                                                                    \
-    ATTR static void grad_ch(const X* src, const X* dy, int64_t len, const float* d, const float* r,         \
-                             const float* A, const float* B, bool silu, float* g, float* acc_g,              \
-                             float* acc_gx) {                                                                \
-      Impl::grad_ch(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);                                       \
-    }                                                                                                        \
-    template <typename X>                                                                                    \
-    ATTR static void dx_ch(const X* src, const float* g, int64_t len, const float* d, const float* r,        \
-                           const float* A, const float* m1, const float* m2, X* out, float* acc) {           \
-      Impl::dx_ch(src, g, len, d, r, A, m1, m2, out, acc);                                                   \
     }                                                                                                        \
     template <typename X>                                                                                    \
     ATTR static void px_grad(const X* src, int64_t xs, const X* dy, int64_t dys, int64_t cnt, int64_t C,      \

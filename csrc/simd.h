@@ -323,8 +323,8 @@ DDPM_SIMD_INLINE double sum32(int64_t n, int64_t chunk, const Value& value) {
 // Two sums in one pass: values(Width<V>{}, i, a, b) fills the arrays a[U], b[U] of Lanes<V> with
 // both addends of the U V elements from i: U = B * 32 / W vectors (B blocks of 32) at once, so that
 // values can interleave their work (silu_n); the last n % 32 elements come into zero-padded blocks,
-// a vector (U = 1) at a time, narrower ones, then elements (V = U = 1: for_lanes). The additions into the partials are in
-// element order whatever B is.
+// a vector (U = 1) at a time, narrower ones, then elements (V = U = 1: for_lanes). The additions
+// into the partials are in element order whatever B is.
 template <int W, int B, typename Values>
 DDPM_SIMD_INLINE void sum32x2(int64_t n, int64_t chunk, const Values& values, double* total_a, double* total_b) {
   constexpr int K = Partials<W>::kVecs;
