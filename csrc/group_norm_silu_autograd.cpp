@@ -124,7 +124,10 @@ std::array<Tensor, 6> kernel_backward(const Tensor& grad_y, const Tensor& x, con
     if (b.has_value()) u = u + *b * sum_g;
     grads[4] = u.to(scale_nc->scalar_type());
   }
-  if (shift_nc.has_value()) grads[5] = sum_g.to(shift_nc->scalar_type());
+  // (at batch 1 without scale_nc dbias is a view of sum_g: d shift_nc gets a copy, so that no two
+  // gradients share memory, which an in-place accumulation into one .grad would change in both)
+  if (shift_nc.has_value())
+    grads[5] = sum_g.to(shift_nc->scalar_type(), false, /*copy=*/n == 1 && bias.has_value() && !s1.defined());
   return grads;
 }
 

@@ -358,6 +358,28 @@ def test_cpp_independent_of_threads(shape, channels_last):
         assert torch.equal(g1[name], g2[name]), name
 
 
+def test_cpp_batch1_gradients_share_no_memory():
+    """At batch 1 the C++ node hands back dweight and dbias as the image's own sums (no sum op).
+    d shift_nc is the same sums of g as dbias (no scale_nc): accumulated over two backward passes,
+    each .grad must be twice the first, which fails if one's in-place accumulation reaches the other."""
+    if "cpp" not in FAST_BACKENDS:
+        pytest.skip("cpp backend not built")
+    x = torch.randn(1, 8, 3, 3, generator=torch.Generator().manual_seed(3))
+    w, b = torch.randn(8).requires_grad_(), torch.randn(8).requires_grad_()
+    shift = torch.randn(1, 8).requires_grad_()
+    leaves = (w, b, shift)
+
+    def backward():
+        group_norm_silu(x, 4, w, b, shift_nc=shift, backend="cpp").square().sum().backward()
+
+    backward()
+    first = [t.grad.clone() for t in leaves]
+    torch.testing.assert_close(first[1], first[2].view(8), rtol=0, atol=0)
+    backward()
+    for t, g in zip(leaves, first, strict=True):
+        torch.testing.assert_close(t.grad, 2 * g, rtol=1e-6, atol=1e-6)
+
+
 def _cpp_forward_and_grads(t, groups, channels_last=False, gy=None):
     if gy is None:
         gy = grad_output(t["x"].shape, t["x"].dtype, "cpu")
