@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,25 +29,9 @@ from pathlib import Path
 import torch
 
 import ddpm_fast
+from ddpm_fast.headline.measure import cpu_model, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DDPM_FAST_COMMIT", "unknown")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def train_demo_model(out: Path, steps: int) -> tuple[Path, float, dict]:
@@ -78,10 +61,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="default: benchmarks/results/cpu-<date>-eval.json")
     args = parser.parse_args()
 
-    commit = git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    commit = git_commit(ROOT)
     work = Path(tempfile.mkdtemp(prefix="ddpm_eval_bench_"))
-    record: dict = {"git_commit": commit, "git_dirty_tree": dirty}
+    record: dict = {"git_commit": commit["commit"], "git_dirty_tree": commit["dirty"]}
     if args.checkpoint is None:
         checkpoint, train_s, train_config = train_demo_model(work / "run", args.train_steps)
         record["training"] = {"steps": args.train_steps, "seconds": train_s, "config": train_config}
