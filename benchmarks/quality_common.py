@@ -10,11 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
-
 from ddpm_fast.data import make_dataset
+from ddpm_fast.demo import sample_digits  # noqa: F401 (the quality benchmarks' sampler, imported from here)
 from ddpm_fast.metrics import train_classifier
-from ddpm_fast.sampler import sample
 from ddpm_fast.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,22 +52,6 @@ def digits_metric(image_size: int, seed: int):
     classifier = train_classifier("digits", image_size, seed)
     test_x, test_y = make_dataset("digits", image_size=image_size, split="test").tensors()
     return classifier, test_x, test_y
-
-
-def sample_digits(model, n: int, steps: int, scheduler_config, labels, seed: int, **kwargs) -> torch.Tensor:
-    """``n`` images drawn with ``sample`` (DDIM unless ``scheduler=`` says otherwise), noise from
-    ``seed``, no progress bar, clamped to [-1, 1]; ``kwargs`` go to ``sample``."""
-    kwargs.setdefault("scheduler", "ddim")
-    return sample(
-        model,
-        batch_size=n,
-        num_inference_steps=steps,
-        scheduler_config=scheduler_config,
-        class_labels=labels,
-        generator=torch.Generator().manual_seed(seed),
-        progress=False,
-        **kwargs,
-    ).clamp(-1, 1)
 
 
 def write_json(path: str | Path, report: dict, indent: int = 2) -> Path:

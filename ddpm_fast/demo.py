@@ -57,20 +57,22 @@ class DemoResult:
     untrained_grid: Path
 
 
-def _samples(model: nn.Module, n: int, steps: int, scheduler_config, labels, guidance_scale, seed: int):
+def sample_digits(model: nn.Module, n: int, steps: int, scheduler_config, labels, seed: int, **kwargs) -> torch.Tensor:
+    """``n`` images drawn with ``sample`` (DDIM unless ``scheduler=`` says otherwise), noise from
+    ``seed``, no progress bar, clamped to [-1, 1]; ``kwargs`` go to ``sample``. The demo's grids, and
+    the digits quality benchmarks' samples (benchmarks/quality_common.py)."""
     from .sampler import sample
 
+    kwargs.setdefault("scheduler", "ddim")
     return sample(
         model,
         batch_size=n,
         num_inference_steps=steps,
-        scheduler="ddim",
         scheduler_config=scheduler_config,
         class_labels=labels,
-        guidance_scale=guidance_scale,
         generator=torch.Generator().manual_seed(seed),
-        output_type="tensor",
         progress=False,
+        **kwargs,
     ).clamp(-1, 1)
 
 
@@ -133,16 +135,16 @@ def run_demo(**options) -> DemoResult:
     trainer = Trainer(demo_train_config(out, o, class_conditional=o["conditional"]))
     labels = torch.arange(o["num_images"]) % 10 if o["conditional"] else None
     guidance = o["guidance_scale"] if o["conditional"] else None
-    sample_args = (o["num_images"], o["sample_steps"], trainer.scheduler_config, labels, guidance, o["seed"])
+    sample_args = (o["num_images"], o["sample_steps"], trainer.scheduler_config, labels, o["seed"])
 
-    untrained = _samples(copy.deepcopy(trainer.ema.model), *sample_args)
+    untrained = sample_digits(copy.deepcopy(trainer.ema.model), *sample_args, guidance_scale=guidance)
     t_train = time.perf_counter()
     try:
         result = trainer.train()
     finally:
         trainer.close()
     train_seconds = time.perf_counter() - t_train
-    trained = _samples(result.ema_model, *sample_args)
+    trained = sample_digits(result.ema_model, *sample_args, guidance_scale=guidance)
 
     # 10 per row: with conditional samples, column k holds the digit k
     grid = save_grid(trained[:100], out / "samples.png", nrow=10, scale=4)
