@@ -40,6 +40,18 @@ constexpr int64_t kBlockRows = 63;
 // 1x256x8x8 forward 12.9 -> 9.7 us and 1x128x8x8 backward 11.1 -> 8.5 us (from 16384 and 8192).
 constexpr int64_t kTaskElems = 4096;
 
+// Per-channel coefficients of a block of a group's short rows (S positions each): element i's is
+// v[chan[i]], chan[i] = i / S (one array per call). v holds the cpg values and kChannelPad more
+// (unused), so that a vector loads the V channels from its first element's at once and picks
+// each lane's from them (RowsSimd::coef: one vpermps), where per-element copies filled for every
+// group cost more than the block's arithmetic.
+template <typename F>
+struct ByChannel {
+  const F* v;
+  const uint32_t* chan;
+};
+constexpr int64_t kChannelPad = 16;
+
 // Elements per partial sum (then added in double): bounds the rounding of long float sums.
 constexpr int64_t kSumChunk = 2048;
 
@@ -141,15 +153,8 @@ struct RowLoops {
 
   // ---- the NCHW backward of a group of short rows (S <= kBlockRows) as one block of M = cpg S
   // contiguous elements of x, dy and dx (backward_kernel's block path): one call per pass over the
-  // block with coefficients per element (one call per row cost more than a short row's arithmetic),
-  // all of it inside the ISA build. Channel c's values fill e[c S .. c S + S).
-  template <typename Value>
-  DDPM_INLINE static void fill_rows(F* e, int64_t S, int64_t cpg, const Value& value) {
-    for (int64_t c = 0; c < cpg; ++c) {
-      const F v = value(c);
-      for (int64_t i = 0; i < S; ++i) e[c * S + i] = v;
-    }
-  }
+  // block with coefficients by channel (ByChannel; one call per row cost more than a short row's
+  // arithmetic), all of it inside the ISA build.
 
   // A short row's sum in double, 4 partials side by side (one chain of dependent additions per row
   // was the block's slowest part).
@@ -169,15 +174,15 @@ struct RowLoops {
 
   // Backward: g = dy act'(z) and its row sums (sum_g, sum_gx: of g and g x_hat), then dx and, when
   // dbias is given, its row sums (d bias_nc). Per channel: add (bias_nc), A = dn/dx_hat, B (the
-  // affine's shift). Scratch e_d, e_a, e_b, g, gx of M.
+  // affine's shift), A and B padded by kChannelPad; chan as ByChannel's. Scratch: d (cpg +
+  // kChannelPad), g and gx (M).
   template <typename X>
-  DDPM_INLINE static void backward_block(const X* x, const X* dy, X* dx, int64_t S, int64_t cpg, const F* add,
-                                         const F* A, const F* B, F mean, F rstd, bool silu, F* e_d, F* e_a, F* e_b,
-                                         F* g, F* gx, F* sum_g, F* sum_gx, F* dbias) {
+  DDPM_INLINE static void backward_block(const X* x, const X* dy, X* dx, int64_t S, int64_t cpg,
+                                         const uint32_t* chan, const F* add, const F* A, const F* B, F mean, F rstd,
+                                         bool silu, F* d, F* g, F* gx, F* sum_g, F* sum_gx, F* dbias) {
     const int64_t M = cpg * S;
-    fill_rows(e_d, S, cpg, [&](int64_t c) { return add[c] - mean; });
-    fill_rows(e_a, S, cpg, [&](int64_t c) { return A[c]; });
-    fill_rows(e_b, S, cpg, [&](int64_t c) { return B[c]; });
+    for (int64_t c = 0; c < cpg; ++c) d[c] = add[c] - mean;
+    const ByChannel<F> e_d{d, chan}, e_a{A, chan}, e_b{B, chan};
     R::template grad_elems<false>(x, dy, M, e_d, rstd, e_a, e_b, silu, g, static_cast<F*>(nullptr), gx);
     double m1 = 0, m2 = 0;
     for (int64_t c = 0; c < cpg; ++c) {
@@ -226,11 +231,12 @@ struct Rows : RowLoops<Rows<F>, F> {
     });
   }
 
-  // sum of (F(src) + d)^2 with a shift per element (a group's rows at once: d = bias_nc - mean).
-  template <typename X>
-  DDPM_INLINE static double sq_dev_ch(const X* src, int64_t len, const F* d) {
+  // sum of (F(src) + d)^2 with a shift per element (D = const F* or ByChannel<F>: a group's rows
+  // at once, d = bias_nc - mean).
+  template <typename X, typename D>
+  DDPM_INLINE static double sq_dev_ch(const X* src, int64_t len, D d) {
     return chunked_sum(len, [&](int64_t i) {
-      const F v = static_cast<F>(src[i]) + d[i];
+      const F v = static_cast<F>(src[i]) + coef(d, i);
       return v * v;
     });
   }
@@ -260,29 +266,29 @@ struct Rows : RowLoops<Rows<F>, F> {
     }
   }
 
-  // One pixel of a channels-contiguous image: out[c] = act((F(src[c]) + d[c]) a[c] + b[c]) (+ res[c]).
-  template <typename X>
-  DDPM_INLINE static void apply_ch(const X* src, int64_t len, const F* d, const F* a, const F* b, bool silu,
-                                   const X* res, X* out) {
+  // One pixel of a channels-contiguous image: out[c] = act((F(src[c]) + d[c]) a[c] + b[c]) (+ res[c]);
+  // or a group's short rows (D = ByChannel<F>).
+  template <typename X, typename D>
+  DDPM_INLINE static void apply_ch(const X* src, int64_t len, D d, D a, D b, bool silu, const X* res, X* out) {
     if (silu && res) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F z = (static_cast<F>(src[i]) + d[i]) * a[i] + b[i];
+        const F z = (static_cast<F>(src[i]) + coef(d, i)) * coef(a, i) + coef(b, i);
         out[i] = static_cast<X>(z * sigmoid(z) + static_cast<F>(res[i]));
       }
     } else if (silu) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F z = (static_cast<F>(src[i]) + d[i]) * a[i] + b[i];
+        const F z = (static_cast<F>(src[i]) + coef(d, i)) * coef(a, i) + coef(b, i);
         out[i] = static_cast<X>(z * sigmoid(z));
       }
     } else if (res) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i)
-        out[i] = static_cast<X>((static_cast<F>(src[i]) + d[i]) * a[i] + b[i] + static_cast<F>(res[i]));
+        out[i] = static_cast<X>((static_cast<F>(src[i]) + coef(d, i)) * coef(a, i) + coef(b, i) + static_cast<F>(res[i]));
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<X>((static_cast<F>(src[i]) + d[i]) * a[i] + b[i]);
+      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<X>((static_cast<F>(src[i]) + coef(d, i)) * coef(a, i) + coef(b, i));
     }
   }
 
@@ -312,22 +318,25 @@ struct Rows : RowLoops<Rows<F>, F> {
     }
   }
 
-  // A coefficient per element, or one for the whole call (Coef = const F* or F).
+  // A coefficient per element, one for the whole call, or per channel (Coef = const F*, F or
+  // ByChannel<F>).
   DDPM_INLINE static F coef(const F* p, int64_t i) { return p[i]; }
   DDPM_INLINE static F coef(F s, int64_t) { return s; }
+  DDPM_INLINE static F coef(ByChannel<F> p, int64_t i) { return p.v[p.chan[i]]; }
 
-  // ---- the backward's passes over len elements with coefficients per element: d = bias_nc - mean,
-  // A = dn/dx_hat, B (as in apply_ch); r = rstd (per element, or one: Coef). First pass: x_hat =
+  // ---- the backward's passes over len elements with coefficients per element (D = const F*) or
+  // per channel (ByChannel<F>): d = bias_nc - mean, A = dn/dx_hat, B (as in apply_ch); r = rstd
+  // (per element, or one: Coef). First pass: x_hat =
   // (x + d) r, g = dy act'(x_hat A + B), stored. kAccumulate (a channels-contiguous pixel, vectorised
   // along C): acc_g += g, acc_gx += g x_hat; else (a group's short rows): acc_gx = g x_hat, stored.
-  template <bool kAccumulate, typename X, typename Coef>
-  DDPM_INLINE static void grad_elems(const X* src, const X* dy, int64_t len, const F* d, Coef r, const F* A,
-                                     const F* B, bool silu, F* g, F* acc_g, F* acc_gx) {
+  template <bool kAccumulate, typename X, typename D, typename Coef>
+  DDPM_INLINE static void grad_elems(const X* src, const X* dy, int64_t len, D d, Coef r, D A, D B, bool silu, F* g,
+                                     F* acc_g, F* acc_gx) {
     if (silu) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F xh = (static_cast<F>(src[i]) + d[i]) * coef(r, i);
-        const F z = xh * A[i] + B[i];
+        const F xh = (static_cast<F>(src[i]) + coef(d, i)) * coef(r, i);
+        const F z = xh * coef(A, i) + coef(B, i);
         const F sig = sigmoid(z);
         const F gi = static_cast<F>(dy[i]) * sig * (F(1) + z * (F(1) - sig));
         g[i] = gi;
@@ -337,7 +346,7 @@ struct Rows : RowLoops<Rows<F>, F> {
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F xh = (static_cast<F>(src[i]) + d[i]) * coef(r, i);
+        const F xh = (static_cast<F>(src[i]) + coef(d, i)) * coef(r, i);
         const F gi = static_cast<F>(dy[i]);
         g[i] = gi;
         if constexpr (kAccumulate) acc_g[i] += gi, acc_gx[i] += gi * xh;
@@ -349,14 +358,14 @@ struct Rows : RowLoops<Rows<F>, F> {
   // Second pass: out = X(dx), dx = r (A g - m1 - x_hat m2) (m1, m2: the group's means of A g and
   // A g x_hat; r, m1, m2 per element or one: Coef); when acc is given (d bias_nc), acc += dx
   // (kAccumulate) or acc = dx.
-  template <bool kAccumulate, typename X, typename Coef>
-  DDPM_INLINE static void dx_elems(const X* src, const F* g, int64_t len, const F* d, Coef r, const F* A, Coef m1,
-                                   Coef m2, X* out, F* acc) {
+  template <bool kAccumulate, typename X, typename D, typename Coef>
+  DDPM_INLINE static void dx_elems(const X* src, const F* g, int64_t len, D d, Coef r, D A, Coef m1, Coef m2, X* out,
+                                   F* acc) {
     if (acc) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F xh = (static_cast<F>(src[i]) + d[i]) * coef(r, i);
-        const F dx = coef(r, i) * (A[i] * g[i] - coef(m1, i) - xh * coef(m2, i));
+        const F xh = (static_cast<F>(src[i]) + coef(d, i)) * coef(r, i);
+        const F dx = coef(r, i) * (coef(A, i) * g[i] - coef(m1, i) - xh * coef(m2, i));
         out[i] = static_cast<X>(dx);
         if constexpr (kAccumulate) acc[i] += dx;
         else acc[i] = dx;
@@ -364,8 +373,8 @@ struct Rows : RowLoops<Rows<F>, F> {
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const F xh = (static_cast<F>(src[i]) + d[i]) * coef(r, i);
-        out[i] = static_cast<X>(coef(r, i) * (A[i] * g[i] - coef(m1, i) - xh * coef(m2, i)));
+        const F xh = (static_cast<F>(src[i]) + coef(d, i)) * coef(r, i);
+        out[i] = static_cast<X>(coef(r, i) * (coef(A, i) * g[i] - coef(m1, i) - xh * coef(m2, i)));
       }
     }
   }
@@ -492,14 +501,14 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
       });
     }
   }
-  template <typename X>
-  DDPM_INLINE static double sq_dev_ch(const X* src, int64_t len, const float* d) {
+  template <typename X, typename D>
+  DDPM_INLINE static double sq_dev_ch(const X* src, int64_t len, D d) {
     if constexpr (!kFloat<X>) {
       return Portable::sq_dev_ch(src, len, d);
     } else {
       return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
-        const simd::Lanes<V> v = load_x<V>(src + i) + simd::load<V>(d + i);
+        const simd::Lanes<V> v = load_x<V>(src + i) + coef<V>(d, i);
         return v * v;
       });
     }
@@ -540,11 +549,11 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
     }
   }
 
-  // One channels-contiguous pixel: out[c] = act((src[c] + d[c]) a[c] + b[c]) (+ res[c]); the
-  // activation kActUnroll vectors at a time (silu_n), as apply.
-  template <typename X>
-  DDPM_INLINE static void apply_ch(const X* src, int64_t len, const float* d, const float* a, const float* b,
-                                   bool silu, const X* res, X* out) {
+  // One channels-contiguous pixel: out[c] = act((src[c] + d[c]) a[c] + b[c]) (+ res[c]), or a
+  // group's short rows (D = ByChannel<float>); the activation kActUnroll vectors at a time
+  // (silu_n), as apply.
+  template <typename X, typename D>
+  DDPM_INLINE static void apply_ch(const X* src, int64_t len, D d, D a, D b, bool silu, const X* res, X* out) {
     if constexpr (!kFloat<X>) {
       Portable::apply_ch(src, len, d, a, b, silu, res, out);
     } else {
@@ -556,8 +565,7 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
             simd::Lanes<W> z[U];
             DDPM_EACH(u) {
               const int64_t i = i0 + u * W;
-              z[u] = simd::fma<W, kFused>(load_x<W>(src + i) + simd::load<W>(d + i), simd::load<W>(a + i),
-                                          simd::load<W>(b + i));
+              z[u] = simd::fma<W, kFused>(load_x<W>(src + i) + coef<W>(d, i), coef<W>(a, i), coef<W>(b, i));
             }
             simd::silu_n<W, kFused, U>(z);
             if constexpr (decltype(with_res)::value) DDPM_EACH(u) z[u] += load_x<W>(res + i0 + u * W);
@@ -567,8 +575,8 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
         simd::for_lanes<W>(len - i0, [&](auto w, int64_t j) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
           const int64_t i = i0 + j;
-          const simd::Lanes<V> z = simd::fma<V, kFused>(load_x<V>(src + i) + simd::load<V>(d + i),
-                                                        simd::load<V>(a + i), simd::load<V>(b + i));
+          const simd::Lanes<V> z =
+              simd::fma<V, kFused>(load_x<V>(src + i) + coef<V>(d, i), coef<V>(a, i), coef<V>(b, i));
           simd::Lanes<V> y = decltype(act)::value ? simd::silu<V, kFused>(z) : z;
           if constexpr (decltype(with_res)::value) y += load_x<V>(res + i);
           store_x<V>(out + i, y);
@@ -658,7 +666,8 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
     }
   }
 
-  // A coefficient per element, or one for the whole call (Coef = const float* or float).
+  // A coefficient per element, one for the whole call, or per channel (Coef = const float*, float
+  // or ByChannel<float>: the V channels from element i's, each lane's picked by its chan - chan[i]).
   template <int V>
   DDPM_INLINE static simd::Lanes<V> coef(const float* p, int64_t i) {
     return simd::load<V>(p + i);
@@ -667,13 +676,18 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
   DDPM_INLINE static simd::Lanes<V> coef(float s, int64_t) {
     return simd::splat<V>(s);
   }
+  template <int V>
+  DDPM_INLINE static simd::Lanes<V> coef(ByChannel<float> p, int64_t i) {
+    const uint32_t c = p.chan[i];
+    return simd::lookup<V>(simd::load<V>(p.v + c), simd::load_u32<V>(p.chan + i) - c);
+  }
 
   // The backward's first pass (Portable::grad_elems): x_hat = (x + d) r, g = dy act'(x_hat A + B),
   // stored; kAccumulate: acc_g += g, acc_gx += g x_hat; else acc_gx = g x_hat. kActUnroll vectors at
   // a time (grad_act_n), as grad_sums.
-  template <bool kAccumulate, typename X, typename Coef>
-  DDPM_INLINE static void grad_elems(const X* src, const X* dy, int64_t len, const float* d, Coef r, const float* A,
-                                     const float* B, bool silu, float* g, float* acc_g, float* acc_gx) {
+  template <bool kAccumulate, typename X, typename D, typename Coef>
+  DDPM_INLINE static void grad_elems(const X* src, const X* dy, int64_t len, D d, Coef r, D A, D B, bool silu,
+                                     float* g, float* acc_g, float* acc_gx) {
     if constexpr (!kFloat<X>) {
       Portable::grad_elems<kAccumulate>(src, dy, len, d, r, A, B, silu, g, acc_g, acc_gx);
     } else {
@@ -695,8 +709,8 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
             simd::Lanes<W> xh[U], z[U], gi[U];
             DDPM_EACH(u) {
               const int64_t i = i0 + u * W;
-              xh[u] = (load_x<W>(src + i) + simd::load<W>(d + i)) * coef<W>(r, i);
-              z[u] = simd::fma<W, kFused>(xh[u], simd::load<W>(A + i), simd::load<W>(B + i));
+              xh[u] = (load_x<W>(src + i) + coef<W>(d, i)) * coef<W>(r, i);
+              z[u] = simd::fma<W, kFused>(xh[u], coef<W>(A, i), coef<W>(B, i));
             }
             grad_act_n<W, decltype(act)::value, U>(z, dy + i0, gi);
             DDPM_EACH(u) out(simd::Width<W>{}, i0 + u * W, gi[u], xh[u]);
@@ -705,8 +719,8 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
         simd::for_lanes<W>(len - i0, [&](auto w, int64_t j) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
           const int64_t i = i0 + j;
-          const simd::Lanes<V> xh = (load_x<V>(src + i) + simd::load<V>(d + i)) * coef<V>(r, i);
-          const simd::Lanes<V> z = simd::fma<V, kFused>(xh, simd::load<V>(A + i), simd::load<V>(B + i));
+          const simd::Lanes<V> xh = (load_x<V>(src + i) + coef<V>(d, i)) * coef<V>(r, i);
+          const simd::Lanes<V> z = simd::fma<V, kFused>(xh, coef<V>(A, i), coef<V>(B, i));
           out(w, i, grad_act<V, decltype(act)::value>(z, load_x<V>(dy + i)), xh);
         });
       };
@@ -717,18 +731,18 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
 
   // The second pass (Portable::dx_elems): out = dx = r (A g - m1 - x_hat m2); when acc is given
   // (d bias_nc), acc += dx (kAccumulate) or acc = dx.
-  template <bool kAccumulate, typename X, typename Coef>
-  DDPM_INLINE static void dx_elems(const X* src, const float* g, int64_t len, const float* d, Coef r, const float* A,
-                                   Coef m1, Coef m2, X* out, float* acc) {
+  template <bool kAccumulate, typename X, typename D, typename Coef>
+  DDPM_INLINE static void dx_elems(const X* src, const float* g, int64_t len, D d, Coef r, D A, Coef m1, Coef m2,
+                                   X* out, float* acc) {
     if constexpr (!kFloat<X>) {
       Portable::dx_elems<kAccumulate>(src, g, len, d, r, A, m1, m2, out, acc);
     } else {
       simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
         const simd::Lanes<V> rr = coef<V>(r, i);
-        const simd::Lanes<V> xh = (load_x<V>(src + i) + simd::load<V>(d + i)) * rr;
+        const simd::Lanes<V> xh = (load_x<V>(src + i) + coef<V>(d, i)) * rr;
         const simd::Lanes<V> dx =
-            rr * dx_inner<V>(simd::load<V>(A + i), simd::load<V>(g + i), coef<V>(m1, i), xh, coef<V>(m2, i));
+            rr * dx_inner<V>(coef<V>(A, i), simd::load<V>(g + i), coef<V>(m1, i), xh, coef<V>(m2, i));
         store_x<V>(out + i, dx);
         if (!acc) return;
         if constexpr (kAccumulate) simd::store<V>(acc + i, simd::load<V>(acc + i) + dx);
@@ -892,13 +906,12 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
     ATTR static double sq_dev(const H* h, int64_t len, float mean) {                                         \
       return Impl::sq_dev(h, len, mean);                                                                     \
     }                                                                                                        \
-    template <typename X>                                                                                    \
-    ATTR static double sq_dev_ch(const X* src, int64_t len, const float* d) {                                \
+    template <typename X, typename D>                                                                        \
+    ATTR static double sq_dev_ch(const X* src, int64_t len, D d) {                                           \
       return Impl::sq_dev_ch(src, len, d);                                                                   \
     }                                                                                                        \
-    template <typename X>                                                                                    \
-    ATTR static void apply_ch(const X* src, int64_t len, const float* d, const float* a, const float* b,     \
-                              bool silu, const X* res, X* out) {                                             \
+    template <typename X, typename D>                                                                        \
+    ATTR static void apply_ch(const X* src, int64_t len, D d, D a, D b, bool silu, const X* res, X* out) {   \
       Impl::apply_ch(src, len, d, a, b, silu, res, out);                                                     \
     }                                                                                                        \
     template <typename H, typename X>                                                                        \
@@ -955,12 +968,11 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
       Impl::norm_grad_x_rows(src, xs, add, mean, rstd, xh, g, S, cpg, a, m1, m2, out, os, totals);           \
     }                                                                                                        \
     template <typename X>                                                                                    \
-    ATTR static void backward_block(const X* x, const X* dy, X* dx, int64_t S, int64_t cpg, const float* add, \
-                                    const float* A, const float* B, float mean, float rstd, bool silu,       \
-                                    float* e_d, float* e_a, float* e_b, float* g, float* gx, float* sum_g,   \
-                                    float* sum_gx, float* dbias) {                                           \
-      Impl::backward_block(x, dy, dx, S, cpg, add, A, B, mean, rstd, silu, e_d, e_a, e_b, g, gx, sum_g, sum_gx, \
-                           dbias);                                                                           \
+    ATTR static void backward_block(const X* x, const X* dy, X* dx, int64_t S, int64_t cpg, const uint32_t* chan, \
+                                    const float* add, const float* A, const float* B, float mean, float rstd, \
+                                    bool silu, float* d, float* g, float* gx, float* sum_g, float* sum_gx,   \
+                                    float* dbias) {                                                          \
+      Impl::backward_block(x, dy, dx, S, cpg, chan, add, A, B, mean, rstd, silu, d, g, gx, sum_g, sum_gx, dbias); \
     }                                                                                                        \
     template <typename X>                                                                                    \
     ATTR static double grad_x(const float* xh, const float* g, int64_t len, float rstd, float a, float m1,   \
@@ -1020,6 +1032,13 @@ DDPM_INLINE ChannelAffine<F> channel_affine(const GroupNormArgs& args, int64_t n
   return {rstd * param<F>(args.w, cc, F(1)) * s1, param<F>(args.b, cc, F(0)) * s1 + param<F>(args.shift_nc, nc, F(0))};
 }
 
+// chan[i] = i / S for i < M: the channel of each element of a block of short rows (ByChannel).
+std::vector<uint32_t> block_channels(int64_t M, int64_t S) {
+  std::vector<uint32_t> chan(M);
+  for (int64_t i = 0; i < M; ++i) chan[i] = static_cast<uint32_t>(i / S);
+  return chan;
+}
+
 // ---- forward: one (n, group) per task. NCHW x is read in place (a channel's bias_nc folds into
 // its shift: mean - bias_nc); other layouts are gathered into buf first.
 template <typename X, typename F, typename R>
@@ -1037,9 +1056,11 @@ void forward_kernel(const GroupNormArgs& a) {
   // residual, and each pass takes the block in one call, with per-element coefficients, where one
   // call per row cost more than the row's arithmetic.
   const bool block = in_rows && out_rows && S <= kBlockRows && a.x.sc == S && a.y.sc == S && (!res || a.res.sc == S);
+  const std::vector<uint32_t> chan = block_channels(block ? M : 0, S);
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
     std::vector<F> buf(in_rows && out_rows ? 0 : M);
-    std::vector<F> shift(block ? M : 0), ca(block ? M : 0), cb(block ? M : 0);
+    const int64_t table = block ? cpg + kChannelPad : 0;  // per channel: bias_nc - mean, the affine's a and b
+    std::vector<F> shift(table), ca(table), cb(table);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / a.G, c0 = (ng % a.G) * cpg;
       const F* bias_nc = a.bias_nc ? static_cast<const F*>(a.bias_nc) + n * a.C + c0 : nullptr;
@@ -1058,8 +1079,8 @@ void forward_kernel(const GroupNormArgs& a) {
       const F mean = static_cast<F>(total / static_cast<double>(M));
       double sq = 0;
       if (block) {
-        for (int64_t c = 0; c < cpg; ++c) std::fill_n(shift.data() + c * S, S, add(c) - mean);
-        sq = R::sq_dev_ch(x_row(0), M, shift.data());
+        for (int64_t c = 0; c < cpg; ++c) shift[c] = add(c) - mean;
+        sq = R::sq_dev_ch(x_row(0), M, ByChannel<F>{shift.data(), chan.data()});
       } else if (in_rows) {
         for (int64_t c = 0; c < cpg; ++c) sq += R::sq_dev(x_row(c), S, mean - add(c));
       } else {
@@ -1070,14 +1091,14 @@ void forward_kernel(const GroupNormArgs& a) {
       // The statistics of the next group wait on memory, the SiLU of this one on arithmetic: start
       // loading the next group's rows now, one row ahead of each row written.
       const X* next = in_rows && ng + 1 < end ? x + a.x.at((ng + 1) / a.G, ((ng + 1) % a.G) * cpg, 0) : nullptr;
-      if (block) {  // the whole group at once, its coefficients per element (shift, ca, cb)
+      if (block) {  // the whole group at once, its coefficients by channel (shift, ca, cb)
         for (int64_t c = 0; c < cpg; ++c) {
           const ChannelAffine<F> af = channel_affine(a, n, c0 + c, rstd);
-          std::fill_n(ca.data() + c * S, S, af.a);
-          std::fill_n(cb.data() + c * S, S, af.b);
+          ca[c] = af.a, cb[c] = af.b;
         }
         if (next) prefetch_row(next, M);
-        R::apply_ch(x_row(0), M, shift.data(), ca.data(), cb.data(), a.silu, res ? res + a.res.at(n, c0, 0) : nullptr,
+        R::apply_ch(x_row(0), M, ByChannel<F>{shift.data(), chan.data()}, ByChannel<F>{ca.data(), chan.data()},
+                    ByChannel<F>{cb.data(), chan.data()}, a.silu, res ? res + a.res.at(n, c0, 0) : nullptr,
                     y + a.y.at(n, c0, 0));
         continue;
       }
@@ -1252,12 +1273,14 @@ void backward_kernel(const GroupNormArgs& a) {
   // one call into the ISA build (RowLoops::backward_block), its per-channel sums 4-wide loops in
   // double (a 32-lane reduction per row of 16 cost more than the row).
   const bool block = fused && dx_rows && S <= kBlockRows && a.x.sc == S && a.dy.sc == S && a.dx.sc == S;
+  const std::vector<uint32_t> chan = block_channels(block ? M : 0, S);
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
-    std::vector<F> xh(M), g(M);
-    std::vector<F> coef(cpg), shift(cpg), add(cpg);  // per channel: d n / d x_hat, the affine's shift, bias_nc
-    std::vector<double> sums_g(cpg), sums_gx(cpg);   // per channel: sums of g and g x_hat, then of dx
-    // block: per element, bias_nc - mean, coef, shift; and g x_hat (then dx)
-    std::vector<F> e_d(block ? M : 0), e_a(block ? M : 0), e_b(block ? M : 0), e_gx(block ? M : 0);
+    std::vector<F> xh(block ? 0 : M), g(M);
+    // per channel: d n / d x_hat, the affine's shift (padded for ByChannel), bias_nc
+    std::vector<F> coef(cpg + kChannelPad), shift(cpg + kChannelPad), add(cpg);
+    std::vector<double> sums_g(cpg), sums_gx(cpg);  // per channel: sums of g and g x_hat, then of dx
+    // block: per channel, bias_nc - mean (padded); per element, g x_hat (then dx)
+    std::vector<F> d_table(block ? cpg + kChannelPad : 0), e_gx(block ? M : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / a.G, c0 = (ng % a.G) * cpg;
       const F mean = mean_in[ng], rstd = rstd_in[ng];
@@ -1281,8 +1304,8 @@ void backward_kernel(const GroupNormArgs& a) {
       }
       if (block) {
         const int64_t nc0 = n * a.C + c0;
-        R::backward_block(x + a.x.at(n, c0, 0), dy + a.dy.at(n, c0, 0), dx + a.dx.at(n, c0, 0), S, cpg, add.data(),
-                          coef.data(), shift.data(), mean, rstd, a.silu, e_d.data(), e_a.data(), e_b.data(), g.data(),
+        R::backward_block(x + a.x.at(n, c0, 0), dy + a.dy.at(n, c0, 0), dx + a.dx.at(n, c0, 0), S, cpg, chan.data(),
+                          add.data(), coef.data(), shift.data(), mean, rstd, a.silu, d_table.data(), g.data(),
                           e_gx.data(), sum_g + nc0, sum_gx + nc0, dbias_nc ? dbias_nc + nc0 : nullptr);
         continue;
       }

@@ -94,6 +94,24 @@ DDPM_SIMD_INLINE IntLanes<W> to_bits(Lanes<W> v) {
 }
 
 template <int W>
+DDPM_SIMD_INLINE IntLanes<W> load_u32(const uint32_t* p) {
+  IntLanes<W> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// table[idx[l]] in each lane l (every idx[l] < W): one vpermps in the AVX2 and AVX-512 builds
+// (the baseline one goes through memory). W = 1: the table's one value.
+template <int W>
+DDPM_SIMD_INLINE Lanes<W> lookup(Lanes<W> table, IntLanes<W> idx) {
+  if constexpr (W == 1) {
+    return table;
+  } else {
+    return __builtin_shuffle(table, idx);
+  }
+}
+
+template <int W>
 DDPM_SIMD_INLINE Lanes<W> from_bits(IntLanes<W> i) {
   Lanes<W> v;
   std::memcpy(&v, &i, sizeof(v));

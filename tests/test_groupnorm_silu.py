@@ -231,12 +231,14 @@ def test_unet_shapes_cpp(shape):
 @pytest.mark.parametrize("extras", [EXTRAS, ()], ids=["all", "plain"])
 def test_cpp_short_rows_run_a_group_at_once(dtype, extras):
     """NCHW rows of at most 63 positions (7x7 and below): the forward and the backward take a group's
-    rows as one block with per-element coefficients (csrc/group_norm_silu_cpu.cpp, kBlockRows); every
-    dtype and fold, rows off the vector widths, blocks from 2 to 10 vectors of 16 (and not a whole
-    one), and an x whose positions are not contiguous (copied to NCHW first)."""
+    rows as one block with coefficients looked up by channel (csrc/group_norm_silu_cpu.cpp, kBlockRows,
+    ByChannel); every dtype and fold, rows off the vector widths, blocks from 2 to 10 vectors of 16
+    (and not a whole one), more channels per group than lanes (32: a vector's channels start past the
+    table's first 16), and an x whose positions are not contiguous (copied to NCHW first)."""
     if "cpp" not in FAST_BACKENDS:
         pytest.skip("cpp backend not built")
-    for shape, groups in [((2, 64, 4, 5), 8), ((3, 48, 2, 3), 16), ((1, 32, 4, 8), 4), ((2, 32, 7, 7), 8)]:
+    cases = [((2, 64, 4, 5), 8), ((3, 48, 2, 3), 16), ((1, 32, 4, 8), 4), ((2, 32, 7, 7), 8), ((2, 96, 2, 3), 3)]
+    for shape, groups in cases:
         t = make_inputs(shape, dtype, seed=23, extras=extras)
         check_against_reference("cpp", t, groups)
         t["x"] = t["x"].transpose(2, 3).contiguous().transpose(2, 3)  # positions not contiguous
@@ -399,6 +401,7 @@ def test_cpp_avx512_and_avx2_builds_give_the_same_bits(dtype):
     cases.append(((2, 64, 4, 5), 8, False))  # NCHW short rows: a group as one block
     cases.append(((2, 32, 6, 7), 4, False))  # ... of 8 rows of 42
     cases.append(((1, 32, 7, 11), 8, False))  # rows of 77: 64 + 8 + 4 + 1 (the tail's narrower vectors)
+    cases.append(((2, 96, 2, 3), 3, False))  # short rows, 32 channels a group: past one vector's table
     for shape, groups, cl in cases:
         t = make_inputs(shape, dtype, seed=21, channels_last=cl)
         results = {}
