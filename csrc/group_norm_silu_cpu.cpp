@@ -508,7 +508,7 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
     } else {
       return simd::sum32<W>(len, kSumChunk, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
-        const simd::Lanes<V> v = load_x<V>(src + i) + coef<V>(d, i);
+        const simd::Lanes<V> v = load_x<V>(src + i) + coef<V>(d, at<V>(d, i));
         return v * v;
       });
     }
@@ -565,7 +565,8 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
             simd::Lanes<W> z[U];
             DDPM_EACH(u) {
               const int64_t i = i0 + u * W;
-              z[u] = simd::fma<W, kFused>(load_x<W>(src + i) + coef<W>(d, i), coef<W>(a, i), coef<W>(b, i));
+              const At<W> k = at<W>(d, i);
+              z[u] = simd::fma<W, kFused>(load_x<W>(src + i) + coef<W>(d, k), coef<W>(a, k), coef<W>(b, k));
             }
             simd::silu_n<W, kFused, U>(z);
             if constexpr (decltype(with_res)::value) DDPM_EACH(u) z[u] += load_x<W>(res + i0 + u * W);
@@ -575,8 +576,9 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
         simd::for_lanes<W>(len - i0, [&](auto w, int64_t j) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
           const int64_t i = i0 + j;
+          const At<V> k = at<V>(d, i);
           const simd::Lanes<V> z =
-              simd::fma<V, kFused>(load_x<V>(src + i) + coef<V>(d, i), coef<V>(a, i), coef<V>(b, i));
+              simd::fma<V, kFused>(load_x<V>(src + i) + coef<V>(d, k), coef<V>(a, k), coef<V>(b, k));
           simd::Lanes<V> y = decltype(act)::value ? simd::silu<V, kFused>(z) : z;
           if constexpr (decltype(with_res)::value) y += load_x<V>(res + i);
           store_x<V>(out + i, y);
@@ -667,19 +669,35 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
   }
 
   // A coefficient per element, one for the whole call, or per channel (Coef = const float*, float
-  // or ByChannel<float>: the V channels from element i's, each lane's picked by its chan - chan[i]).
+  // or ByChannel<float>), for the V elements from i: at<V>(d, i) says where they are, once for all
+  // the coefficients of a call (its ByChannel ones share d's chan): the channel c of element i and
+  // each lane's channel - c, the index into the V channels from c (one vpermps per coefficient).
   template <int V>
-  DDPM_INLINE static simd::Lanes<V> coef(const float* p, int64_t i) {
-    return simd::load<V>(p + i);
+  struct At {
+    int64_t i;
+    uint32_t c;
+    simd::IntLanes<V> lane;
+  };
+  template <int V, typename D>
+  DDPM_INLINE static At<V> at(D d, int64_t i) {
+    if constexpr (std::is_same_v<D, ByChannel<float>>) {
+      const uint32_t c = d.chan[i];
+      return At<V>{i, c, simd::load_u32<V>(d.chan + i) - c};
+    } else {
+      return At<V>{i, 0u, simd::IntLanes<V>{}};
+    }
   }
   template <int V>
-  DDPM_INLINE static simd::Lanes<V> coef(float s, int64_t) {
+  DDPM_INLINE static simd::Lanes<V> coef(const float* p, const At<V>& k) {
+    return simd::load<V>(p + k.i);
+  }
+  template <int V>
+  DDPM_INLINE static simd::Lanes<V> coef(float s, const At<V>&) {
     return simd::splat<V>(s);
   }
   template <int V>
-  DDPM_INLINE static simd::Lanes<V> coef(ByChannel<float> p, int64_t i) {
-    const uint32_t c = p.chan[i];
-    return simd::lookup<V>(simd::load<V>(p.v + c), simd::load_u32<V>(p.chan + i) - c);
+  DDPM_INLINE static simd::Lanes<V> coef(ByChannel<float> p, const At<V>& k) {
+    return simd::lookup<V>(simd::load<V>(p.v + k.c), k.lane);
   }
 
   // The backward's first pass (Portable::grad_elems): x_hat = (x + d) r, g = dy act'(x_hat A + B),
@@ -709,8 +727,9 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
             simd::Lanes<W> xh[U], z[U], gi[U];
             DDPM_EACH(u) {
               const int64_t i = i0 + u * W;
-              xh[u] = (load_x<W>(src + i) + coef<W>(d, i)) * coef<W>(r, i);
-              z[u] = simd::fma<W, kFused>(xh[u], coef<W>(A, i), coef<W>(B, i));
+              const At<W> k = at<W>(d, i);
+              xh[u] = (load_x<W>(src + i) + coef<W>(d, k)) * coef<W>(r, k);
+              z[u] = simd::fma<W, kFused>(xh[u], coef<W>(A, k), coef<W>(B, k));
             }
             grad_act_n<W, decltype(act)::value, U>(z, dy + i0, gi);
             DDPM_EACH(u) out(simd::Width<W>{}, i0 + u * W, gi[u], xh[u]);
@@ -719,8 +738,9 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
         simd::for_lanes<W>(len - i0, [&](auto w, int64_t j) DDPM_LAMBDA_INLINE {
           constexpr int V = DDPM_W(w);
           const int64_t i = i0 + j;
-          const simd::Lanes<V> xh = (load_x<V>(src + i) + coef<V>(d, i)) * coef<V>(r, i);
-          const simd::Lanes<V> z = simd::fma<V, kFused>(xh, coef<V>(A, i), coef<V>(B, i));
+          const At<V> k = at<V>(d, i);
+          const simd::Lanes<V> xh = (load_x<V>(src + i) + coef<V>(d, k)) * coef<V>(r, k);
+          const simd::Lanes<V> z = simd::fma<V, kFused>(xh, coef<V>(A, k), coef<V>(B, k));
           out(w, i, grad_act<V, decltype(act)::value>(z, load_x<V>(dy + i)), xh);
         });
       };
@@ -739,10 +759,11 @@ struct RowsSimd : RowLoops<RowsSimd<W, kFused>, float> {
     } else {
       simd::for_lanes<W>(len, [&](auto w, int64_t i) DDPM_LAMBDA_INLINE {
         constexpr int V = DDPM_W(w);
-        const simd::Lanes<V> rr = coef<V>(r, i);
-        const simd::Lanes<V> xh = (load_x<V>(src + i) + coef<V>(d, i)) * rr;
+        const At<V> k = at<V>(d, i);
+        const simd::Lanes<V> rr = coef<V>(r, k);
+        const simd::Lanes<V> xh = (load_x<V>(src + i) + coef<V>(d, k)) * rr;
         const simd::Lanes<V> dx =
-            rr * dx_inner<V>(coef<V>(A, i), simd::load<V>(g + i), coef<V>(m1, i), xh, coef<V>(m2, i));
+            rr * dx_inner<V>(coef<V>(A, k), simd::load<V>(g + i), coef<V>(m1, k), xh, coef<V>(m2, k));
         store_x<V>(out + i, dx);
         if (!acc) return;
         if constexpr (kAccumulate) simd::store<V>(acc + i, simd::load<V>(acc + i) + dx);
