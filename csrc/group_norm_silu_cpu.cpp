@@ -28,11 +28,17 @@
 namespace ddpm_fast {
 namespace {
 
-// NCHW rows of at most this many positions run a group as one block (forward_kernel, backward_kernel):
+// NCHW rows of at most this many positions run a group as one block (backward_kernel, and
+// forward_kernel up to kForwardBlockRows), its coefficients looked up by channel (ByChannel):
 // shorter than one unrolled step of the AVX-512 activation loops (4 x 16), a row of its own would
 // run them one vector at a time (each exp chain waiting on the last) and pay a call and a tail per
-// row. From 8x8 up the rows' own loops measured faster (their coefficients are scalars).
+// row. In the backward, from 8x8 up the rows' own loops measured faster (their coefficients are
+// scalars: 32x256x8x8 ~1.1x, 10x10 to 14x14 1.05-1.2x, ad hoc, 1 thread).
 constexpr int64_t kBlockRows = 63;
+// The forward's block measured faster up to 15x15 (ad hoc, 1 thread, rows: 64x256x8x8 740 -> 660
+// us, 9x9 and 10x10 ~1710 -> ~900, 12x12 770 -> 665, 15x15 630 -> 530) and slower at 16x16 (1050
+// -> 1350) and 32x32 (68 -> 92 at batch 1).
+constexpr int64_t kForwardBlockRows = 255;
 
 // Elements per parallel task, at least (at::parallel_for's grain: the NCHW kernels' groups; the
 // channels_last kernels' chunks take twice this, about one chunk). Batch-1 calls of 8K-16K elements
@@ -1073,10 +1079,10 @@ void forward_kernel(const GroupNormArgs& a) {
   const bool in_rows = a.x.ss == 1;                                // NCHW: read rows in place
   const bool out_rows = a.y.ss == 1 && (!res || a.res.ss == 1);  // ... and write them
   const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(M, 1));
-  // Short rows (NCHW below 8x8): a group's rows are one contiguous block of x, y and the
+  // Short rows (NCHW below 16x16): a group's rows are one contiguous block of x, y and the
   // residual, and each pass takes the block in one call, with per-element coefficients, where one
   // call per row cost more than the row's arithmetic.
-  const bool block = in_rows && out_rows && S <= kBlockRows && a.x.sc == S && a.y.sc == S && (!res || a.res.sc == S);
+  const bool block = in_rows && out_rows && S <= kForwardBlockRows && a.x.sc == S && a.y.sc == S && (!res || a.res.sc == S);
   const std::vector<uint32_t> chan = block_channels(block ? M : 0, S);
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
     std::vector<F> buf(in_rows && out_rows ? 0 : M);

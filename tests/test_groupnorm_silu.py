@@ -232,12 +232,14 @@ def test_unet_shapes_cpp(shape):
 def test_cpp_short_rows_run_a_group_at_once(dtype, extras):
     """NCHW rows of at most 63 positions (7x7 and below): the forward and the backward take a group's
     rows as one block with coefficients looked up by channel (csrc/group_norm_silu_cpu.cpp, kBlockRows,
-    ByChannel); every dtype and fold, rows off the vector widths, blocks from 2 to 10 vectors of 16
-    (and not a whole one), more channels per group than lanes (32: a vector's channels start past the
+    ByChannel); the forward up to 255 (9x9 and 15x15 here: the backward's rows beside the forward's
+    block); every dtype and fold, rows off the vector widths, blocks from 2 to 10 vectors of 16 (and
+    not a whole one), more channels per group than lanes (32: a vector's channels start past the
     table's first 16), and an x whose positions are not contiguous (copied to NCHW first)."""
     if "cpp" not in FAST_BACKENDS:
         pytest.skip("cpp backend not built")
     cases = [((2, 64, 4, 5), 8), ((3, 48, 2, 3), 16), ((1, 32, 4, 8), 4), ((2, 32, 7, 7), 8), ((2, 96, 2, 3), 3)]
+    cases += [((2, 32, 9, 9), 8), ((1, 16, 15, 15), 4)]
     for shape, groups in cases:
         t = make_inputs(shape, dtype, seed=23, extras=extras)
         check_against_reference("cpp", t, groups)
@@ -402,6 +404,7 @@ def test_cpp_avx512_and_avx2_builds_give_the_same_bits(dtype):
     cases.append(((2, 32, 6, 7), 4, False))  # ... of 8 rows of 42
     cases.append(((1, 32, 7, 11), 8, False))  # rows of 77: 64 + 8 + 4 + 1 (the tail's narrower vectors)
     cases.append(((2, 96, 2, 3), 3, False))  # short rows, 32 channels a group: past one vector's table
+    cases.append(((1, 32, 9, 9), 8, False))  # the forward's block, the backward's rows
     for shape, groups, cl in cases:
         t = make_inputs(shape, dtype, seed=21, channels_last=cl)
         results = {}
