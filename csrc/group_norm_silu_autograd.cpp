@@ -1,6 +1,6 @@
-// group_norm_silu's eager autograd in C++: ddpm_fast_C::group_norm_silu_autograd returns y and
-// records a C++ autograd node whose backward runs group_norm_silu_bwd and finishes the parameter
-// gradients. The Python autograd.Function it replaces in eager mode cost ~120 us a forward +
+// group_norm_silu's eager autograd in C++: group_norm_silu_autograd (ddpm_fast._C.group_norm_silu_eager,
+// module.cpp) returns y and records a C++ autograd node whose backward runs group_norm_silu_bwd and
+// finishes the parameter gradients. The Python autograd.Function it replaces in eager mode cost ~120 us a forward +
 // backward (Function.apply, the Python backward and its dozen small ops), which is as much as the
 // whole op at batch 1; the engine calls this node without Python. The maths mirrors
 // ddpm_fast/ops/groupnorm_silu.py (_group_norm_silu_impl, _backward_impl), which stays the path for
@@ -13,6 +13,7 @@
 
 #include <array>
 
+#include "group_norm_silu_autograd.h"
 #include "torch_glue.h"
 
 namespace ddpm_fast {
@@ -185,24 +186,13 @@ struct GroupNormSiluFunction : public torch::autograd::Function<GroupNormSiluFun
   }
 };
 
+}  // namespace
+
 Tensor group_norm_silu_autograd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                                 const optional<Tensor>& bias_nc, const optional<Tensor>& scale_nc,
                                 const optional<Tensor>& shift_nc, const optional<Tensor>& residual, int64_t groups,
                                 double eps, bool silu) {
   return GroupNormSiluFunction::apply(x, weight, bias, bias_nc, scale_nc, shift_nc, residual, groups, eps, silu);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(ddpm_fast_C, m) {
-  // y = group_norm_silu(...) with a C++ autograd node (eager mode; see the file's comment).
-  m.def(
-      "group_norm_silu_autograd(Tensor x, Tensor? weight, Tensor? bias, Tensor? bias_nc, Tensor? scale_nc, "
-      "Tensor? shift_nc, Tensor? residual, int num_groups, float eps, bool silu) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(ddpm_fast_C, CompositeImplicitAutograd, m) {
-  m.impl("group_norm_silu_autograd", &group_norm_silu_autograd);
 }
 
 }  // namespace ddpm_fast

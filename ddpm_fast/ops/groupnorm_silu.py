@@ -44,8 +44,9 @@ def _fwd_launcher(backend: str):
 
 @functools.cache
 def _cpp_autograd_op():
-    load_extension()
-    return torch.ops.ddpm_fast_C.group_norm_silu_autograd
+    """The eager C++ op that records a C++ autograd node, called without the dispatcher (plain
+    tensors in eager mode only: eager_autograd_ok)."""
+    return load_extension().group_norm_silu_eager
 
 
 def _bwd_launcher(backend: str):
