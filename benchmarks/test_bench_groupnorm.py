@@ -6,8 +6,9 @@ Modes (bytes = full-tensor reads + writes the op cannot avoid; weights and (N, C
   fwd+bwd   the forward, then dx, dw, db, d temb       + read x, dy; write dx          5 tensors
 Shapes (32 groups; fp32; bf16 too on CUDA, and on the CPU at (32, 256, 16, 16)): the CIFAR U-Net's
 at batch 128 (128, 128, 32, 32) and batch 1 (1, 128, 32, 32) and (1, 256, 8, 8) (sampling one image),
-its 4x4 level at batch 64 (64, 256, 4, 4: rows of 16 positions), the 2x2 and 6x6 levels of 32- and
-96-pixel images at batch 64 (rows of 4 and 36), plus (32, 256, 16, 16) and (8, 128, 64, 64).
+its 4x4 and 8x8 levels at batch 64 (64, 256, 4, 4: rows of 16 positions; 64, 256, 8, 8), the 2x2 and
+6x6 levels of 32- and 96-pixel images at batch 64 (rows of 4 and 36), plus (32, 256, 16, 16) and
+(8, 128, 64, 64).
 Layouts: NCHW everywhere; channels_last ("-cl" modes) at (32, 256, 16, 16) and (1, 128, 32, 32).
 Implementations: each fast backend on the device (cpp on CPU; triton on CUDA: this op has no CUDA
 C++ kernel), the reference in eager mode ("eager") and under torch.compile ("compile", which
@@ -28,6 +29,7 @@ GROUPS = 32
 SHAPES = [
     *[(128, 128, 32, 32), (32, 256, 16, 16), (8, 128, 64, 64), (1, 128, 32, 32), (1, 256, 8, 8)],
     *[(64, 256, 4, 4), (64, 256, 2, 2), (64, 256, 6, 6)],  # short rows: a group at once (kBlockRows)
+    (64, 256, 8, 8),  # the 8x8 level at batch 64: the forward's block (kForwardBlockRows), the backward's rows
 ]
 CL_SHAPES = [(32, 256, 16, 16), (1, 128, 32, 32)]  # also benchmarked channels_last
 DTYPE_NAMES_HERE = ("fp32", "bf16") if ON_CUDA else ("fp32",)

@@ -54,11 +54,17 @@ DDPM_SIMD_INLINE Lanes<W> splat(float s) {
   return Lanes<W>{} + s;
 }
 
-template <int W>
-DDPM_SIMD_INLINE Lanes<W> load(const float* p) {
-  Lanes<W> v;
+// A vector (Vec: Lanes, IntLanes, ...) from p, unaligned.
+template <typename Vec, typename T>
+DDPM_SIMD_INLINE Vec load_as(const T* p) {
+  Vec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+
+template <int W>
+DDPM_SIMD_INLINE Lanes<W> load(const float* p) {
+  return load_as<Lanes<W>>(p);
 }
 
 template <int W>
@@ -95,9 +101,7 @@ DDPM_SIMD_INLINE IntLanes<W> to_bits(Lanes<W> v) {
 
 template <int W>
 DDPM_SIMD_INLINE IntLanes<W> load_u32(const uint32_t* p) {
-  IntLanes<W> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+  return load_as<IntLanes<W>>(p);
 }
 
 // table[idx[l]] in each lane l (every idx[l] < W): one vpermps in the AVX2 and AVX-512 builds
