@@ -291,10 +291,12 @@ struct Rows : RowLoops<Rows<F>, F> {
     } else if (res) {
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i)
-        out[i] = static_cast<X>((static_cast<F>(src[i]) + coef(d, i)) * coef(a, i) + coef(b, i) + static_cast<F>(res[i]));
+        out[i] =
+            static_cast<X>((static_cast<F>(src[i]) + coef(d, i)) * coef(a, i) + coef(b, i) + static_cast<F>(res[i]));
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<X>((static_cast<F>(src[i]) + coef(d, i)) * coef(a, i) + coef(b, i));
+      for (int64_t i = 0; i < len; ++i)
+        out[i] = static_cast<X>((static_cast<F>(src[i]) + coef(d, i)) * coef(a, i) + coef(b, i));
     }
   }
 
@@ -332,9 +334,9 @@ struct Rows : RowLoops<Rows<F>, F> {
 
   // ---- the backward's passes over len elements with coefficients per element (D = const F*) or
   // per channel (ByChannel<F>): d = bias_nc - mean, A = dn/dx_hat, B (as in apply_ch); r = rstd
-  // (per element, or one: Coef). First pass: x_hat =
-  // (x + d) r, g = dy act'(x_hat A + B), stored. kAccumulate (a channels-contiguous pixel, vectorised
-  // along C): acc_g += g, acc_gx += g x_hat; else (a group's short rows): acc_gx = g x_hat, stored.
+  // (per element, or one: Coef). First pass: x_hat = (x + d) r, g = dy act'(x_hat A + B), stored.
+  // kAccumulate (a channels-contiguous pixel, vectorised along C): acc_g += g, acc_gx += g x_hat;
+  // else (a group's short rows): acc_gx = g x_hat, stored.
   template <bool kAccumulate, typename X, typename D, typename Coef>
   DDPM_INLINE static void grad_elems(const X* src, const X* dy, int64_t len, D d, Coef r, D A, D B, bool silu, F* g,
                                      F* acc_g, F* acc_gx) {
@@ -1080,9 +1082,10 @@ void forward_kernel(const GroupNormArgs& a) {
   const bool out_rows = a.y.ss == 1 && (!res || a.res.ss == 1);  // ... and write them
   const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(M, 1));
   // Short rows (NCHW below 16x16): a group's rows are one contiguous block of x, y and the
-  // residual, and each pass takes the block in one call, with per-element coefficients, where one
-  // call per row cost more than the row's arithmetic.
-  const bool block = in_rows && out_rows && S <= kForwardBlockRows && a.x.sc == S && a.y.sc == S && (!res || a.res.sc == S);
+  // residual, and each pass takes the block in one call, its coefficients by channel (ByChannel),
+  // where one call per row cost more than the row's arithmetic.
+  const bool block =
+      in_rows && out_rows && S <= kForwardBlockRows && a.x.sc == S && a.y.sc == S && (!res || a.res.sc == S);
   const std::vector<uint32_t> chan = block_channels(block ? M : 0, S);
   at::parallel_for(0, a.N * a.G, grain, [&](int64_t begin, int64_t end) {
     std::vector<F> buf(in_rows && out_rows ? 0 : M);

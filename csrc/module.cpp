@@ -76,7 +76,8 @@ PYBIND11_MODULE(_C, m) {
   // Python entry (torch.ops) cost ~2.4 us more a call (ad hoc: 6.4 vs 4.0 us at 1x32x1x1), ~6% of a
   // batch-1 forward. For plain tensors in eager mode only (ops/groupnorm_silu.py): no dispatch keys
   // to honour there (torch.compile, tensor subclasses and modes take the custom ops).
-  m.def("group_norm_silu_eager", &ddpm_fast::group_norm_silu_autograd, pybind11::call_guard<pybind11::gil_scoped_release>(),
+  m.def("group_norm_silu_eager", &ddpm_fast::group_norm_silu_autograd,
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
         "y = group_norm_silu(x, weight, bias, bias_nc, scale_nc, shift_nc, residual, num_groups, eps, silu), "
         "recording the C++ autograd node (csrc/group_norm_silu_autograd.cpp).");
   // A test hook: the CPU kernels' bulk draw at any offset (reference.philox_randn's offset=).
