@@ -73,7 +73,7 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("cap"),
       "Cap the CPU kernels' vector ISA (as DDPM_FAST_CPU_ISA does at start-up); returns the previous cap.");
   // Eager group_norm_silu with its C++ autograd node, called straight from Python: the dispatcher's
-  // Python entry (torch.ops) cost ~2.4 us more a call (ad hoc: 6.4 vs 4.0 us at 1x32x1x1), ~6% of a
+  // Python entry (torch.ops) cost ~2.4 us more a call (ad hoc: 6.4 vs 4.2 us at 1x32x1x1), ~6% of a
   // batch-1 forward. For plain tensors in eager mode only (ops/groupnorm_silu.py): no dispatch keys
   // to honour there (torch.compile, tensor subclasses and modes take the custom ops).
   m.def("group_norm_silu_eager", &ddpm_fast::group_norm_silu_autograd,
