@@ -574,6 +574,8 @@ def test_triton_paths(triton_mod, monkeypatch, path):
 
 
 def test_cpp_is_deterministic():
+    """A second call gives the same bits, and so do calls from four Python threads at once, with and
+    without autograd (the eager op, ddpm_fast._C.group_norm_silu_eager, releases the GIL inside)."""
     if "cpp" not in FAST_BACKENDS:
         pytest.skip("cpp backend not built")
     t = make_inputs((4, 64, 8, 8), seed=14)
@@ -582,6 +584,24 @@ def test_cpp_is_deterministic():
     y1, g1 = forward_and_grads(fast, t, gy)
     y2, g2 = forward_and_grads(fast, t, gy)
     assert torch.equal(y1, y2) and all(torch.equal(g1[k], g2[k]) for k in g1)
+    failures = []
+
+    def work():
+        try:
+            for _ in range(20):
+                y, g = forward_and_grads(fast, t, gy)
+                assert torch.equal(y, y1) and all(torch.equal(g[k], g1[k]) for k in g1)
+                with torch.no_grad():
+                    assert torch.equal(fast({k: v.detach() for k, v in t.items()}), y1)
+        except Exception as err:  # reported below, from the test's thread
+            failures.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures, failures
 
 
 # ------------------------------------------------------------------ autograd plumbing
@@ -696,36 +716,6 @@ def test_cpp_autograd_node_empty_and_no_grad():
     assert gx.shape == x.shape and torch.equal(gw, torch.zeros(4))
     with torch.no_grad():
         assert _cpp_autograd_op()(torch.randn(2, 4, 3), w, None, None, None, None, None, 2, 1e-5, True).grad_fn is None
-
-
-def test_cpp_eager_op_from_python_threads():
-    """The eager op releases the GIL inside (ddpm_fast._C.group_norm_silu_eager): Python threads
-    calling it at once, with and without autograd, each get the values and gradients of one call
-    made alone."""
-    if "cpp" not in FAST_BACKENDS:
-        pytest.skip("cpp backend not built")
-    t = make_inputs((2, 64, 8, 8), seed=27)
-    gy = grad_output((2, 64, 8, 8), torch.float32, "cpu")
-    fast = lambda u: apply(group_norm_silu, u, 32, backend="cpp")  # noqa: E731
-    want_y, want_g = forward_and_grads(fast, t, gy)
-    failures = []
-
-    def work():
-        try:
-            for _ in range(20):
-                y, g = forward_and_grads(fast, t, gy)
-                assert torch.equal(y, want_y) and all(torch.equal(g[k], want_g[k]) for k in want_g)
-                with torch.no_grad():
-                    assert torch.equal(fast({k: v.detach() for k, v in t.items()}), want_y)
-        except Exception as err:  # reported below, from the test's thread
-            failures.append(err)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not failures, failures
 
 
 def test_opcheck_cpp():
